@@ -1,0 +1,98 @@
+"""The root of the command line: registers the subcommands and owns the error -> exit-code boundary.
+
+Only this module turns a :class:`~loraforge.errors.LoraforgeError` into a message and exit code 2.
+Nothing here imports torch, diffusers or transformers (``loraforge --help`` must be instant).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from loraforge import __version__
+from loraforge.commands import bucket, cache, check, init, merge, resize, tag, train
+from loraforge.console import err
+from loraforge.errors import LoraforgeError
+
+app = typer.Typer(
+    name="loraforge",
+    help="Train LoRA-family adapters for Stable Diffusion from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"loraforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Train LoRA-family adapters for Stable Diffusion from one YAML recipe.
+
+    A typical session: [bold]loraforge init --preset char-12gb -o recipe.yaml[/], edit it,
+    [bold]loraforge check recipe.yaml[/], [bold]loraforge train recipe.yaml[/].
+    """
+    _state["debug"] = debug
+
+
+for _name, _module in {
+    "init": init,
+    "check": check,
+    "tag": tag,
+    "bucket": bucket,
+    "cache": cache,
+    "train": train,
+    "resize": resize,
+    "merge": merge,
+}.items():
+    app.command(_name, help=_module.command.__doc__)(_module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, map user errors to exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False, prog_name="loraforge")
+    except LoraforgeError as e:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {_escape(e.message)}")
+        if e.hint:
+            err.print(f"  [cyan]hint:[/] {_escape(e.hint)}")
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors arrive here as ClickException subclasses
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

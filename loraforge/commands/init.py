@@ -1,0 +1,8 @@
+from __future__ import annotations
+
+from loraforge.commands._pending import pending
+
+
+def command() -> None:
+    """Not available yet."""
+    pending("init", "issue 2")
