@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map user errors to exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False, prog_name="loraforge")
+        code = app(args=argv, standalone_mode=False, prog_name="loraforge")
+        # Without standalone mode click returns (not raises) the code of `typer.Exit(code)`.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LoraforgeError as e:
         if debug:
             raise

@@ -1,0 +1,290 @@
+"""Image files: which files count as images, their displayed size from headers, and RGB decoding.
+
+Sizes come from the file header (``PIL.Image.open`` does not decode pixels) with the EXIF
+orientation applied, so a phone photo stored landscape but shown portrait is reported portrait.
+Every problem with a file raises :class:`BadImageError`, whose ``reason`` is a short phrase for
+reports ("empty file (0 bytes)", "truncated", "not an image", …); scanners catch it, list the
+file and go on.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from loraforge.errors import DatasetError
+
+# The formats people train on, plus the modern ones when this Pillow can open them. Lower case;
+# matching is case-insensitive. Kept explicit (not every extension Pillow registers) so that
+# icons, PostScript or scientific formats sitting in a dataset folder are not picked up.
+_BASE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+)
+_OPTIONAL_EXTENSIONS = (".avif", ".heic", ".heif", ".jxl")
+
+
+def _supported_extensions() -> tuple[str, ...]:
+    Image.init()
+    registered = Image.registered_extensions()
+    extra = tuple(ext for ext in _OPTIONAL_EXTENSIONS if registered.get(ext) in Image.OPEN)
+    return _BASE_EXTENSIONS + extra
+
+
+IMAGE_EXTENSIONS: tuple[str, ...] = _supported_extensions()
+
+# Pillow's own bomb limit (~89.5 megapixels). Beyond it an image is reported, not decoded:
+# a 30000x30000 PNG of a few kilobytes would otherwise take gigabytes of memory.
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+# EXIF orientations 5-8 are transposes/rotations by 90 degrees: displayed width and height swap.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class BadImageError(DatasetError):
+    """An image file cannot be used.
+
+    Args:
+        path: the file.
+        reason: a short phrase for reports, e.g. ``"truncated"``.
+        hint: how to fix it (defaults to a generic one).
+    """
+
+    def __init__(self, path: Path, reason: str, hint: str | None = None) -> None:
+        super().__init__(
+            f"{path}: {reason}",
+            hint=hint or "re-export or remove the file; the scan skips it",
+        )
+        self.path = Path(path)
+        self.reason = reason
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has an image extension (case-insensitive) and is not a hidden file."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder``, sorted by path.
+
+    Args:
+        folder: the directory to list.
+        recursive: also descend into sub-directories (default False, like sd-scripts).
+
+    Returns:
+        Paths with an extension in :data:`IMAGE_EXTENSIONS` (any case), hidden files
+        (``.name``, e.g. macOS ``._x.jpg`` resource forks) excluded, sorted.
+
+    Raises:
+        DatasetError: ``folder`` does not exist or is not a directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(
+            f"{folder}: not a directory",
+            hint="check the dataset path in the recipe (relative paths are relative to the recipe)",
+        )
+    if recursive:
+        found = [
+            Path(root) / name
+            for root, dirs, names in os.walk(folder)
+            for name in names
+            if not _in_hidden_dir(Path(root), folder)
+        ]
+    else:
+        found = [entry for entry in folder.iterdir() if entry.is_file()]
+    return sorted(p for p in found if is_image_file(p) and p.is_file())
+
+
+def _in_hidden_dir(root: Path, top: Path) -> bool:
+    return any(part.startswith(".") for part in root.relative_to(top).parts)
+
+
+def read_image_size(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """The displayed ``(width, height)`` of an image, read from its header.
+
+    Pixels are not decoded. The EXIF orientation is applied (orientations 5-8 swap the sides).
+    Cheap structural checks catch files cut short (missing PNG ``IEND``, JPEG ``EOI``, RIFF or
+    BMP size mismatch); a file that fails them is fully decoded once to decide, since some
+    writers append trailers after the end marker.
+
+    Args:
+        path: the image file.
+        max_pixels: images with more pixels are rejected as decompression bombs.
+
+    Raises:
+        BadImageError: empty, unreadable, not an image, truncated, or too large.
+    """
+    path = Path(path)
+    with _open_image(path, max_pixels) as img:
+        width, height = img.size
+        orientation = _exif_orientation(img)
+        fmt = img.format
+    if _looks_truncated(path, fmt) and not _decodes(path):
+        raise BadImageError(path, "truncated (file ends before the image data does)")
+    if orientation in _SWAPPING_ORIENTATIONS:
+        return height, width
+    return width, height
+
+
+def load_image_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image as RGB, upright, with transparency composited on white.
+
+    Args:
+        path: the image file.
+        max_pixels: images with more pixels are rejected as decompression bombs.
+
+    Returns:
+        A loaded ``PIL.Image`` in mode ``"RGB"`` with the EXIF orientation applied.
+
+    Raises:
+        BadImageError: empty, unreadable, not an image, truncated, or too large.
+    """
+    path = Path(path)
+    with _open_image(path, max_pixels) as img:
+        try:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise BadImageError(path, f"cannot be decoded ({_short(e)})") from e
+        return _to_rgb(upright)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with any alpha (RGBA, LA, PA, palette transparency) composited over white."""
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if not has_alpha:
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # 16-bit/float greyscale: scale to 8 bits instead of clipping everything to white.
+            img = _high_depth_to_l(img)
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    import numpy as np
+
+    array = np.asarray(img.convert("F") if img.mode != "F" else img, dtype=np.float64)
+    peak = 65535.0 if img.mode.startswith("I") and array.max(initial=0) > 255 else 255.0
+    scaled = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
+def _open_image(path: Path, max_pixels: int) -> Image.Image:
+    """``Image.open`` with every failure turned into a :class:`BadImageError` with a reason."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise BadImageError(path, "file not found") from e
+    except PermissionError as e:
+        raise BadImageError(path, "permission denied", hint="fix the file's permissions") from e
+    if size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below decides; Pillow's warning/error would be noise or a crash.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except PermissionError as e:
+        raise BadImageError(path, "permission denied", hint="fix the file's permissions") from e
+    except Image.DecompressionBombError as e:
+        raise BadImageError(path, f"too large ({_short(e)})", hint=_BOMB_HINT) from e
+    except UnidentifiedImageError as e:
+        raise BadImageError(path, "not an image (Pillow cannot identify it)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(path, f"cannot be read ({_short(e)})") from e
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise BadImageError(path, f"invalid size {width}x{height}")
+    if width * height > max_pixels:
+        img.close()
+        raise BadImageError(
+            path,
+            f"too large ({width}x{height} = {width * height:,} pixels, limit {max_pixels:,})",
+            hint=_BOMB_HINT,
+        )
+    return img
+
+
+_BOMB_HINT = "downscale the image first; huge images are refused as possible decompression bombs"
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8), read without decoding pixels."""
+    try:
+        if img.format == "PNG":
+            # PngImageFile.getexif() decodes the image to find a late eXIf chunk; only use an
+            # eXIf chunk that precedes the pixel data (what Pillow read while opening).
+            raw = img.info.get("exif")
+            if raw is None:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = exif.get(_EXIF_ORIENTATION_TAG, 1)
+        return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
+    except Exception:  # malformed EXIF must not make a readable image unusable
+        return 1
+
+
+def _looks_truncated(path: Path, fmt: str | None) -> bool:
+    """Cheap end-of-file checks per format; ``True`` only means "decode to be sure"."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if fmt == "PNG":
+                f.seek(max(0, size - 12))
+                return b"IEND" not in f.read()
+            if fmt in ("JPEG", "MPO"):
+                f.seek(max(0, size - 2))
+                return f.read() != b"\xff\xd9"
+            if fmt == "WEBP":
+                f.seek(4)
+                declared = int.from_bytes(f.read(4), "little") + 8
+                return size < declared
+            if fmt == "BMP":
+                f.seek(2)
+                declared = int.from_bytes(f.read(4), "little")
+                return declared > 0 and size < declared
+            if fmt == "GIF":
+                f.seek(max(0, size - 1))
+                return f.read() != b";"
+    except OSError:
+        return True
+    return False
+
+
+def _decodes(path: Path) -> bool:
+    """Fully decode ``path`` (only for files that failed a structural check)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+        return True
+    except Exception:
+        return False
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

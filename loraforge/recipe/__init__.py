@@ -1,0 +1,49 @@
+"""The recipe: YAML (with line/column marks) -> JSON Schema validation -> defaults -> frozen dataclasses."""
+
+from loraforge.recipe.load import (
+    Validation,
+    load_recipe,
+    parse_recipe_text,
+    validate_recipe_file,
+    validate_recipe_text,
+)
+from loraforge.recipe.problems import Problem
+from loraforge.recipe.schema import load_schema
+from loraforge.recipe.types import (
+    CacheConfig,
+    DatasetConfig,
+    LoggingConfig,
+    MetadataConfig,
+    ModelConfig,
+    NetworkConfig,
+    OutputConfig,
+    Recipe,
+    SampleConfig,
+    SamplePrompt,
+    SubsetConfig,
+    TaggingConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "CacheConfig",
+    "DatasetConfig",
+    "LoggingConfig",
+    "MetadataConfig",
+    "ModelConfig",
+    "NetworkConfig",
+    "OutputConfig",
+    "Problem",
+    "Recipe",
+    "SampleConfig",
+    "SamplePrompt",
+    "SubsetConfig",
+    "TaggingConfig",
+    "TrainingConfig",
+    "Validation",
+    "load_recipe",
+    "load_schema",
+    "parse_recipe_text",
+    "validate_recipe_file",
+    "validate_recipe_text",
+]

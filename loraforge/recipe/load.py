@@ -1,0 +1,204 @@
+"""Recipe file -> YAML with marks -> schema validation -> defaults -> frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraforge.errors import RecipeError
+from loraforge.recipe import types as recipe_types
+from loraforge.recipe.problems import Problem, format_path
+from loraforge.recipe.rules import cross_field_problems
+from loraforge.recipe.schema import as_problems, fill_defaults, schema_problems
+from loraforge.recipe.yaml_marks import ParsedYaml, parse_yaml
+
+_MAX_BYTES = 5_000_000  # a recipe is a few KB; anything this large is not one
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The outcome of validating one recipe: the typed recipe when there is no error, and all findings."""
+
+    recipe: recipe_types.Recipe | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "error")
+
+    @property
+    def warnings(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == "warning")
+
+
+def read_recipe_text(path: Path) -> str:
+    """Read a recipe file as UTF-8 text.
+
+    Raises:
+        RecipeError: the path is missing, a directory, unreadable, too large or not UTF-8.
+    """
+    if not path.exists():
+        raise RecipeError(f"{path}: no such file", hint="create one with `loraforge init`")
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory, not a recipe file", hint="pass the .yaml file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from e
+    if len(raw) > _MAX_BYTES:
+        raise RecipeError(f"{path}: {len(raw)} bytes is far too large for a recipe")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {e.start})", hint="save the file as UTF-8"
+        ) from e
+
+
+def validate_recipe_file(path: Path | str) -> Validation:
+    """Validate a recipe file, collecting every problem.
+
+    Raises:
+        RecipeError: only when the file cannot be read at all (see :func:`read_recipe_text`).
+    """
+    path = Path(path)
+    text = read_recipe_text(path)
+    return validate_recipe_text(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def validate_recipe_text(text: str, *, source: str = "<recipe>", base_dir: Path | None = None) -> Validation:
+    """Validate recipe text; relative paths resolve against ``base_dir`` (default: the working folder)."""
+    base_dir = Path.cwd() if base_dir is None else base_dir
+    try:
+        parsed = parse_yaml(text)
+    except yaml.YAMLError as e:
+        return Validation(None, (_yaml_problem(e, source),))
+    except RecursionError:
+        return Validation(None, (Problem("error", "the document is nested too deeply", file=source),))
+    if parsed.data is None:
+        return Validation(None, (Problem("error", "the recipe is empty", file=source, hint="start from `loraforge init --preset NAME`"),))
+    if not isinstance(parsed.data, dict):
+        kind = type(parsed.data).__name__
+        return Validation(None, (Problem("error", f"a recipe is a mapping of sections, got a {kind}", file=source, line=1, column=1),))
+    problems = as_problems(schema_problems(parsed.data), parsed, source)
+    problems += _duplicate_key_problems(parsed, source)
+    if any(p.severity == "error" for p in problems):
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        return Validation(None, tuple(problems))
+    data = _resolve_paths(fill_defaults(parsed.data), base_dir)
+    recipe = build_recipe(data, source=source)
+    for severity, path, message, hint in cross_field_problems(recipe):
+        line, column = parsed.mark(path) or (None, None)
+        problems.append(Problem(severity, message, format_path(path), source, line, column, hint))
+    problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+    has_errors = any(p.severity == "error" for p in problems)
+    return Validation(None if has_errors else recipe, tuple(problems))
+
+
+def load_recipe(path: Path | str) -> recipe_types.Recipe:
+    """Load and validate a recipe; warnings are ignored here (``validate_recipe_file`` returns them).
+
+    Raises:
+        RecipeError: listing every error, each with file:line:column.
+    """
+    return _recipe_or_raise(validate_recipe_file(path))
+
+
+def parse_recipe_text(text: str, source: str = "<string>", base_dir: Path | None = None) -> recipe_types.Recipe:
+    """Like :func:`load_recipe` for text (tests, tools)."""
+    return _recipe_or_raise(validate_recipe_text(text, source=source, base_dir=base_dir))
+
+
+def _recipe_or_raise(validation: Validation) -> recipe_types.Recipe:
+    if validation.recipe is None:
+        lines = "\n".join(f"  {p}" for p in validation.errors)
+        count = len(validation.errors)
+        raise RecipeError(
+            f"the recipe has {count} error{'s' if count != 1 else ''}:\n{lines}",
+            hint="`loraforge check RECIPE` shows all findings",
+        )
+    return validation.recipe
+
+
+def _yaml_problem(error: yaml.YAMLError, source: str) -> Problem:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    detail = getattr(error, "problem", None) or str(error)
+    hint = None
+    if "\t" in detail or "\\t" in detail or "tab" in detail.lower():
+        hint = "YAML indentation must use spaces, not tabs"
+    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    return Problem("error", f"YAML syntax error: {detail}", "", source, line, column, hint)
+
+
+def _duplicate_key_problems(parsed: ParsedYaml, source: str) -> list[Problem]:
+    problems = []
+    for path in parsed.duplicate_keys:
+        line, column = parsed.key_marks.get(path, (None, None))
+        problems.append(Problem("error", "key appears twice (the last one would silently win)", format_path(path), source, line, column))
+    return problems
+
+
+_PATH_FIELDS = (("model", "vae"), ("cache", "dir"), ("network", "weights"), ("output", "dir"), ("logging", "dir"))
+
+
+def _resolve(value: str, base_dir: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def _looks_like_path(value: str, base_dir: Path) -> bool:
+    """A hub id (``org/name``) stays as written; anything that exists or looks local is a path."""
+    if value.startswith((".", "/", "~")) or value.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+        return True
+    return (base_dir / Path(value).expanduser()).exists() or value.count("/") != 1
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    for section, key in _PATH_FIELDS:
+        if data[section].get(key):
+            data[section][key] = _resolve(data[section][key], base_dir)
+    if _looks_like_path(data["model"]["base"], base_dir):
+        data["model"]["base"] = _resolve(data["model"]["base"], base_dir)
+    for subset in data["dataset"]["subsets"]:
+        subset["dir"] = _resolve(subset["dir"], base_dir)
+    return data
+
+
+def build_recipe(data: dict[str, Any], *, source: str | None) -> recipe_types.Recipe:
+    """Turn a validated, defaulted recipe mapping into the frozen typed view."""
+    sections = {name: _build(cls, data[name]) for name, cls in recipe_types.SECTIONS.items()}
+    return recipe_types.Recipe(**sections, source=source)
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {f.name: _convert(hints[f.name], data.get(f.name)) for f in dataclasses.fields(cls)}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value)
+    if origin is tuple:
+        if args == (int, int) and isinstance(value, int):  # resolution: 512 -> (512, 512)
+            return (value, value)
+        item = args[0]
+        return tuple(_convert(item, v) for v in value)
+    if origin is dict:
+        return dict(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,117 @@
+"""The CLI boundary: exit codes, init, check formats, and no heavy imports at start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loraforge.presets import list_presets
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loraforge", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_version_and_help() -> None:
+    assert run("--version").stdout.startswith("loraforge ")
+    result = run("--help")
+    assert result.returncode == 0
+    for name in ("init", "check", "tag", "bucket", "cache", "train", "resize", "merge"):
+        assert name in result.stdout
+
+
+def test_cli_import_does_not_load_heavy_libraries() -> None:
+    code = "import sys, loraforge.cli; print(sorted(m for m in ('torch','diffusers','transformers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_init_then_check_exits_zero_without_torch(tmp_path: Path) -> None:
+    assert run("init", "--preset", "char-12gb", "-o", "r.yaml", cwd=tmp_path).returncode == 0
+    code = (
+        "import sys; from loraforge.cli import main\ncode = 0\n"
+        "try:\n    main(['check', 'r.yaml'])\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.split()[-2:] == ["NOTORCH", "0"], result.stdout + result.stderr
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("mine")
+    result = run("init", "--preset", "char-8gb", "-o", "r.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert (tmp_path / "r.yaml").read_text() == "mine"
+    assert run("init", "--preset", "char-8gb", "-o", "r.yaml", "--force", cwd=tmp_path).returncode == 0
+    assert "loraforge preset: char-8gb" in (tmp_path / "r.yaml").read_text()
+
+
+def test_init_unknown_preset_suggests(tmp_path: Path) -> None:
+    result = run("init", "--preset", "char-12g", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "char-12gb" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_init_list_shows_presets() -> None:
+    result = run("init", "--list")
+    for preset in ("char-8gb", "char-12gb", "char-24gb", "style-12gb", "style-24gb", "sdxl-char-12gb", "sdxl-char-24gb", "sdxl-style-24gb", "demo"):
+        assert preset in result.stdout
+
+
+@pytest.mark.parametrize("preset", [p.name for p in list_presets()])
+def test_every_preset_passes_check(preset: str, tmp_path: Path) -> None:
+    from loraforge.commands.check import check_recipe
+
+    report = check_recipe(next(p.path for p in list_presets() if p.name == preset))
+    assert [p for p in report.problems if p.severity == "error"] == []
+    # The only finding allowed is the dataset folder the user still has to fill.
+    assert all("dataset" in p.path for p in report.problems)
+
+
+BROKEN = """\
+model:
+  base: org/model
+netwrok:
+  dim: 4
+dataset:
+  subsets:
+    - dir: data
+      repeats: big
+training:
+  optimizer: AdamW9bit
+"""
+
+
+def test_check_reports_all_problems_and_exits_one(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(BROKEN)
+    result = run("check", "r.yaml", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    lines = sorted(p["line"] for p in report[0]["problems"])
+    assert lines == [3, 8, 10]
+    github = run("check", "r.yaml", "--format", "github", cwd=tmp_path)
+    assert "::error file=r.yaml,line=3,col=1::netwrok: unknown key" in github.stdout
+
+
+def test_check_strict_fails_on_warnings(tmp_path: Path) -> None:
+    run("init", "--preset", "char-12gb", "-o", "r.yaml", cwd=tmp_path)
+    assert run("check", "r.yaml", cwd=tmp_path).returncode == 0
+    assert run("check", "r.yaml", "--strict", cwd=tmp_path).returncode == 1
+
+
+def test_check_usage_errors_exit_two(tmp_path: Path) -> None:
+    missing = run("check", "nope.yaml", cwd=tmp_path)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    directory = run("check", ".", cwd=tmp_path)
+    assert directory.returncode == 2 and "Traceback" not in directory.stderr
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    result = run("--debug", "check", "nope.yaml", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
