@@ -11,7 +11,8 @@ Lifecycle::
     network.load_weights(load_file(path))   # optional: continue from / resume a LoRA
     optimizer = AdamW(network.param_groups(unet_lr, text_encoder_lr))
     ... train; network.apply_max_norm(...) after each step if asked ...
-    save_file(network.state_dict_for_save(torch.float16), path, metadata={**network.metadata(), ...})
+    tensors = network.state_dict_for_save(torch.float16)
+    save_file(tensors, path, metadata={**network.metadata(), ...})
 
 Everything the adapter needs from the recipe (per-block lr weights, LoRA+ ratio, dropouts,
 multiplier) is read once in ``create``: per-block weights also decide which modules exist
@@ -97,7 +98,8 @@ class Network(nn.Module, ABC):
         """Load tensors in the saved format (a file written by this backend or by sd-scripts).
 
         Raises:
-            LoraFileError: a tensor's shape does not fit, or (``strict``) keys are missing or left over.
+            LoraFileError: a tensor's shape does not fit, or (``strict``) keys are missing or
+                left over.
         """
 
     @abstractmethod
@@ -106,7 +108,7 @@ class Network(nn.Module, ABC):
 
     @abstractmethod
     def apply_max_norm(self, max_norm: float) -> MaxNormResult:
-        """sd-scripts' ``scale_weight_norms``: scale down modules whose delta norm exceeds ``max_norm``."""
+        """sd-scripts' ``scale_weight_norms``: shrink modules whose delta norm > ``max_norm``."""
 
     @abstractmethod
     def metadata(self) -> dict[str, str]:
@@ -130,7 +132,7 @@ class NetworkBackend(Protocol):
         unet: nn.Module,
         text_encoders: Sequence[nn.Module],
     ) -> Network:
-        """A new, not yet applied network for a resolved family (``sd1``/``sd2``/``sd2-v``/``sdxl``).
+        """A new, not yet applied network for a resolved family.
 
         Args:
             config: the recipe's network section.

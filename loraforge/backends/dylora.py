@@ -1,4 +1,4 @@
-"""DyLoRA (sd-scripts networks/dylora.py): one file that works at every rank ``unit, 2*unit, … dim``.
+"""DyLoRA (sd-scripts networks/dylora.py): one file usable at every rank ``unit, 2*unit, … dim``.
 
 The rank is kept as ``dim/unit`` separate parameter blocks of ``unit`` ranks each. Every training
 forward draws a block ``k`` uniformly (sd-scripts draws a rank uniformly and floors it to a

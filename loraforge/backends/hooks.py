@@ -108,7 +108,10 @@ class HookedAdapter(nn.Module, ABC):
         self._org_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the adapter's. x: ``(B, …, in)`` for Linear, ``(B, in, H, W)`` for Conv2d."""
+        """Base output plus the adapter's.
+
+        x: ``(B, …, in)`` for a Linear target, ``(B, in, H, W)`` for a Conv2d.
+        """
         if self._org_forward is None:
             raise RuntimeError(f"{self.lora_name}: call apply_to() before running the adapter")
         base = self._org_forward(x)
@@ -142,6 +145,10 @@ class HookedAdapter(nn.Module, ABC):
         """Parameters of the up projection (LoRA+ trains these with a larger lr)."""
 
     # ---- shared ------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer may update."""
+        return list(self.parameters())
+
     def down_shape(self) -> tuple[int, ...]:
         return (self.dim, self.in_features, *self.kernel_size)
 
@@ -160,7 +167,7 @@ class HookedAdapter(nn.Module, ABC):
 
     @torch.no_grad()
     def merge_into_target(self, multiplier: float | None = None) -> None:
-        """Add :meth:`delta_weight` to the target's weight (computed in float32, stored in its dtype)."""
+        """Add :meth:`delta_weight` to the target's weight (float32 sum, its own dtype)."""
         weight = self.target.weight
         delta = self.delta_weight(multiplier).to(weight.device)
         weight.copy_((weight.float() + delta).to(weight.dtype))

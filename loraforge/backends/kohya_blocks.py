@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from loraforge.backends.kohya_config import conv_dim_of
 from loraforge.errors import RecipeError
+from loraforge.models import naming
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -39,24 +40,19 @@ class BlockLayout:
     edges: bool  # SDXL: one leading (embeddings) and one trailing (output layer) block
 
 
-LAYOUTS: dict[str, BlockLayout] = {
-    "sd1": BlockLayout(total=25, down_up=12, mid=1, edges=False),
-    "sd2": BlockLayout(total=25, down_up=12, mid=1, edges=False),
-    "sd2-v": BlockLayout(total=25, down_up=12, mid=1, edges=False),
-    "sdxl": BlockLayout(total=23, down_up=9, mid=3, edges=True),
-}
-
-
 def layout_for(family: str) -> BlockLayout:
-    """The block layout of a resolved family.
+    """The block layout of a resolved family (``auto`` must be resolved before).
 
     Raises:
-        ValueError: an unknown family (``auto`` must be resolved before networks are built).
+        ValueError: an unknown family.
     """
-    try:
-        return LAYOUTS[family]
-    except KeyError:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(LAYOUTS)}") from None
+    sdxl = naming.is_sdxl(family)
+    return BlockLayout(
+        total=naming.num_blocks(family),
+        down_up=naming.SDXL_NUM_BLOCKS if sdxl else naming.SD_NUM_BLOCKS,
+        mid=3 if sdxl else 1,
+        edges=sdxl,
+    )
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,9 @@ class RankPlan:
         return self.lr_weights[block]
 
 
-def _expect_len(field: str, values: Sequence[object], expected: int, family: str, what: str) -> None:
+def _expect_len(
+    field: str, values: Sequence[object], expected: int, family: str, what: str
+) -> None:
     if len(values) != expected:
         raise RecipeError(
             f"network.{field}: {family} needs {expected} values ({what}), got {len(values)}",

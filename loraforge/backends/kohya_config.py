@@ -1,4 +1,4 @@
-"""What the native backend accepts from a NetworkConfig, and the metadata sd-scripts writes for it."""
+"""What the native backend accepts from a NetworkConfig, and the metadata sd-scripts writes."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def _check_dylora(config: NetworkConfig) -> None:
         )
     if config.conv_dim is not None and config.conv_dim != config.dim:
         raise RecipeError(
-            f"network.conv_dim: dylora needs conv_dim equal to dim ({config.dim}), got {config.conv_dim}",
+            f"network.conv_dim: dylora needs conv_dim equal to dim ({config.dim}), "
+            f"got {config.conv_dim}",
             hint=f"set conv_dim: {config.dim} (or remove it to train no conv modules)",
         )
     if config.conv_alpha is not None:
@@ -87,7 +88,7 @@ def _check_dylora(config: NetworkConfig) -> None:
 
 
 def dylora_unit(config: NetworkConfig) -> int:
-    """DyLoRA's rank unit: ``args.unit`` (sd-scripts' name) or ``args.block_size`` (LyCORIS'), else 1."""
+    """DyLoRA's rank unit: ``args.unit`` (sd-scripts) or ``args.block_size`` (LyCORIS), else 1."""
     return int(config.args.get("unit", config.args.get("block_size", 1)))
 
 

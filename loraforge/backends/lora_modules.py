@@ -1,9 +1,11 @@
 """The kohya LoRA module (LoRA, LoCon conv kxk, LoRA-FA) as sd-scripts' networks/lora.py defines it.
 
 Semantics matched to sd-scripts:
-- down is a Linear ``(r, in)`` or a Conv2d with the target's kernel/stride/padding ``(r, in, kh, kw)``;
+- down is a Linear ``(r, in)`` or a Conv2d with the target's kernel/stride/padding
+  ``(r, in, kh, kw)``;
   up is a Linear ``(out, r)`` or a 1x1 Conv2d ``(out, r, 1, 1)``; no biases.
-- init: down ``kaiming_uniform_(a=sqrt(5))``, up zeros (LoRA-FA: down ``normal(0, sqrt(2/(in+r)))``).
+- init: down ``kaiming_uniform_(a=sqrt(5))``, up zeros (LoRA-FA: down
+  ``normal(0, sqrt(2/(in+r)))``).
 - output ``up(down(x)) * multiplier * alpha/r``; network dropout on the down output, rank dropout
   masks ranks per sample and rescales by ``1/(1-p)``, module dropout skips the module; all three
   only in training.
@@ -59,7 +61,9 @@ class LoRAModule(HookedAdapter):
                 bias=False,
                 device=device,
             )
-            self.lora_up: nn.Module = nn.Conv2d(dim, self.out_features, 1, bias=False, device=device)
+            self.lora_up: nn.Module = nn.Conv2d(
+                dim, self.out_features, 1, bias=False, device=device
+            )
         else:
             self.lora_down = nn.Linear(self.in_features, dim, bias=False, device=device)
             self.lora_up = nn.Linear(dim, self.out_features, bias=False, device=device)
@@ -129,3 +133,8 @@ class LoRAModule(HookedAdapter):
 
     def up_parameters(self) -> list[nn.Parameter]:
         return [self.lora_up.weight]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.freeze_down:
+            return [self.lora_up.weight]
+        return [self.lora_down.weight, self.lora_up.weight]

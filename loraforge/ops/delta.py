@@ -256,3 +256,38 @@ def _weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Ten
     norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
     norm = norm.reshape(1, -1, *[1] * (w.dim() - 2))
     return merged * (magnitude.reshape(norm.shape) / norm)
+
+
+def make_lora_tensors(
+    name: str,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    alpha: float,
+    weight_shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """kohya tensors for ``ΔW = up @ down · alpha / rank`` on a layer of ``weight_shape``.
+
+    Args:
+        name: the module name.
+        up, down: ``(out, r)`` and ``(r, in·k·k)`` matrices.
+        alpha: the alpha to store; stored in ``dtype`` like sd-scripts does. When ``dtype``
+            cannot hold it exactly, ``up`` absorbs the rounding so the product stays exact.
+        weight_shape: ``(out, in)`` or ``(out, in, kh, kw)``.
+        dtype: the save dtype.
+    """
+    rank = int(down.shape[0])
+    stored = torch.tensor(float(alpha), dtype=dtype)
+    stored_value = float(stored.float())
+    if stored_value != 0.0 and stored_value != alpha:
+        up = up * (alpha / stored_value)
+    if len(weight_shape) == 4:
+        down_t = down.reshape(rank, *weight_shape[1:])
+        up_t = up.reshape(weight_shape[0], rank, 1, 1)
+    else:
+        down_t, up_t = down.reshape(rank, weight_shape[1]), up.reshape(weight_shape[0], rank)
+    return {
+        f"{name}.lora_down.weight": down_t.to(dtype).contiguous(),
+        f"{name}.lora_up.weight": up_t.to(dtype).contiguous(),
+        f"{name}.alpha": stored,
+    }
