@@ -77,7 +77,7 @@ class HookedAdapter(nn.Module, ABC):
         object.__setattr__(self, "target", target)
         self.dim = dim
         effective_alpha = float(dim) if alpha is None or alpha == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(effective_alpha))
+        self.register_buffer("alpha", torch.tensor(effective_alpha, device=target.weight.device))
         self.scale = effective_alpha / dim
         self.multiplier = multiplier
         self.module_dropout = module_dropout

@@ -1,8 +1,423 @@
+"""`loraforge merge`: bake LoRAs into a checkpoint, combine LoRAs into one, or extract a LoRA."""
+
 from __future__ import annotations
 
-from loraforge.commands._pending import pending
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat
+from loraforge.commands.resize import (
+    AllowPickleOpt,
+    Device,
+    DeviceOpt,
+    Method,
+    SavePrecisionOpt,
+    render_rows,
+    resolve_device,
+    to_dtype,
+)
+
+if TYPE_CHECKING:
+    from loraforge.ops.loaded import LoadedLora
+    from loraforge.ops.merge import WeightedLora
 
 
-def command() -> None:
-    """Not available yet."""
-    pending("merge", "issue 7, LoRA file operations")
+class Mode(str, Enum):
+    exact = "exact"
+    concat = "concat"
+
+
+def command(
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The merged checkpoint, folder or LoRA.", show_default=False
+        ),
+    ],
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            "-l",
+            help="A LoRA as PATH[:RATIO] (ratio 1 by default, may be negative). Repeat.",
+            show_default=False,
+        ),
+    ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            "-b",
+            help="Base model (diffusers folder or .safetensors) to merge into; "
+            "with --extract, the original model.",
+            show_default=False,
+        ),
+    ] = None,
+    extract: Annotated[
+        bool, typer.Option("--extract", help="Extract a LoRA from --tuned minus --base.")
+    ] = False,
+    tuned: Annotated[
+        Path | None,
+        typer.Option("--tuned", help="With --extract: the fine-tuned model.", show_default=False),
+    ] = None,
+    mode: Annotated[
+        Mode | None,
+        typer.Option(
+            "--mode",
+            help="LoRAs into one: exact (sum, then SVD to --rank) or concat (stack ranks, "
+            "lossless). Default: exact with --rank, else concat.",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", "-r", min=1, help="Rank for exact merges and --extract.", show_default=False
+        ),
+    ] = None,
+    conv_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--conv-rank",
+            min=1,
+            help="Rank for conv 3x3 modules (exact: default --rank; "
+            "--extract: conv layers only when given).",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        Method,
+        typer.Option(
+            "--method", "-m", help="Rank rule for exact/extract (see `loraforge resize --help`)."
+        ),
+    ] = Method.fixed,
+    param: Annotated[
+        float | None,
+        typer.Option("--param", "-p", help="The rank rule's parameter.", show_default=False),
+    ] = None,
+    save_precision: SavePrecisionOpt = None,
+    device: DeviceOpt = Device.cpu,
+    fmt: FormatOpt = OutputFormat.table,
+    force: ForceOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+) -> None:
+    r"""Merge LoRAs into a checkpoint, several LoRAs into one, or extract a LoRA from two models.
+
+    [bold]Into a checkpoint[/] (--base with --lora): W += ratio · ΔW for every module, for every
+    algorithm (LoRA/LoCon, LoHa, LoKr, IA3, OFT/BOFT, GLoRA, full, DoRA). A .safetensors base
+    gives a .safetensors file; a diffusers folder base gives a folder. A LoRA made for another
+    family (SDXL LoRA, SD 1.5 model) is refused.
+
+    [bold]LoRAs into one[/] (--lora only): concat stacks the ranks (rank = sum of ranks, exact);
+    exact sums the deltas and cuts the sum to --rank by SVD (best approximation of that rank;
+    the table shows how much of each module's norm is kept). Ratios may be negative.
+
+    [bold]Extract[/] (--extract --base ORIGINAL --tuned FINETUNED --rank R): a kohya LoRA of
+    the difference; --conv-rank adds the ResNet 3x3 convs (LoCon). Text encoders that did not
+    change are left out, as sd-scripts does.
+
+    Example:
+
+        loraforge merge --base sd15.safetensors --lora style.safetensors:0.8 \
+            --lora detail.safetensors:0.5 -o sd15-style.safetensors
+
+        loraforge merge --lora a.safetensors:1 --lora b.safetensors:-0.5 --rank 32 -o ab.safetensors
+
+        loraforge merge --lora a.safetensors --lora b.safetensors --mode concat -o ab.safetensors
+
+        loraforge merge --extract --base sd15.safetensors --tuned finetune.safetensors \
+            --rank 64 --conv-rank 32 -o extracted.safetensors
+    """
+    from loraforge.ops.svd import check_param
+
+    try:
+        check_param(method.value, param)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--param") from e
+    compute_device = resolve_device(device)
+    if extract:
+        _usage(bool(lora), "--extract takes --base and --tuned, not --lora")
+        _usage(
+            base is None or tuned is None, "--extract needs --base ORIGINAL and --tuned FINETUNED"
+        )
+        _usage(rank is None, "--extract needs --rank")
+        _extract(
+            base,
+            tuned,
+            output,
+            rank,
+            conv_rank,
+            method,
+            param,
+            save_precision,
+            compute_device,
+            fmt,
+            force,
+            allow_pickle,
+        )  # type: ignore[arg-type]
+        return
+    _usage(tuned is not None, "--tuned is only used with --extract")
+    _usage(not lora, "give at least one --lora PATH[:RATIO]")
+    specs = [parse_lora_spec(s) for s in lora or []]
+    if base is not None:
+        _usage(
+            mode is not None or rank is not None,
+            "--mode/--rank are for merging LoRAs into one, not into --base",
+        )
+        _into_base(base, specs, output, save_precision, compute_device, fmt, force, allow_pickle)
+        return
+    chosen = mode or (Mode.exact if rank is not None else Mode.concat)
+    _usage(chosen == Mode.exact and rank is None, "--mode exact needs --rank")
+    _usage(
+        chosen == Mode.concat and rank is not None,
+        "--mode concat keeps every rank; drop --rank or use --mode exact",
+    )
+    _loras(
+        specs,
+        output,
+        chosen,
+        rank,
+        conv_rank,
+        method,
+        param,
+        save_precision,
+        compute_device,
+        fmt,
+        force,
+        allow_pickle,
+    )
+
+
+def _usage(failed: bool, message: str) -> None:
+    if failed:
+        raise typer.BadParameter(message)
+
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """``PATH[:RATIO]`` -> ``(path, ratio)``; a drive letter (``C:\\…``) is not a ratio."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def _load(
+    specs: list[tuple[Path, float]], allow_pickle: bool
+) -> list[tuple[LoadedLora, WeightedLora]]:
+    from loraforge.ops.loaded import load_lora
+    from loraforge.ops.merge import WeightedLora
+
+    items = []
+    for path, ratio in specs:
+        loaded = load_lora(path, allow_pickle=allow_pickle)
+        items.append((loaded, WeightedLora(loaded.parsed, ratio, loaded.family, loaded.kohya_oft)))
+    return items
+
+
+def _into_base(base_path, specs, output, precision, device, fmt, force, allow_pickle) -> None:
+    from loraforge.ops.base_model import load_base, resolver, write_base
+    from loraforge.ops.merge import check_base_family, merge_into_state_dict
+
+    items = _load(specs, allow_pickle)
+    base = load_base(base_path, allow_pickle=allow_pickle)
+    for _, item in items:
+        check_base_family(item, base.family, base.label)
+    report = merge_into_state_dict(
+        base.state, [w for _, w in items], resolver(base), device=device, base_label=base.label
+    )
+    merged = [
+        {"file": str(p), "ratio": r, "sshs_model_hash": loaded.file.metadata.get("sshs_model_hash")}
+        for (p, r), (loaded, _) in zip(specs, items, strict=True)
+    ]
+    import json
+
+    write_base(
+        base,
+        output,
+        extra_metadata={"loraforge_merged_loras": json.dumps(merged)},
+        dtype=to_dtype(precision),
+        force=force,
+    )
+    rows = [
+        {
+            "lora": str(p),
+            "ratio": r,
+            "family": loaded.family.display,
+            "algorithm": loaded.parsed.algorithm,
+            "modules": n,
+        }
+        for (p, r), (loaded, _), (_, n) in zip(specs, items, report.merged, strict=True)
+    ]
+    summary = {
+        "base": str(base_path),
+        "family": base.family,
+        "output": str(output),
+        "changed_weights": len(report.keys),
+        "loras": rows,
+    }
+    _render_merge(summary, fmt)
+
+
+def _render_merge(summary: dict[str, Any], fmt: OutputFormat) -> None:
+    from rich.table import Table
+
+    from loraforge.console import out, print_json
+
+    if fmt == OutputFormat.json:
+        print_json(summary)
+        return
+    table = Table(title=f"merge into {summary['base']} ({summary['family']})", title_justify="left")
+    for column in ("LoRA", "ratio", "family", "algorithm", "modules"):
+        table.add_column(column, overflow="fold")
+    for row in summary["loras"]:
+        table.add_row(
+            row["lora"], f"{row['ratio']:g}", row["family"], row["algorithm"], str(row["modules"])
+        )
+    out.print(table)
+    out.print(f"{summary['changed_weights']} weights changed; wrote {summary['output']}")
+
+
+def _loras(
+    specs, output, mode, rank, conv_rank, method, param, precision, device, fmt, force, allow_pickle
+) -> None:
+    import torch
+
+    from loraforge.ops.lora_file import write_lora_file
+    from loraforge.ops.merge import (
+        ExactSpec,
+        check_lora_families,
+        merge_loras_concat,
+        merge_loras_exact,
+    )
+
+    items = _load(specs, allow_pickle)
+    weighted = [w for _, w in items]
+    check_lora_families(weighted)
+    dtype = to_dtype(precision) or _input_dtype(items) or torch.float16
+    if mode == Mode.concat:
+        result = merge_loras_concat(weighted, dtype)
+    else:
+        spec = ExactSpec(rank, conv_rank, method.value, param, device)
+        result = merge_loras_exact(weighted, spec, dtype)
+    what = ", ".join(f"{p.name} x {r:g}" for p, r in specs)
+    comment = (
+        f"merged by loraforge ({mode.value}" + (f", rank {rank}" if rank else "") + f") from {what}"
+    )
+    metadata = _merged_metadata(items, result.rows, comment, output)
+    write_lora_file(output, result.tensors, metadata, force=force)
+    summary = {
+        "mode": mode.value,
+        "rank": rank,
+        "inputs": [{"file": str(p), "ratio": r} for p, r in specs],
+        "output": str(output),
+    }
+    render_rows(result.rows, summary, fmt, title=f"merge ({mode.value}) -> {output.name}")
+
+
+def _input_dtype(items) -> Any:
+    for loaded, _ in items:
+        for module in loaded.parsed.modules.values():
+            for tensor in module.tensors.values():
+                if tensor.is_floating_point():
+                    return tensor.dtype
+    return None
+
+
+def _merged_metadata(items, rows, comment: str, output: Path) -> dict[str, str]:
+    from loraforge.ops.metadata import base_model_metadata, common_rank_alpha, network_metadata
+
+    first = items[0][0]
+    family = next((loaded.family for loaded, _ in items if loaded.family.family), first.family)
+    meta = base_model_metadata(family.family, family.v_prediction, output.stem)
+    linear = [(r.new_rank, r.new_alpha) for r in rows if r.kind != "conv3x3"]
+    conv = [(r.new_rank, r.new_alpha) for r in rows if r.kind == "conv3x3"]
+    meta.update(
+        network_metadata(
+            common_rank_alpha(linear), common_rank_alpha(conv) if conv else None, comment
+        )
+    )
+    meta["modelspec.merged_from"] = ", ".join(str(loaded.file.label) for loaded, _ in items)
+    return meta
+
+
+def _extract(
+    base_path,
+    tuned_path,
+    output,
+    rank,
+    conv_rank,
+    method,
+    param,
+    precision,
+    device,
+    fmt,
+    force,
+    allow_pickle,
+) -> None:
+    import torch
+
+    from loraforge.errors import ModelError
+    from loraforge.ops.base_model import load_base
+    from loraforge.ops.extract import ExtractSpec, extract_lora
+    from loraforge.ops.lora_file import write_lora_file
+    from loraforge.ops.metadata import base_model_metadata, common_rank_alpha, network_metadata
+    from loraforge.ops.targets import default_targets, weight_of
+
+    base = load_base(base_path, allow_pickle=allow_pickle)
+    tuned = load_base(tuned_path, allow_pickle=allow_pickle)
+    if base.family != tuned.family:
+        raise ModelError(
+            f"{base.label} is a {base.family} model but {tuned.label} is a {tuned.family} model",
+            hint="extract between a model and its own fine-tune",
+        )
+    names = [
+        n for n in default_targets(base.targets, conv=conv_rank is not None) if n in tuned.targets
+    ]
+    pairs = {
+        n: (weight_of(base.state, base.targets[n]), weight_of(tuned.state, tuned.targets[n]))
+        for n in names
+    }
+    spec = ExtractSpec(
+        rank,
+        conv_rank,
+        method.value,
+        param,
+        device=device,
+        save_dtype=to_dtype(precision) or torch.float16,
+    )
+    result = extract_lora(pairs, spec)
+    comment = f"extracted by loraforge from {tuned_path.name} - {base_path.name}"
+    meta = base_model_metadata(base.family, base.v_prediction, output.stem)
+    linear = [(r.new_rank, r.new_alpha) for r in result.rows if r.kind != "conv3x3"]
+    conv = [(r.new_rank, r.new_alpha) for r in result.rows if r.kind == "conv3x3"]
+    meta.update(
+        network_metadata(
+            common_rank_alpha(linear), common_rank_alpha(conv) if conv else None, comment
+        )
+    )
+    write_lora_file(output, result.tensors, meta, force=force)
+    summary = {
+        "base": str(base_path),
+        "tuned": str(tuned_path),
+        "output": str(output),
+        "rank": rank,
+        "conv_rank": conv_rank,
+        "skipped": [list(s) for s in result.skipped],
+    }
+    render_rows(
+        result.rows,
+        summary,
+        fmt,
+        title=f"extract {tuned_path.name} - {base_path.name} -> {output.name}",
+    )
+    if fmt == OutputFormat.table:
+        from loraforge.console import info
+
+        for what, why in result.skipped:
+            info(f"left out {what}: {why}")

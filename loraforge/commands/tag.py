@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
-from loraforge.console import err, out, print_json, warn
-from loraforge.errors import DatasetError
+from loraforge.console import err, out, print_json
+from loraforge.errors import DatasetError, LoraforgeError
 
 if TYPE_CHECKING:
     from loraforge.tagging.runner import TagRunResult
@@ -72,7 +72,10 @@ def command(
         loraforge tag recipe.yaml --format json > tagging.json
     """
     if overwrite and append:
-        raise typer.BadParameter("choose one of --overwrite and --append", param_hint="--append")
+        raise LoraforgeError(
+            "--overwrite and --append cannot be used together",
+            hint="--overwrite replaces captions, --append adds new tags after them: choose one",
+        )
     from loraforge.recipe import load_recipe
     from loraforge.tagging import (
         folder_from_path,
@@ -90,7 +93,7 @@ def command(
         selection = folders_from_dataset(loaded.dataset, config.caption_extension, include_reg)
         report_path = report or Path(loaded.output.dir) / REPORT_NAME
     for note in selection.notes:
-        warn(note)
+        _warn(note)
     if not selection.folders:
         raise DatasetError(
             "no folders to tag", hint="check dataset.subsets in the recipe, or pass --dir"
@@ -119,7 +122,7 @@ def command(
 
 def _render(result: TagRunResult, fmt: OutputFormat, model: str) -> None:
     for problem in result.problems:
-        warn(f"{problem.path}: {problem.reason}")
+        _warn(f"{problem.path}: {problem.reason}")
     if fmt == OutputFormat.json:
         print_json(_as_json(result, model))
         return
@@ -136,6 +139,13 @@ def _render(result: TagRunResult, fmt: OutputFormat, model: str) -> None:
         out.print(table)
     if result.report_path is not None:
         err.print(f"tag frequency report: {result.report_path}")
+
+
+def _warn(text: str) -> None:
+    """A warning line on stderr; paths are escaped (``[`` is markup) and never wrapped."""
+    from rich.markup import escape
+
+    err.print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
 
 
 def _as_json(result: TagRunResult, model: str) -> dict[str, Any]:

@@ -199,7 +199,10 @@ class Bucketer:
             bucket, resized = self._downscale_only(width, height)
         else:
             bucket, resized = self._predefined(width, height)
-        return BucketAssignment(bucket, resized, bucket[0] / bucket[1] - width / height)
+        # A zero-height bucket (bucket_no_upscale, image under one step) gets an infinite error;
+        # the plan skips such images.
+        ratio = bucket[0] / bucket[1] if bucket[1] else math.inf
+        return BucketAssignment(bucket, resized, ratio - width / height)
 
     def _predefined(self, width: int, height: int) -> tuple[Size, Size]:
         aspect = width / height

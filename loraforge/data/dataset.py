@@ -119,7 +119,7 @@ class BucketDataset(Dataset):
 
     def _pixels(self, path, assignment, origin, options, flipped, rng) -> torch.Tensor:
         image = resize_and_crop(load_image_rgb(path), assignment, origin)
-        pixels = np.asarray(image, dtype=np.uint8)
+        pixels = np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
         if options.color_aug:
             pixels = color_augment(pixels, rng)
         if flipped:
@@ -129,6 +129,8 @@ class BucketDataset(Dataset):
 
 def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> float32 ``(3, H, W)`` in ``[-1, 1]`` (x / 127.5 - 1)."""
+    if not pixels.flags.writeable:
+        pixels = pixels.copy()
     tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
     return tensor / 127.5 - 1.0
 

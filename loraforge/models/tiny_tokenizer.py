@@ -1,4 +1,4 @@
-"""A tiny CLIP BPE tokenizer written by code: byte-level base vocabulary, a few merges, CLIP specials.
+"""A tiny CLIP BPE tokenizer written by code: byte-level base vocabulary, a few merges, specials.
 
 Laid out exactly like OpenAI CLIP's vocabulary (256 byte symbols, the same 256 with ``</w>``, one
 entry per merge, then ``<|startoftext|>`` and ``<|endoftext|>``), so ``CLIPTokenizer`` reads it

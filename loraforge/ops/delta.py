@@ -5,7 +5,8 @@ The formulas are the ones the consumers of these files apply (A1111/Forge's ``ex
 
 - LoRA/LoCon: ``ΔW = up @ down · alpha/rank`` (conv 3x3: down ``(r, in, k, k)``, up
   ``(out, r, 1, 1)``; a Tucker ``lora_mid`` is folded into down). Missing alpha: scale 1.
-- LoHa: ``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/rank`` (rank = ``w1b.shape[0]``; Tucker ``t1``/``t2``).
+- LoHa: ``ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha/rank`` (rank = ``w1b.shape[0]``; Tucker
+  ``t1``/``t2``).
 - LoKr: ``ΔW = kron(w1, w2) · alpha/rank``, each factor full or ``a @ b``; the rank is ``w2_b``'s
   (else ``w1_b``'s); with neither factor decomposed there is no scaling.
 - full: ``ΔW = diff``. IA3: ``ΔW = W ⊙ w`` (per output row, or per input column with ``on_input``).
@@ -46,7 +47,9 @@ def lora_factors(
     """
     t = m.tensors
     down = t["lora_down.weight"].to(device=device, dtype=dtype)
-    up = t["lora_up.weight"].to(device=device, dtype=dtype).reshape(t["lora_up.weight"].shape[0], -1)
+    up = (
+        t["lora_up.weight"].to(device=device, dtype=dtype).reshape(t["lora_up.weight"].shape[0], -1)
+    )
     mid = t.get("lora_mid.weight")
     if mid is not None:
         # down' (m, in, kh, kw) = Σ_n mid (m, n, kh, kw) · down (n, in)
@@ -106,7 +109,9 @@ def _additive_delta(
     delta = delta * m.scale
     if shape is not None and tuple(delta.shape) != tuple(shape):
         if delta.numel() != _numel(shape):
-            raise ValueError(f"{m.name}: ΔW {tuple(delta.shape)} does not fit weight {tuple(shape)}")
+            raise ValueError(
+                f"{m.name}: ΔW {tuple(delta.shape)} does not fit weight {tuple(shape)}"
+            )
         delta = delta.reshape(shape)
     return delta
 
@@ -191,7 +196,9 @@ def _ia3(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
 
 
 def _glora(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    a1, a2, b1, b2 = (t[k].flatten(start_dim=1) for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
+    a1, a2, b1, b2 = (
+        t[k].flatten(start_dim=1) for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+    )
     old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
     new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
     if old and new and not (a2.shape[0] == w.shape[0] == w.shape[1]):
@@ -224,7 +231,9 @@ def _oft(m: LoraModule, t: dict[str, torch.Tensor], w: torch.Tensor, kohya: bool
     r = _cayley(blocks, constraint)
     num, size = blocks.shape[0], blocks.shape[1]
     if num * size != w.shape[0]:
-        raise ValueError(f"{m.name}: OFT blocks {tuple(blocks.shape)} do not fit weight {tuple(w.shape)}")
+        raise ValueError(
+            f"{m.name}: OFT blocks {tuple(blocks.shape)} do not fit weight {tuple(w.shape)}"
+        )
     rotated = torch.einsum("knm,kn...->km...", r, w.reshape(num, size, *w.shape[1:]))
     rotated = rotated.reshape(w.shape)
     if "rescale" in t:
@@ -232,7 +241,9 @@ def _oft(m: LoraModule, t: dict[str, torch.Tensor], w: torch.Tensor, kohya: bool
     return rotated
 
 
-def _boft(blocks: torch.Tensor, alpha: float | None, rescale: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+def _boft(
+    blocks: torch.Tensor, alpha: float | None, rescale: torch.Tensor | None, w: torch.Tensor
+) -> torch.Tensor:
     # Butterfly OFT as ComfyUI applies it: m stages of block rotations between permutations.
     r = _cayley(blocks, alpha)
     stages, _, size = blocks.shape[0], blocks.shape[1], blocks.shape[2]
@@ -248,7 +259,9 @@ def _boft(blocks: torch.Tensor, alpha: float | None, rescale: torch.Tensor | Non
     return x
 
 
-def _weight_decompose(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def _weight_decompose(
+    w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> torch.Tensor:
     merged = w + delta
     if magnitude.dim() >= 2 and magnitude.shape[0] == w.shape[0] and magnitude.shape[1] == 1:
         norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))

@@ -26,7 +26,12 @@ _SDXL_PREFIXES = (
     "lora_unet_output_blocks_",
     "lora_unet_label_emb_",
 )
-_SD_PREFIXES = ("lora_te_", "lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+_SD_PREFIXES = (
+    "lora_te_",
+    "lora_unet_down_blocks_",
+    "lora_unet_mid_block_",
+    "lora_unet_up_blocks_",
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,13 @@ def detect_family(modules: Mapping[str, LoraModule], metadata: Mapping[str, str]
     if by_names == "sdxl":
         conflict = None
         if meta_family not in (None, "sdxl"):
-            conflict = f"metadata says {FAMILY_NAMES[meta_family]} ({meta_evidence}) but the keys are SDXL's"
-        return FamilyGuess("sdxl", "key names (lora_te1_/lora_te2_, SGM UNet names)", v_pred, conflict)
+            conflict = (
+                f"metadata says {FAMILY_NAMES[meta_family]} ({meta_evidence}) "
+                "but the keys are SDXL's"
+            )
+        return FamilyGuess(
+            "sdxl", "key names (lora_te1_/lora_te2_, SGM UNet names)", v_pred, conflict
+        )
     if by_names == "sd":
         if meta_family == "sdxl":
             return FamilyGuess(

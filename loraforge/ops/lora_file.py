@@ -68,7 +68,9 @@ def read_lora_file(path: Path | str, *, allow_pickle: bool = False) -> LoraFile:
     if not path.exists():
         raise LoraFileError(f"{path}: no such file", hint="check the path")
     if path.is_dir():
-        raise LoraFileError(f"{path}: is a folder, not a LoRA file", hint="pass the .safetensors file")
+        raise LoraFileError(
+            f"{path}: is a folder, not a LoRA file", hint="pass the .safetensors file"
+        )
     if _looks_like_pickle(path):
         return _read_pickle(path, allow_pickle)
     tensors, metadata = _read_safetensors(path)
@@ -100,7 +102,11 @@ def _read_pickle(path: Path, allow_pickle: bool) -> LoraFile:
             hint="the file may be corrupt or hold more than tensors; convert it with the tool "
             "that made it",
         ) from e
-    if isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+    if (
+        isinstance(data, Mapping)
+        and "state_dict" in data
+        and isinstance(data["state_dict"], Mapping)
+    ):
         data = data["state_dict"]
     if not isinstance(data, Mapping):
         raise LoraFileError(f"{path}: holds a {type(data).__name__}, not a state dict")
@@ -169,7 +175,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def sshs_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+def sshs_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[str, str]:
     """``(sshs_model_hash, sshs_legacy_hash)`` exactly as sd-scripts computes them.
 
     Args:
@@ -235,7 +243,8 @@ def write_lora_file(
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise LoraFileError(
-            f"{path}: LoRA outputs are written as .safetensors", hint="name the output *.safetensors"
+            f"{path}: LoRA outputs are written as .safetensors",
+            hint="name the output *.safetensors",
         )
     data = _contiguous(tensors)
     meta = {str(k): str(v) for k, v in metadata.items()}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -169,7 +169,7 @@ class ParsedLora:
         """
         names: Counter[str] = Counter()
         for m in self.modules.values():
-            names[_user_algorithm(m)] += 1
+            names[user_algorithm(m)] += 1
         if {"lora", "locon"} <= set(names):
             names["locon"] += names.pop("lora")
         if not names:
@@ -200,7 +200,7 @@ class ParsedLora:
             )
 
 
-def _user_algorithm(m: LoraModule) -> str:
+def user_algorithm(m: LoraModule) -> str:
     if m.algorithm == "lora":
         if m.dora:
             return "dora"
@@ -297,7 +297,9 @@ def _read_alpha(name: str, alpha: torch.Tensor | None, problems: list[Problem]) 
     if alpha is None:
         return None
     if alpha.numel() != 1:
-        problems.append(Problem("error", name, f"alpha has shape {tuple(alpha.shape)}, expected a scalar"))
+        problems.append(
+            Problem("error", name, f"alpha has shape {tuple(alpha.shape)}, expected a scalar")
+        )
         return None
     value = float(alpha.detach().float().reshape(()).item())
     if not math.isfinite(value):
@@ -315,7 +317,10 @@ def _shape_error(m: LoraModule) -> str | None:
         if "hada_t1" in t:
             return None  # Tucker layout: ranks are checked by the einsum when the delta is built
         if w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
-            return f"LoHa ranks disagree: w1 {tuple(w1a.shape)}x{tuple(w1b.shape)}, w2 {tuple(w2a.shape)}x{tuple(w2b.shape)}"
+            return (
+                f"LoHa ranks disagree: w1 {tuple(w1a.shape)}x{tuple(w1b.shape)}, "
+                f"w2 {tuple(w2a.shape)}x{tuple(w2b.shape)}"
+            )
         if w1a.shape[0] != w2a.shape[0] or w1b.shape[1:] != w2b.shape[1:]:
             return "LoHa halves have different output/input sizes"
         return None
@@ -333,7 +338,10 @@ def _shape_error(m: LoraModule) -> str | None:
 def _lora_shape_error(t: Mapping[str, torch.Tensor]) -> str | None:
     down, up = t["lora_down.weight"], t["lora_up.weight"]
     if down.dim() not in (2, 4) or up.dim() != down.dim():
-        return f"lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} are not a linear or conv pair"
+        return (
+            f"lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
+            "are not a linear or conv pair"
+        )
     mid = t.get("lora_mid.weight")
     rank = down.shape[0]
     if up.shape[1] != (mid.shape[0] if mid is not None else rank):

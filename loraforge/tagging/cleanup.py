@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 
 _SPACES = re.compile(r"\s+")
 
 
+@lru_cache(maxsize=65536)  # a tagger's vocabulary is ~10k tags, each compared many times
 def tag_key(tag: str) -> str:
     """The form tags are compared in: lower case, underscores as spaces, single spaces, stripped."""
     return _SPACES.sub(" ", tag.replace("_", " ")).strip().lower()
@@ -73,14 +75,16 @@ def replace_words(text: str, replacements: Mapping[str, str]) -> str:
     """Replace whole words or phrases in free text (captioner output), case-insensitively.
 
     ``{"a woman": "1girl"}`` turns ``a woman standing`` into ``1girl standing`` but leaves
-    ``a womanly look`` alone. Longer phrases are tried first so they win over their parts.
+    ``a womanly look`` alone. One pass: a replacement's output is not replaced again, and
+    longer phrases win over their parts.
     """
-    for src in sorted(replacements, key=len, reverse=True):
-        if not src.strip():
-            continue
-        pattern = re.compile(rf"(?<!\w){re.escape(src.strip())}(?!\w)", re.IGNORECASE)
-        text = pattern.sub(lambda _m, dst=replacements[src]: dst, text)
-    return _SPACES.sub(" ", text).strip()
+    table = {src.strip().lower(): dst for src, dst in replacements.items() if src.strip()}
+    if not table:
+        return text
+    alternatives = "|".join(re.escape(src) for src in sorted(table, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    replaced = pattern.sub(lambda m: table[m.group(0).lower()], text)
+    return _SPACES.sub(" ", replaced).strip()
 
 
 def sort_scored(scored: Sequence[tuple[str, float]], order: str) -> list[str]:

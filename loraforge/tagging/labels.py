@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+import numpy as np
 
 from loraforge.errors import ModelError
 
@@ -59,9 +62,14 @@ class TagLabels:
     names: tuple[str, ...]
     categories: tuple[int, ...]
 
-    def indexes(self, category: int) -> tuple[int, ...]:
-        """Output indexes of the tags in ``category``, in CSV order."""
-        return tuple(i for i, c in enumerate(self.categories) if c == category)
+    def indexes(self, category: int) -> np.ndarray:
+        """Output indexes (``int64`` array) of the tags in ``category``, in CSV order."""
+        return np.flatnonzero(self._category_array == category)
+
+    @cached_property
+    def _category_array(self) -> np.ndarray:
+        # Computed once per tagger: selecting tags runs per image over ~10k labels.
+        return np.asarray(self.categories, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.names)

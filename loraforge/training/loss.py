@@ -51,7 +51,8 @@ class LossOptions:
 
         Args:
             training: the recipe section.
-            v_prediction: resolved prediction type (``training.v_parameterization`` or the family's).
+            v_prediction: the resolved prediction type (``training.v_parameterization``, or
+                the model family's when that is unset).
         """
         return cls(
             loss_type=training.loss_type,

@@ -35,7 +35,8 @@ class NoiseSchedule:
 
     Attributes:
         scheduler: a diffusers ``DDPMScheduler`` (``add_noise`` / ``get_velocity``).
-        all_snr: ``(num_train_timesteps,)`` float32 CPU tensor, SNR(t) = alpha_bar / (1 - alpha_bar).
+        all_snr: ``(num_train_timesteps,)`` float32 CPU tensor,
+            SNR(t) = alpha_bar / (1 - alpha_bar).
     """
 
     scheduler: DDPMScheduler
@@ -262,7 +263,7 @@ def sample_timesteps(
 def add_noise(
     schedule: NoiseSchedule, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """``sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise`` (the scheduler's add_noise)."""
+    """``sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise`` (scheduler.add_noise)."""
     noisy = schedule.scheduler.add_noise(latents, noise, timesteps)
     # diffusers moves alphas_cumprod to the latents' device; keep the table on the CPU like
     # sd-scripts so the loss weights and huber schedule index it without device juggling.

@@ -202,12 +202,13 @@ def _check_type(canonical: str, key: str, value: Any, default: Any) -> Any:
                 f"{where}: {canonical} expects a number, got {value!r}",
                 hint=f"write a plain number, e.g. {key}: {default}",
             )
-    elif isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)) or len(value) != len(default):
-            raise RecipeError(
-                f"{where}: {canonical} expects a list of {len(default)} values, got {value!r}",
-                hint=f"write {key}: {list(default)}",
-            )
+    elif isinstance(default, tuple) and (
+        not isinstance(value, (list, tuple)) or len(value) != len(default)
+    ):
+        raise RecipeError(
+            f"{where}: {canonical} expects a list of {len(default)} values, got {value!r}",
+            hint=f"write {key}: {list(default)}",
+        )
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -228,7 +229,9 @@ def validate_optimizer_args(name: str, args: Mapping[str, Any] | None) -> dict[s
     cls = optimizer_class(name)
     named, accepts_any = _accepted_args(cls)
     reserved = dict(_RESERVED)
-    reserved.update({key: f"always {value!r} for {canonical}" for key, value in spec.fixed_kwargs.items()})
+    reserved.update(
+        {key: f"always {value!r} for {canonical}" for key, value in spec.fixed_kwargs.items()}
+    )
     accepted = sorted(key for key in named if key not in reserved)
     kwargs = dict(spec.default_kwargs)
     for key, value in (args or {}).items():
@@ -283,13 +286,16 @@ def _group_lrs(groups: Sequence[Mapping[str, Any]], lr: float) -> list[float]:
     return [float(group.get("lr", lr)) for group in groups]
 
 
-def _check_adaptive(canonical: str, spec: OptimizerSpec, groups: Sequence[Mapping], lr: float) -> None:
+def _check_adaptive(
+    canonical: str, spec: OptimizerSpec, groups: Sequence[Mapping], lr: float
+) -> None:
     lrs = _group_lrs(groups, lr)
     first = lrs[0] if lrs else lr
     if first <= 0.1:
         warn(
             f"{canonical} estimates its own step size and expects a learning rate around 1.0, "
-            f"got {first:g}; set training.learning_rate: 1.0 (and leave unet_lr/text_encoder_lr unset)"
+            f"got {first:g}; set training.learning_rate: 1.0 (and leave unet_lr and "
+            "text_encoder_lr unset)"
         )
     nonzero = {value for value in lrs if value != 0.0}
     if spec.equal_group_lrs and len(nonzero) > 1:
@@ -301,7 +307,9 @@ def _check_adaptive(canonical: str, spec: OptimizerSpec, groups: Sequence[Mappin
         )
 
 
-def _prepare_adafactor(kwargs: dict[str, Any], groups: list[dict[str, Any]], lr: float) -> float | None:
+def _prepare_adafactor(
+    kwargs: dict[str, Any], groups: list[dict[str, Any]], lr: float
+) -> float | None:
     """Apply sd-scripts' Adafactor rules; returns the lr to pass (``None`` for relative steps)."""
     if not kwargs["relative_step"]:
         return lr
@@ -310,7 +318,8 @@ def _prepare_adafactor(kwargs: dict[str, Any], groups: list[dict[str, Any]], lr:
             "Adafactor with relative_step computes its own learning rate; training.learning_rate "
             f"({lr:g}) is only reported as the initial value"
         )
-    if any(group.pop("lr", None) is not None for group in groups):
+    dropped = [group.pop("lr", None) for group in groups]  # every group, no short-circuit
+    if any(value is not None for value in dropped):
         warn("Adafactor with relative_step ignores unet_lr and text_encoder_lr")
     return None
 

@@ -173,4 +173,3 @@ def _standard_scheduler(
             f"training.lr_scheduler polynomial: {e}",
             hint="the learning rate must be above the polynomial end value 1e-7",
         ) from e
-

@@ -79,3 +79,101 @@ def huge_png() -> Callable[..., Path]:
 @pytest.fixture
 def truncate() -> Callable[..., Path]:
     return _truncate
+
+
+# Recipe defaults (schema/recipe.schema.json) for building typed configs directly in unit tests.
+SUBSET_DEFAULTS = dict(
+    repeats=None,
+    class_tokens=None,
+    is_reg=False,
+    caption_extension=".txt",
+    shuffle_caption=False,
+    keep_tokens=0,
+    keep_tokens_separator="",
+    caption_separator=",",
+    secondary_separator=None,
+    enable_wildcard=False,
+    caption_prefix=None,
+    caption_suffix=None,
+    caption_dropout_rate=0.0,
+    caption_dropout_every_n_epochs=0,
+    caption_tag_dropout_rate=0.0,
+    flip_aug=False,
+    color_aug=False,
+    random_crop=False,
+)
+DATASET_DEFAULTS = dict(
+    resolution=(512, 512),
+    enable_bucket=True,
+    min_bucket_reso=256,
+    max_bucket_reso=1024,
+    bucket_reso_steps=64,
+    bucket_no_upscale=False,
+    num_workers=0,
+)
+
+
+def _subset(dir: Path | str, **overrides):
+    from loraforge.recipe import SubsetConfig
+
+    return SubsetConfig(dir=str(dir), **{**SUBSET_DEFAULTS, **overrides})
+
+
+def _dataset(*subsets, **overrides):
+    from loraforge.recipe import DatasetConfig
+
+    return DatasetConfig(subsets=tuple(subsets), **{**DATASET_DEFAULTS, **overrides})
+
+
+@pytest.fixture
+def subset_config() -> Callable[..., object]:
+    return _subset
+
+
+@pytest.fixture
+def dataset_config() -> Callable[..., object]:
+    return _dataset
+
+
+class KohyaReference:
+    """An independent, brute-force statement of sd-scripts' predefined bucketing, for checks.
+
+    Written from the rules (not from loraforge's code): every bucket is the tallest step-multiple
+    height that fits the area for each step-multiple width (both orientations) plus the largest
+    step-multiple square within the area; an image takes the bucket with the least aspect-ratio
+    error (the first in sorted order on ties; an image whose size is a bucket keeps it) and is
+    scaled by the smallest factor that covers it, sides rounded half up.
+    """
+
+    @staticmethod
+    def resolutions(max_reso, min_size, max_size, step):
+        import math
+
+        area = max_reso[0] * max_reso[1]
+        grid = range(step, max(max_size, math.isqrt(area)) + step, step)
+        square = max(s for s in grid if s * s <= area)
+        found = {(square, square)}
+        for width in range(min_size, max_size + 1, step):
+            fitting = [h for h in grid if h * width <= area and h <= max_size]
+            if fitting and max(fitting) >= min_size:
+                found |= {(width, max(fitting)), (max(fitting), width)}
+        return sorted(found)
+
+    @staticmethod
+    def cover(resolutions, width, height):
+        import math
+
+        if (width, height) in resolutions:
+            bucket = (width, height)
+        else:
+            bucket = min(
+                resolutions,
+                key=lambda r: (abs(r[0] / r[1] - width / height), resolutions.index(r)),
+            )
+        scale = max(bucket[0] / width, bucket[1] / height)
+        return bucket, (math.floor(width * scale + 0.5), math.floor(height * scale + 0.5))
+
+
+@pytest.fixture(scope="session")
+def kohya() -> KohyaReference:
+    return KohyaReference()

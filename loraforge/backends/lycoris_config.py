@@ -1,0 +1,252 @@
+"""What the LyCORIS backend accepts from a NetworkConfig, and the metadata it writes.
+
+The argument sets below are what lycoris-lora 4.1.3's kohya entry point (``lycoris.kohya``)
+reads and what its module classes actually use, per algorithm. Arguments a module class takes
+but ignores (e.g. ``use_scalar`` on IA3, ``use_tucker`` on GLoRA, whose conv Tucker branch can
+never run) are left out, so a recipe cannot believe it set something that has no effect.
+
+Files carry the metadata sd-scripts writes when it trains with ``--network_module lycoris.kohya``:
+``ss_network_args`` is the JSON of the ``--network_args`` (string values, plus the network
+dropout sd-scripts adds), so LyCORIS users can read the algorithm and its options back.
+
+Pure module: no torch, no lycoris import at module level.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from loraforge.errors import RecipeError
+
+if TYPE_CHECKING:
+    from loraforge.recipe.types import NetworkConfig
+
+NETWORK_MODULE = "lycoris.kohya"
+DEFAULT_PRESET = "full"
+
+_COMMON = frozenset({"preset", "train_norm"})
+_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
+# network.args each LyCORIS algorithm takes (besides the top-level dim/alpha/conv/dropout fields)
+ALGORITHM_ARGS: dict[str, frozenset[str]] = {
+    "lora": _COMMON | _LORA,
+    "locon": _COMMON | _LORA,
+    "loha": _COMMON | _LORA,
+    "lokr": _COMMON | _LORA | {"factor", "decompose_both", "full_matrix"},
+    "ia3": _COMMON,
+    "dylora": _COMMON | {"block_size", "unit"},
+    "diag-oft": _COMMON | {"constraint", "rescaled"},
+    "boft": _COMMON | {"constraint", "rescaled"},
+    "full": _COMMON,
+    "glora": _COMMON | {"use_scalar"},
+}
+ALGORITHMS = tuple(ALGORITHM_ARGS)
+
+# Fields of the network section the LyCORIS backend has no equivalent for.
+_KOHYA_ONLY_FIELDS = (
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+)
+# Algorithms with an up projection (``lora_up``) that LoRA+ can give a larger learning rate.
+_LORAPLUS_ALGORITHMS = ("lora", "locon")
+# Order the algorithm options appear in ``ss_network_args`` (after algo, preset, conv_*).
+_ARG_ORDER = (
+    "factor",
+    "decompose_both",
+    "full_matrix",
+    "use_tucker",
+    "use_scalar",
+    "dora_wd",
+    "block_size",
+    "constraint",
+    "rescaled",
+    "train_norm",
+)
+DEFAULT_DYLORA_BLOCK_SIZE = 4  # lycoris-lora's default
+
+
+@dataclass(frozen=True)
+class LycorisOptions:
+    """A NetworkConfig resolved into what lycoris-lora's modules take.
+
+    Attributes:
+        algorithm: the LyCORIS ``algo`` name.
+        preset: the LyCORIS preset name.
+        dim, alpha: rank and alpha of Linear and 1x1-conv modules (alpha ``None`` = dim).
+        conv_dim, conv_alpha: rank and alpha of kxk-conv modules (when the preset enables them).
+        dropout, rank_dropout, module_dropout: LyCORIS dropouts (0 = off).
+        train_norm: also train LayerNorm/GroupNorm layers inside the targets.
+        module_kwargs: keyword arguments every module constructor gets.
+    """
+
+    algorithm: str
+    preset: str
+    dim: int
+    alpha: float | None
+    conv_dim: int
+    conv_alpha: float | None
+    dropout: float
+    rank_dropout: float
+    module_dropout: float
+    train_norm: bool
+    module_kwargs: dict[str, Any]
+
+
+def check_config(config: NetworkConfig) -> None:
+    """Refuse what the LyCORIS backend cannot do, naming the field and the algorithm.
+
+    Raises:
+        RecipeError: an algorithm lycoris-lora does not have, an argument the algorithm does
+            not take, a kohya-only field, or DyLoRA ranks that are not a multiple of its block.
+    """
+    if config.algorithm not in ALGORITHM_ARGS:
+        raise RecipeError(
+            f"network.algorithm: the lycoris backend has no algorithm {config.algorithm!r}",
+            hint=f"use one of: {', '.join(ALGORITHMS)}",
+        )
+    takes = ALGORITHM_ARGS[config.algorithm]
+    for key in sorted(config.args):
+        if key not in takes:
+            raise RecipeError(
+                f'network.args.{key}: algorithm "{config.algorithm}" (lycoris backend) '
+                f'does not take "{key}"',
+                hint=f"arguments it takes: {', '.join(sorted(takes))}",
+            )
+    for name in _KOHYA_ONLY_FIELDS:
+        if getattr(config, name) is not None:
+            raise RecipeError(
+                f"network.{name}: per-block ranks and learning rates are a kohya-backend feature",
+                hint="remove it, or use network.backend: kohya",
+            )
+    if config.loraplus_lr_ratio is not None and config.algorithm not in _LORAPLUS_ALGORITHMS:
+        raise RecipeError(
+            f"network.loraplus_lr_ratio: algorithm {config.algorithm!r} has no up matrix "
+            "for LoRA+ to speed up",
+            hint="remove loraplus_lr_ratio, or use algorithm lora/locon",
+        )
+    if "dora_wd" in config.args and "weight_decompose" in config.args:
+        raise RecipeError(
+            "network.args: dora_wd and weight_decompose are the same option; give one",
+            hint="keep dora_wd",
+        )
+    if config.algorithm == "dylora":
+        _check_dylora(config)
+
+
+def _check_dylora(config: NetworkConfig) -> None:
+    block = dylora_block_size(config)
+    for field, rank in (("dim", config.dim), ("conv_dim", conv_dim_of(config))):
+        if block < 1 or rank % block != 0:
+            raise RecipeError(
+                f"network.{field}: DyLoRA rank {rank} must be a multiple of its block size {block}",
+                hint="set network.args.block_size to a divisor of dim and conv_dim "
+                "(lycoris-lora's default block size is 4)",
+            )
+
+
+def dylora_block_size(config: NetworkConfig) -> int:
+    """DyLoRA's rank block: ``args.block_size`` (LyCORIS) or ``args.unit`` (sd-scripts), else 4."""
+    return int(config.args.get("block_size", config.args.get("unit", DEFAULT_DYLORA_BLOCK_SIZE)))
+
+
+def conv_dim_of(config: NetworkConfig) -> int:
+    """Rank of kxk convs: ``conv_dim``, else ``dim`` (lycoris-lora's default)."""
+    return config.conv_dim if config.conv_dim is not None else config.dim
+
+
+def conv_alpha_of(config: NetworkConfig) -> float | None:
+    """Alpha of kxk convs: ``conv_alpha``, else ``alpha`` (lycoris-lora's default)."""
+    return config.conv_alpha if config.conv_alpha is not None else config.alpha
+
+
+def _flag(config: NetworkConfig, *names: str) -> bool:
+    return any(bool(config.args.get(name, False)) for name in names)
+
+
+def resolve_options(config: NetworkConfig) -> LycorisOptions:
+    """Translate an accepted config (see :func:`check_config`) into lycoris-lora's terms."""
+    args = config.args
+    kwargs: dict[str, Any] = {
+        "use_tucker": _flag(config, "use_tucker"),
+        "use_scalar": _flag(config, "use_scalar"),
+        "weight_decompose": _flag(config, "dora_wd", "weight_decompose"),
+        "decompose_both": _flag(config, "decompose_both"),
+        "full_matrix": _flag(config, "full_matrix"),
+        "factor": int(args.get("factor", -1)),
+        "constraint": float(args.get("constraint", 0.0)),
+        "rescaled": _flag(config, "rescaled"),
+        # bypass_mode=False: every algorithm runs its weight-rebuild forward (exact, mergeable)
+        "bypass_mode": False,
+    }
+    if config.algorithm == "dylora":
+        kwargs["block_size"] = dylora_block_size(config)
+    return LycorisOptions(
+        algorithm=config.algorithm,
+        preset=str(args.get("preset", DEFAULT_PRESET)),
+        dim=config.dim,
+        alpha=config.alpha or None,
+        conv_dim=conv_dim_of(config),
+        conv_alpha=conv_alpha_of(config) or None,
+        dropout=float(config.dropout or 0.0),
+        rank_dropout=float(config.rank_dropout or 0.0),
+        module_dropout=float(config.module_dropout or 0.0),
+        train_norm=_flag(config, "train_norm"),
+        module_kwargs=kwargs,
+    )
+
+
+def _text(value: Any) -> str:
+    """A value as it would have been typed in sd-scripts' ``--network_args key=value``."""
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)
+
+
+def network_args(config: NetworkConfig, *, conv_enabled: bool) -> dict[str, Any]:
+    """The ``--network_args`` sd-scripts + lycoris.kohya would have been given for ``config``.
+
+    Args:
+        config: an accepted network config.
+        conv_enabled: whether the preset trains kxk convs (then ``conv_dim``/``conv_alpha``
+            are written with their effective values).
+    """
+    args: dict[str, Any] = {"algo": config.algorithm}
+    args["preset"] = str(config.args.get("preset", DEFAULT_PRESET))
+    if conv_enabled and config.algorithm not in ("ia3", "full"):
+        args["conv_dim"] = _text(conv_dim_of(config))
+        conv_alpha = conv_alpha_of(config)
+        args["conv_alpha"] = _text(float(conv_alpha) if conv_alpha else conv_dim_of(config))
+    given = dict(config.args)
+    if "weight_decompose" in given:
+        given["dora_wd"] = given.pop("weight_decompose")  # the name lycoris.kohya reads
+    if config.algorithm == "dylora":
+        given.pop("unit", None)
+        given["block_size"] = dylora_block_size(config)
+    for name in _ARG_ORDER:
+        if name in given:
+            args[name] = _text(given[name])
+    for name in ("rank_dropout", "module_dropout", "loraplus_lr_ratio"):
+        value = getattr(config, name)
+        if value is not None:
+            args[name] = _text(value)
+    # sd-scripts adds the network dropout itself (a number or None, not a string)
+    args["dropout"] = config.dropout
+    return args
+
+
+def network_metadata(config: NetworkConfig, *, conv_enabled: bool) -> dict[str, str]:
+    """``ss_network_*`` metadata as sd-scripts writes it for a lycoris.kohya network."""
+    alpha = float(config.alpha) if config.alpha else float(config.dim)
+    return {
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(config.dim),
+        "ss_network_alpha": str(alpha),
+        "ss_network_dropout": str(config.dropout),
+        "ss_network_args": json.dumps(network_args(config, conv_enabled=conv_enabled)),
+    }

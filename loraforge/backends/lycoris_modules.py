@@ -1,0 +1,244 @@
+"""Build, hook and load lycoris-lora modules, one per target layer.
+
+Modules are lycoris-lora's own classes (``LoConModule``, ``LohaModule``, ``LokrModule`` …),
+created with the same arguments its kohya wrapper passes, under loraforge's kohya names. Two
+classes get a thin subclass here because lycoris-lora 4.1.3 cannot do what a training tool needs
+with them as they are:
+
+* DyLoRA: its ``load_state_dict`` is a no-op; its eval forward and merge still draw a random
+  rank; it scales the ``b+1`` active blocks by ``alpha/(b+1)`` (not per rank), so the saved file
+  (``alpha/dim`` at full rank, as every reader applies it) did not match what was trained when the
+  block size is not 1; and it saves conv ``lora_up`` as ``(out, r)``, which its own LoCon reader
+  cannot copy into a 1x1 conv. The subclass scales by ``alpha/active_rank``, uses the full rank
+  outside training, saves ``(out, r, 1, 1)`` and loads.
+* Full: ``apply_to`` after ``restore`` added the base weight a second time, and ``restore``
+  left a CPU copy with ``requires_grad=True`` in the base layer. The subclass makes the pair
+  repeatable and puts the weight back where and as it was.
+
+This module imports lycoris; import it only after checking the package is installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lycoris.modules import (
+    ButterflyOFTModule,
+    DiagOFTModule,
+    DyLoraModule,
+    FullModule,
+    GLoRAModule,
+    IA3Module,
+    LoConModule,
+    LohaModule,
+    LokrModule,
+    NormModule,
+)
+from lycoris.modules.base import LycorisBaseModule
+from torch import nn
+
+from loraforge.backends.lycoris_config import LycorisOptions
+from loraforge.backends.lycoris_targets import Target
+from loraforge.errors import LoraFileError, RecipeError
+
+
+class LoraforgeDyLoraModule(DyLoraModule):
+    """lycoris-lora's DyLoRA with a rank-consistent scale, a deterministic eval path and loading."""
+
+    def get_weight(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Down/up over the blocks up to ``rank`` (lower ones detached), scale alpha/active rank."""
+        down, up, _ = super().get_weight(rank)
+        return down, up, self.alpha / down.shape[0]
+
+    def _rank(self, rank: int | None) -> int | None:
+        # None keeps lycoris-lora's random draw, which only training should see
+        return rank if rank is not None or self.training else self.lora_dim
+
+    def get_diff_weight(self, multiplier=1, shape=None, device=None, rank=None):  # noqa: ANN001, ANN201
+        return super().get_diff_weight(multiplier, shape, device, self._rank(rank))
+
+    def get_merged_weight(self, multiplier=1, shape=None, device=None, rank=None):  # noqa: ANN001, ANN201
+        return super().get_merged_weight(multiplier, shape, device, self._rank(rank))
+
+    def custom_state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().custom_state_dict()
+        up = state["lora_up.weight"]
+        state["lora_up.weight"] = up.reshape(*up.shape, *([1] * (len(self.shape) - 2)))
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001, ANN201, ARG002
+        """Split full-rank ``lora_down``/``lora_up`` into the rank blocks; take ``alpha``."""
+        down = state_dict["lora_down.weight"].reshape(self.lora_dim, -1)
+        up = state_dict["lora_up.weight"].reshape(self.shape[0], self.lora_dim)
+        size = self.block_size
+        for i, (down_block, up_block) in enumerate(zip(self.down_list, self.up_list, strict=True)):
+            down_block.copy_(down[i * size : (i + 1) * size])
+            up_block.copy_(up[:, i * size : (i + 1) * size])
+        if "alpha" in state_dict:
+            self.alpha.copy_(state_dict["alpha"])
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+class LoraforgeFullModule(FullModule):
+    """lycoris-lora's full fine-tuning module, safe to apply, restore and apply again."""
+
+    _base_requires_grad = False
+
+    def apply_to(self, **kwargs: Any) -> None:
+        base = self.org_module[0]
+        self._base_requires_grad = base.weight.requires_grad
+        if not self.is_diff:
+            # restored earlier: self.weight holds base + diff; make it a diff again
+            self.weight.data.sub_(base.weight.data.to(self.weight))
+            if self.bias is not None and base.bias is not None:
+                self.bias.data.sub_(base.bias.data.to(self.bias))
+            self.is_diff = True
+        super().apply_to(**kwargs)
+
+    def restore(self) -> None:
+        super().restore()
+        base = self.org_module[0]
+        for name in ("weight", "bias"):
+            param = getattr(base, name, None)
+            if isinstance(param, nn.Parameter):
+                param.data = param.data.to(self.weight.device, copy=True)  # own storage
+                param.requires_grad_(self._base_requires_grad)
+
+    def reset_(self) -> None:
+        """Make the module a no-op (before loading a diff into it)."""
+        with torch.no_grad():
+            if self.is_diff:
+                self.weight.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
+            else:
+                self.weight.copy_(self.org_weight.to(self.weight))
+                if self.bias is not None and self.org_bias is not None:
+                    self.bias.copy_(self.org_bias[0].to(self.bias))
+
+
+MODULE_CLASSES: dict[str, type[LycorisBaseModule]] = {
+    "lora": LoConModule,
+    "locon": LoConModule,
+    "loha": LohaModule,
+    "lokr": LokrModule,
+    "ia3": IA3Module,
+    "dylora": LoraforgeDyLoraModule,
+    "diag-oft": DiagOFTModule,
+    "boft": ButterflyOFTModule,
+    "full": LoraforgeFullModule,
+    "glora": GLoRAModule,
+}
+
+
+def build_module(target: Target, options: LycorisOptions, multiplier: float) -> LycorisBaseModule:
+    """The lycoris-lora module for one target, with the arguments its kohya wrapper would pass.
+
+    Raises:
+        RecipeError: lycoris-lora refuses the layer with these settings (e.g. a BOFT block size
+            that does not divide the layer's width).
+    """
+    algorithm = str(target.options.get("algo", options.algorithm))
+    try:
+        if target.kind == "norm":
+            return NormModule(
+                target.lora_name,
+                target.module,
+                multiplier,
+                rank_dropout=options.rank_dropout,
+                module_dropout=options.module_dropout,
+                bypass_mode=False,
+            )
+        is_conv = target.kind == "conv"
+        kwargs = {**options.module_kwargs}
+        kwargs.update({k: v for k, v in target.options.items() if k != "algo"})
+        return MODULE_CLASSES[algorithm](
+            target.lora_name,
+            target.module,
+            multiplier,
+            lora_dim=options.conv_dim if is_conv else options.dim,
+            alpha=options.conv_alpha if is_conv else options.alpha,
+            dropout=options.dropout,
+            rank_dropout=options.rank_dropout,
+            module_dropout=options.module_dropout,
+            **kwargs,
+        )
+    except (ValueError, AssertionError) as e:
+        raise RecipeError(
+            f"network: lycoris-lora cannot build {algorithm} on {target.lora_name}: {e}",
+            hint="change network.dim / conv_dim (for OFT/BOFT: the block size) or the preset",
+        ) from e
+
+
+def apply_module(module: LycorisBaseModule) -> None:
+    """Hook ``module`` into its base layer's forward (call once per restore)."""
+    module.apply_to()
+
+
+def restore_module(module: LycorisBaseModule) -> None:
+    """Unhook ``module``; drop the instance ``forward`` lycoris-lora leaves on the base layer."""
+    module.restore()
+    base = module.org_module[0]
+    left = base.__dict__.get("forward")
+    if getattr(left, "__func__", None) is type(base).forward and "_lycoris_wrappers" not in (
+        base.__dict__
+    ):
+        del base.__dict__["forward"]
+
+
+def _fit(tensor: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
+    """``tensor`` in ``shape``; differences in size-1 axes only (Linear vs 1x1 conv) reshape."""
+    if tensor.shape == shape:
+        return tensor
+    squeeze = [d for d in tensor.shape if d != 1]
+    if squeeze == [d for d in shape if d != 1]:
+        return tensor.reshape(shape)
+    raise LoraFileError(
+        f"{key}: shape {tuple(tensor.shape)} does not fit the network's {tuple(shape)}",
+        hint="the file was trained with another rank, algorithm option or model; match "
+        "network.dim / conv_dim / args to the file",
+    )
+
+
+@torch.no_grad()
+def load_module(module: LycorisBaseModule, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load one module's tensors (suffix -> tensor, as the module saves them).
+
+    The scale is re-derived from the file's ``alpha``, and a trained scalar (``use_scalar``,
+    max-norm) is reset to 1 because the saved tensors already carry it.
+
+    Raises:
+        LoraFileError: the tensors are not the ones this module saves, or shapes do not fit.
+    """
+    expected = module.state_dict()
+    if set(tensors) != set(expected):
+        raise LoraFileError(
+            f"{module.lora_name}: the file has {sorted(tensors)}, the network expects "
+            f"{sorted(expected)}",
+            hint="the file was trained with another algorithm or algorithm option "
+            "(use_tucker, dora_wd, decompose_both, rescaled…); match network.algorithm/args",
+        )
+    fitted = {
+        k: _fit(t, expected[k].shape, f"{module.lora_name}.{k}").to(expected[k].dtype)
+        for k, t in tensors.items()
+    }
+    if isinstance(module, LoraforgeFullModule):
+        module.reset_()
+    module.load_state_dict(fitted, strict=True)
+    _sync_after_load(module)
+
+
+def _sync_after_load(module: LycorisBaseModule) -> None:
+    scalar = getattr(module, "scalar", None)
+    if isinstance(scalar, torch.Tensor):
+        scalar.fill_(1.0)
+    alpha = getattr(module, "alpha", None)
+    if not isinstance(alpha, torch.Tensor):
+        return
+    if isinstance(module, DiagOFTModule | ButterflyOFTModule):
+        module.constraint = float(alpha) * module.dim  # lycoris-lora: constraint * out_dim
+    elif isinstance(module, LoConModule | LohaModule | LokrModule | GLoRAModule):
+        module.scale = float(alpha) / module.lora_dim

@@ -1,0 +1,54 @@
+"""Dataset facts for LoRA file metadata, computed the way sd-scripts computes them.
+
+``ss_tag_frequency``: per image folder (its base name), how many captions contain each tag
+(tags split on ``","``, stripped, lower-cased; counted from the raw captions, reg included).
+``ss_dataset_dirs``: per image folder, ``{"n_repeats": repeats, "img_count": images}``.
+``ss_bucket_info``: ``{"buckets": {i: {"resolution": [w, h], "count": samples}},
+"mean_img_ar_error": e}``. Torch-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraforge.data.discovery import Discovery
+from loraforge.data.plan import BucketPlan
+
+
+def tag_frequency(discovery: Discovery) -> dict[str, dict[str, int]]:
+    """sd-scripts' ``ss_tag_frequency`` for the discovered images.
+
+    Unused regularization images are not counted (sd-scripts counts every file of a folder;
+    here only images training sees).
+    """
+    frequency: dict[str, dict[str, int]] = {}
+    for image in discovery.images:
+        counts = frequency.setdefault(discovery.subsets[image.subset].dir.name, {})
+        for tag in image.caption.split(","):
+            tag = tag.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return frequency
+
+
+def dataset_dirs(discovery: Discovery) -> dict[str, dict[str, int]]:
+    """sd-scripts' ``ss_dataset_dirs``: folder name -> folder repeats and image count."""
+    counts: dict[int, int] = {}
+    for image in discovery.images:
+        counts[image.subset] = counts.get(image.subset, 0) + 1
+    return {
+        subset.dir.name: {"n_repeats": subset.repeats, "img_count": counts[subset.index]}
+        for subset in discovery.subsets
+        if subset.index in counts
+    }
+
+
+def bucket_info(plan: BucketPlan) -> dict[str, Any]:
+    """sd-scripts' ``ss_bucket_info`` (only when bucketing is enabled in sd-scripts)."""
+    return {
+        "buckets": {
+            str(i): {"resolution": list(bucket.resolution), "count": bucket.samples}
+            for i, bucket in enumerate(plan.buckets)
+        },
+        "mean_img_ar_error": plan.mean_aspect_error,
+    }

@@ -1,0 +1,159 @@
+"""A base model's weights as one flat state dict with kohya targets: load, merge into, write back.
+
+Handles both layouts: a diffusers folder (UNet and text encoders read component by component,
+keys ``"<component>/<key>"``) and an original-layout single file (A1111/ComfyUI checkpoints, read
+with :func:`loraforge.models.single_file.read_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraforge.errors import ModelError
+from loraforge.ops.checkpoint import (
+    diffusers_family,
+    is_diffusers_folder,
+    read_diffusers_components,
+    single_file_family,
+    write_diffusers_folder,
+    write_single_file,
+)
+from loraforge.ops.targets import (
+    Target,
+    diffusers_targets,
+    flatten_components,
+    single_file_targets,
+    split_components,
+)
+
+
+@dataclass
+class BaseWeights:
+    """A loaded base model (mutable: merging changes ``state`` in place).
+
+    Attributes:
+        path: the folder or file it came from.
+        layout: ``diffusers`` or ``single_file``.
+        family: ``sd1``, ``sd2`` or ``sdxl``.
+        v_prediction: the model predicts v (SD 2.x 768-v), when known.
+        state: the weights (diffusers: keys ``"<component>/<key>"``).
+        targets: ``{kohya module name: Target}``.
+        metadata: the single file's safetensors metadata (empty for folders).
+    """
+
+    path: Path
+    layout: str
+    family: str
+    v_prediction: bool | None
+    state: dict[str, torch.Tensor]
+    targets: dict[str, Target]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+def load_base(path: Path, *, allow_pickle: bool = False) -> BaseWeights:
+    """Load a diffusers folder or a single-file checkpoint.
+
+    Raises:
+        ModelError: missing, unreadable, or not a Stable Diffusion 1.x/2.x/XL model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise ModelError(
+                f"{path}: is a folder without model_index.json",
+                hint="pass a diffusers model folder or a .safetensors checkpoint",
+            )
+        return _load_diffusers(path)
+    return _load_single_file(path, allow_pickle)
+
+
+def _load_diffusers(path: Path) -> BaseWeights:
+    components = read_diffusers_components(path)
+    family = diffusers_family(path, components)
+    states = {name: c.state for name, c in components.items()}
+    targets = diffusers_targets(family, states, components["unet"].config)
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    v_pred = None
+    if scheduler.is_file():
+        v_pred = json.loads(scheduler.read_text("utf-8")).get("prediction_type") == "v_prediction"
+    return BaseWeights(path, "diffusers", family, v_pred, flatten_components(states), targets)
+
+
+def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
+    from loraforge.models.configs import architecture_config_dir
+    from loraforge.models.single_file import embedded_configs, read_checkpoint
+
+    state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    embedded = embedded_configs(metadata)
+    family = single_file_family(state.keys())
+    if family is None:
+        raise ModelError(
+            f"{path}: is not a Stable Diffusion 1.x/2.x/XL checkpoint (no text-encoder keys found)",
+            hint="pass the full model checkpoint; a LoRA file goes to --lora",
+        )
+    if embedded is not None:
+        unet_config = embedded["configs"]["unet"]
+        v_pred = embedded.get("family") == "sd2-v"
+    else:
+        config_file = architecture_config_dir(family) / "unet" / "config.json"
+        unet_config = json.loads(config_file.read_text("utf-8"))
+        v_pred = None
+    targets = single_file_targets(family, state, unet_config)
+    return BaseWeights(path, "single_file", family, v_pred, state, targets, dict(metadata))
+
+
+def resolver(base: BaseWeights):
+    """The name -> :class:`~loraforge.ops.merge.TargetRef` function merge needs."""
+
+    def resolve(name: str):
+        target = base.targets.get(name)
+        return None if target is None else target.ref
+
+    return resolve
+
+
+def write_base(
+    base: BaseWeights,
+    out: Path,
+    *,
+    extra_metadata: dict[str, str],
+    dtype: torch.dtype | None,
+    force: bool,
+) -> None:
+    """Write the (merged) model in the layout it was read in.
+
+    Args:
+        out: a ``.safetensors`` file for a single-file base, a folder for a diffusers base.
+        extra_metadata: added to a single file's metadata.
+        dtype: cast floating tensors (default: keep).
+        force: overwrite ``out``.
+
+    Raises:
+        ModelError: the output kind does not match the base's layout.
+        OutputExistsError: ``out`` exists and ``force`` is false.
+    """
+    if base.layout == "single_file":
+        if out.suffix.lower() != ".safetensors":
+            raise ModelError(
+                f"{out}: a single-file base is written as .safetensors",
+                hint="name the output *.safetensors",
+            )
+        write_single_file(
+            out, base.state, {**base.metadata, **extra_metadata}, dtype=dtype, force=force
+        )
+        return
+    if out.suffix.lower() == ".safetensors":
+        raise ModelError(
+            f"{out}: the base is a diffusers folder, so the merged model is written as a folder",
+            hint="pass a folder name as --output",
+        )
+    states = split_components(base.state)
+    write_diffusers_folder(base.path, out, states, dtype=dtype, force=force)

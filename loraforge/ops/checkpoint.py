@@ -1,0 +1,225 @@
+"""Base-model weights as plain state dicts: diffusers folders and single files, read and written.
+
+Merging into a model and extracting from two models only touch tensors, so nothing here builds a
+UNet or text encoder: a diffusers folder is read component by component (``unet/``,
+``text_encoder/``, ``text_encoder_2/`` — single or sharded ``*.safetensors``), a single-file
+checkpoint as one state dict. Outputs are written next to their destination and renamed into
+place, so an interrupted merge leaves no partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraforge.errors import ModelError, OutputExistsError
+from loraforge.fileio import atomic_path
+
+#: the components whose weights LoRAs change, in text-encoder index order after the UNet.
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+_WEIGHT_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+
+
+@dataclass(frozen=True)
+class DiffusersComponent:
+    """One component folder's weights.
+
+    Attributes:
+        state: every tensor of the component.
+        config: its ``config.json``.
+        files: the weight files read (several when sharded).
+    """
+
+    state: dict[str, torch.Tensor]
+    config: dict
+    files: tuple[Path, ...]
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "model_index.json").is_file()
+
+
+def read_diffusers_components(folder: Path) -> dict[str, DiffusersComponent]:
+    """Read the UNet and text-encoder weights of a diffusers folder.
+
+    Raises:
+        ModelError: no UNet, or a component with only pickled (``.bin``) weights.
+    """
+    from safetensors.torch import load_file
+
+    components = {}
+    for name in COMPONENTS:
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        files = _weight_files(sub, name)
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                state.update(load_file(str(file), device="cpu"))
+            except Exception as e:  # safetensors raises its own error type or OSError
+                raise ModelError(f"{file}: not a readable safetensors file ({e})") from e
+        config = _read_json(sub / "config.json")
+        components[name] = DiffusersComponent(state, config, tuple(files))
+    if "unet" not in components:
+        raise ModelError(
+            f"{folder}: has no unet/ folder",
+            hint="pass a diffusers model folder or a .safetensors checkpoint",
+        )
+    return components
+
+
+def _weight_files(folder: Path, name: str) -> list[Path]:
+    stem = _WEIGHT_NAMES[name]
+    single = folder / f"{stem}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    if any(folder.glob("*.bin")):
+        raise ModelError(
+            f"{folder}: has only pickled .bin weights, which loraforge does not unpickle",
+            hint="re-save the model with safe_serialization=True (diffusers' default)",
+        )
+    raise ModelError(f"{folder}: no {stem}.safetensors found")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: cannot be read as JSON ({e})") from e
+
+
+def diffusers_family(folder: Path, components: Mapping[str, DiffusersComponent]) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` of a diffusers folder (from its configs)."""
+    index = _read_json(folder / "model_index.json")
+    unet = components["unet"].config
+    if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in components:
+        return "sdxl"
+    if unet.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+def single_file_family(keys: set[str] | list[str]) -> str | None:
+    """``sd1``, ``sd2`` or ``sdxl`` of an original-layout checkpoint from its keys."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    return None
+
+
+def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return {k: v.contiguous() for k, v in state.items()}
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def write_single_file(
+    path: Path,
+    state: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> None:
+    """Write a checkpoint as one ``.safetensors`` file, atomically.
+
+    Args:
+        dtype: cast floating tensors to this (default: keep each tensor's dtype).
+        force: overwrite an existing file.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path, force=force) as tmp:
+        save_file(_cast(state, dtype), str(tmp), metadata=dict(metadata))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; it replaces ``path`` when the block succeeds.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    if path.exists() and not force:
+        raise OutputExistsError(
+            f"{path} already exists", hint="pass --force to overwrite it, or choose another output"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_diffusers_folder(
+    source: Path,
+    out: Path,
+    components: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> None:
+    """Copy a diffusers folder to ``out`` with some components' weights replaced.
+
+    Each replaced component is written as one ``.safetensors`` file (shards of the source are
+    dropped); everything else (configs, tokenizers, VAE, scheduler) is copied as it is.
+
+    Raises:
+        OutputExistsError: ``out`` exists and ``force`` is false.
+    """
+    from safetensors.torch import save_file
+
+    if out.resolve() == source.resolve():
+        raise OutputExistsError(
+            f"{out} is the input model", hint="write the merged model to another folder"
+        )
+    with atomic_folder(out, force=force) as tmp:
+        for item in source.iterdir():
+            target = tmp / item.name
+            if item.is_dir():
+                shutil.copytree(item, target)
+            else:
+                shutil.copy2(item, target)
+        for name, state in components.items():
+            folder = tmp / name
+            stem = _WEIGHT_NAMES[name]
+            for old in folder.glob(f"{stem}*.safetensors*"):
+                old.unlink()
+            save_file(
+                _cast(state, dtype), str(folder / f"{stem}.safetensors"), metadata={"format": "pt"}
+            )

@@ -1,0 +1,87 @@
+"""Metadata for LoRA files that loraforge derives (resized, merged, extracted), sd-scripts style."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+
+#: sd-scripts' ``ss_base_model_version`` values.
+BASE_MODEL_VERSION = {
+    ("sd1", False): "sd_v1",
+    ("sd1", True): "sd_v1_v",
+    ("sd2", False): "sd_v2",
+    ("sd2", True): "sd_v2_v",
+    ("sdxl", False): "sdxl_base_v1-0",
+    ("sdxl", True): "sdxl_base_v1-0",
+}
+
+
+def base_model_metadata(
+    family: str | None, v_prediction: bool | None, title: str
+) -> dict[str, str]:
+    """``ss_v2``/``ss_base_model_version`` and the modelspec 1.0.1 "must" fields for a LoRA.
+
+    Args:
+        family: ``sd1``, ``sd2``, ``sdxl`` or ``None`` (then only the title is written).
+        v_prediction: a v-prediction base.
+        title: ``modelspec.title`` (usually the output file's stem).
+    """
+    meta: dict[str, str] = {"modelspec.sai_model_spec": "1.0.1", "modelspec.title": title}
+    meta["modelspec.date"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    if family is None:
+        return meta
+    v = bool(v_prediction)
+    meta["ss_v2"] = str(family == "sd2")
+    meta["ss_base_model_version"] = BASE_MODEL_VERSION[(family, v)]
+    if family == "sdxl":
+        arch, impl, reso = (
+            "stable-diffusion-xl-v1-base",
+            "https://github.com/Stability-AI/generative-models",
+            "1024x1024",
+        )
+    elif family == "sd2":
+        arch = "stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512"
+        impl, reso = "diffusers", "768x768" if v else "512x512"
+    else:
+        arch, impl, reso = "stable-diffusion-v1", "diffusers", "512x512"
+    meta["modelspec.architecture"] = f"{arch}/lora"
+    meta["modelspec.implementation"] = impl
+    meta["modelspec.resolution"] = reso
+    if v:
+        meta["modelspec.prediction_type"] = "v"
+    return meta
+
+
+def network_metadata(
+    dims: tuple[str, str], conv: tuple[str, str] | None, comment: str
+) -> dict[str, str]:
+    """``ss_network_*`` for a plain kohya LoRA/LoCon file.
+
+    Args:
+        dims: ``(ss_network_dim, ss_network_alpha)`` as strings (``"Dynamic"`` allowed).
+        conv: ``(conv_dim, conv_alpha)`` when the file has conv 3x3 modules.
+        comment: ``ss_training_comment``.
+    """
+    args = {"conv_dim": conv[0], "conv_alpha": conv[1]} if conv else {}
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": dims[0],
+        "ss_network_alpha": dims[1],
+        "ss_network_args": json.dumps(args),
+        "ss_training_comment": comment,
+    }
+
+
+def common_rank_alpha(pairs: list[tuple[int, float]]) -> tuple[str, str]:
+    """The shared ``(rank, alpha)`` as metadata strings, or ``("Dynamic", "Dynamic")``."""
+    distinct = {(r, round(a, 6)) for r, a in pairs}
+    if len(distinct) != 1:
+        return "Dynamic", "Dynamic"
+    rank, alpha = distinct.pop()
+    return str(rank), str(float(alpha))
+
+
+def inherited(metadata: Mapping[str, str], keys: tuple[str, ...]) -> dict[str, str]:
+    """The given keys of ``metadata`` that are present."""
+    return {k: metadata[k] for k in keys if k in metadata}

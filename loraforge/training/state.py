@@ -1,0 +1,391 @@
+"""Resumable training state: save to a folder atomically, load it back with compatibility checks.
+
+A state folder (named by :mod:`loraforge.training.checkpoints`, e.g. ``lora-step00000100-state``)
+holds:
+
+- ``state.json``: format version, progress (global step, epoch, position in the epoch), the
+  recipe fingerprint and its hash, Python and NumPy RNG states, and loop-defined ``extra`` data;
+- ``network.safetensors``: the trainable network weights;
+- ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict()``, read back with
+  ``torch.load(weights_only=True)`` (no arbitrary unpickling);
+- ``rng.safetensors``: torch CPU/CUDA RNG states and the named ``torch.Generator`` states.
+
+The folder is written under a temporary name and renamed into place, so an interrupted save
+never leaves a half-written state under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from loraforge import __version__
+from loraforge.errors import TrainingError
+from loraforge.training.checkpoints import last_state_name, list_numbered
+
+STATE_FORMAT = 1
+STATE_JSON = "state.json"
+NETWORK_FILE = "network.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.safetensors"
+
+# Recipe fields that may change between an interruption and the resume without changing what
+# is trained: where and how often files are written, sampling, logging, tagging, loader workers.
+RESUME_IGNORED_FIELDS: tuple[str, ...] = (
+    "sample",
+    "logging",
+    "tagging",
+    "output.dir",
+    "output.save_every_n_epochs",
+    "output.save_every_n_steps",
+    "output.save_last_n",
+    "output.save_precision",
+    "output.save_state",
+    "output.metadata",
+    "dataset.num_workers",
+    "cache.dir",
+    "cache.vae_batch_size",
+)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training stands.
+
+    Attributes:
+        global_step: optimizer steps done.
+        epoch: 0-based index of the epoch in progress (equal to the number of finished epochs
+            when ``step_in_epoch`` is 0).
+        step_in_epoch: batches of ``epoch`` already consumed (the data loader position).
+    """
+
+    global_step: int
+    epoch: int
+    step_in_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class ResumedState:
+    """What :func:`load_training_state` gives back (optimizer, scheduler and RNGs are restored
+    in place).
+
+    Attributes:
+        path: the state folder.
+        progress: where to continue.
+        network_state: trainable weights to load into the network.
+        extra: the loop's own JSON data saved with the state.
+    """
+
+    path: Path
+    progress: TrainingProgress
+    network_state: dict[str, torch.Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def recipe_fingerprint(
+    recipe: Mapping[str, Any], ignore: tuple[str, ...] = RESUME_IGNORED_FIELDS
+) -> dict[str, Any]:
+    """The recipe's fields that must match for a resume, flattened to dotted keys.
+
+    Args:
+        recipe: the resolved recipe (``Recipe.to_dict()``).
+        ignore: dotted fields or sections left out (default :data:`RESUME_IGNORED_FIELDS`).
+    """
+    flat = _flatten(recipe)
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == skip or key.startswith(f"{skip}.") for skip in ignore)
+    }
+
+
+def recipe_hash(fingerprint: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the fingerprint as canonical JSON."""
+    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _rng_json() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "name": name,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+
+
+def _rng_tensors(generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{index}"] = state
+    for name, generator in generators.items():
+        tensors[f"generator.{name}"] = generator.get_state()
+    return tensors
+
+
+def _restore_rng(
+    rng_json: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    generators: Mapping[str, torch.Generator],
+) -> None:
+    version, internal, gauss = rng_json["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = rng_json["numpy"]
+    np.random.set_state(
+        (
+            np_state["name"],
+            np.array(np_state["keys"], dtype=np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_keys = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
+    cuda = [tensors[k] for k in cuda_keys]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    for name, generator in generators.items():
+        key = f"generator.{name}"
+        if key not in tensors:
+            raise TrainingError(
+                f"the saved state has no random generator {name!r}",
+                hint="this state was written by a different loraforge version; start a new run",
+            )
+        generator.set_state(tensors[key])
+
+
+@contextlib.contextmanager
+def _atomic_dir(directory: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder next to ``directory``; swap it in when the block succeeds."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        old = None
+        if directory.exists():
+            old = directory.parent / f"{tmp.name}.old"
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_training_state(
+    directory: Path | str,
+    *,
+    network_state: Mapping[str, torch.Tensor],
+    optimizer: Stateful,
+    scheduler: Stateful,
+    progress: TrainingProgress,
+    recipe: Mapping[str, Any],
+    generators: Mapping[str, torch.Generator] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a resumable state folder atomically (an existing one is replaced).
+
+    Args:
+        directory: the state folder, e.g. ``output/lora-step00000100-state``.
+        network_state: the trainable weights (any device; saved as CPU tensors).
+        optimizer, scheduler: anything with ``state_dict()`` (accelerate wrappers too).
+        progress: where training stands.
+        recipe: the resolved recipe (``Recipe.to_dict()``).
+        generators: named ``torch.Generator`` objects the loop draws from (noise, shuffling...).
+        extra: JSON-serialisable loop data (sampler state, loss history...).
+
+    Returns:
+        The state folder path.
+    """
+    directory = Path(directory)
+    fingerprint = recipe_fingerprint(recipe)
+    document = {
+        "format": STATE_FORMAT,
+        "loraforge_version": __version__,
+        "progress": asdict(progress),
+        "recipe_hash": recipe_hash(fingerprint),
+        "recipe": fingerprint,
+        "rng": _rng_json(),
+        "extra": dict(extra or {}),
+    }
+    from safetensors.torch import save_file
+
+    weights = {
+        key: value.detach().cpu().contiguous().clone() for key, value in network_state.items()
+    }
+    with _atomic_dir(directory) as tmp:
+        save_file(weights, str(tmp / NETWORK_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        save_file(_rng_tensors(generators or {}), str(tmp / RNG_FILE))
+        text = json.dumps(document, indent=1, default=str)
+        (tmp / STATE_JSON).write_text(text, encoding="utf-8")
+    return directory
+
+
+def read_state_document(directory: Path | str) -> dict[str, Any]:
+    """The parsed ``state.json`` of a state folder.
+
+    Raises:
+        TrainingError: not a loraforge state folder, or a newer/unknown format.
+    """
+    directory = Path(directory)
+    path = directory / STATE_JSON
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise TrainingError(
+            f"{directory} is not a loraforge training state (no {STATE_JSON})",
+            hint="pass a folder named like <name>-step00000100-state written with save_state",
+        ) from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingError(f"cannot read {path}: {e}", hint="the state is damaged") from e
+    if document.get("format") != STATE_FORMAT:
+        raise TrainingError(
+            f"{directory}: state format {document.get('format')!r} is not supported "
+            f"(this loraforge reads format {STATE_FORMAT})",
+            hint="resume with the loraforge version that wrote it, or start a new run",
+        )
+    return document
+
+
+def _describe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    missing = "<unset>"
+    return [
+        f"{key}: {saved.get(key, missing)!r} -> {current.get(key, missing)!r}"
+        for key in keys
+        if saved.get(key, missing) != current.get(key, missing)
+    ]
+
+
+def check_recipe_compatible(
+    document: Mapping[str, Any], recipe: Mapping[str, Any], where: Path
+) -> None:
+    """Raise :class:`TrainingError` naming the changed fields when the recipe differs from the
+    one that wrote the state (fields in :data:`RESUME_IGNORED_FIELDS` may differ)."""
+    fingerprint = recipe_fingerprint(recipe)
+    if recipe_hash(fingerprint) == document.get("recipe_hash"):
+        return
+    # JSON round-trips tuples as lists; compare in that form.
+    current = json.loads(json.dumps(fingerprint, default=str))
+    changes = _describe_changes(document.get("recipe", {}), current)
+    shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    raise TrainingError(
+        f"{where} was written by a different recipe: {shown or 'the recipe hash differs'}",
+        hint="resume with the recipe that wrote this state, or start a new run without --resume",
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or foreign files
+        raise TrainingError(f"cannot read {path}: {e}", hint="the state is damaged") from e
+
+
+def load_training_state(
+    directory: Path | str,
+    *,
+    recipe: Mapping[str, Any],
+    optimizer: Stateful,
+    scheduler: Stateful,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> ResumedState:
+    """Check a state folder against the recipe and restore optimizer, scheduler and RNGs.
+
+    Args:
+        directory: a folder written by :func:`save_training_state`.
+        recipe: the resolved recipe of this run (``Recipe.to_dict()``).
+        optimizer, scheduler: built exactly as in the run that saved; restored in place.
+        generators: the same named generators as at save time; restored in place.
+
+    Returns:
+        Progress, the network weights to load, and the loop's extra data.
+
+    Raises:
+        TrainingError: not a state folder, unsupported format, a different recipe (naming the
+            changed fields), or an optimizer/scheduler that does not match the saved one.
+    """
+    directory = Path(directory)
+    document = read_state_document(directory)
+    check_recipe_compatible(document, recipe, directory)
+    from safetensors.torch import load_file
+
+    network_state = load_file(str(directory / NETWORK_FILE))
+    for label, target, filename in (
+        ("optimizer", optimizer, OPTIMIZER_FILE),
+        ("scheduler", scheduler, SCHEDULER_FILE),
+    ):
+        try:
+            target.load_state_dict(_torch_load(directory / filename))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise TrainingError(
+                f"{directory}: the saved {label} state does not fit this run's {label}: {e}",
+                hint="resume with the same network and optimizer settings that wrote the state",
+            ) from e
+    _restore_rng(document["rng"], load_file(str(directory / RNG_FILE)), generators or {})
+    progress = TrainingProgress(**document["progress"])
+    return ResumedState(directory, progress, network_state, dict(document.get("extra", {})))
+
+
+def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
+    """The state folder of run ``name`` in ``output_dir`` with the highest global step, if any.
+
+    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; folders that
+    are not readable states are skipped.
+    """
+    output_dir = Path(output_dir)
+    candidates = [path for _, path in list_numbered(output_dir, name, "epoch", states=True)]
+    candidates += [path for _, path in list_numbered(output_dir, name, "step", states=True)]
+    last = output_dir / last_state_name(name)
+    if last.is_dir():
+        candidates.append(last)
+    best: tuple[int, Path] | None = None
+    for path in candidates:
+        try:
+            step = int(read_state_document(path)["progress"]["global_step"])
+        except (TrainingError, KeyError, TypeError, ValueError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
+    return None if best is None else best[1]

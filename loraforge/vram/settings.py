@@ -1,0 +1,147 @@
+"""The memory-relevant settings of a recipe, resolved the way training applies them.
+
+Both estimators read a :class:`MemorySettings` instead of the recipe, so the precision and
+placement rules (which mirror sd-scripts' train_network.py) live in one place:
+
+* frozen models hold their weights in the mixed-precision dtype (fp32 for ``mixed_precision: no``);
+  ``fp8_base`` stores the UNet's and text encoders' weights in float8 (e4m3) and computes in the
+  mixed-precision dtype (text-encoder embeddings stay in that dtype);
+* the network's parameters (and so its gradients) are fp32 unless ``full_fp16`` / ``full_bf16``;
+* the SDXL VAE runs in fp32 under fp16 mixed precision (it overflows in fp16), else in the
+  weight dtype;
+* cached latents leave the VAE off the GPU; cached text-encoder outputs leave the text
+  encoders off it; a text encoder that is not trained runs without gradients;
+* the largest training bucket (by area) sets the activation size.
+
+Pure Python; no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loraforge.data.buckets import make_bucket_resolutions
+from loraforge.recipe.types import DatasetConfig, Recipe
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+LATENT_FACTOR = 8  # the SD VAE down-samples by 8
+TOKENS_PER_CHUNK = 77  # CLIP context; max_token_length 150/225 runs 2/3 chunks
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """What a training step's memory depends on.
+
+    Attributes:
+        family: the resolved model family.
+        width, height: the largest bucket in pixels (latents are 1/8 of it).
+        batch_size: images per step.
+        compute_dtype: ``fp32`` | ``fp16`` | ``bf16`` (autocast dtype; fp32 = no autocast).
+        unet_dtype, text_encoder_dtype, vae_dtype: stored weight dtypes (``fp8`` possible).
+        network_dtype: dtype of the trainable parameters and their gradients.
+        optimizer: canonical optimizer name (``training.optimizer``).
+        gradient_checkpointing: recompute activations in backward.
+        attention: ``sdpa`` | ``xformers`` | ``eager``.
+        train_unet, train_text_encoder: whether each part gets trainable modules with lr > 0.
+        vae_on_gpu: latents are encoded live (``cache.latents: none``).
+        text_encoders_on_gpu: text-encoder outputs are computed live.
+        token_chunks: 77-token chunks per caption (max_token_length / 75).
+        max_grad_norm: gradient clipping (0 = off).
+    """
+
+    family: str
+    width: int
+    height: int
+    batch_size: int
+    compute_dtype: str
+    unet_dtype: str
+    text_encoder_dtype: str
+    vae_dtype: str
+    network_dtype: str
+    optimizer: str
+    gradient_checkpointing: bool
+    attention: str
+    train_unet: bool
+    train_text_encoder: bool
+    vae_on_gpu: bool
+    text_encoders_on_gpu: bool
+    token_chunks: int
+    max_grad_norm: float
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the latents."""
+        return (
+            math.ceil(self.width / LATENT_FACTOR),
+            math.ceil(self.height / LATENT_FACTOR),
+        )
+
+
+def largest_bucket(dataset: DatasetConfig) -> tuple[int, int]:
+    """The training bucket with the largest area, ``(width, height)`` in pixels.
+
+    With bucketing every bucket's area is at most the resolution's area (sd-scripts), so the
+    largest predefined bucket is the answer; without bucketing it is the resolution itself.
+    ``bucket_no_upscale`` only ever makes buckets smaller, so the predefined maximum bounds it.
+    """
+    width, height = dataset.resolution
+    if not dataset.enable_bucket:
+        return int(width), int(height)
+    buckets = make_bucket_resolutions(
+        (int(width), int(height)),
+        dataset.min_bucket_reso,
+        dataset.max_bucket_reso,
+        dataset.bucket_reso_steps,
+    )
+    if not buckets:
+        return int(width), int(height)
+    # largest area; among equals the squarest (eager attention is the same, SDPA too)
+    return max(buckets, key=lambda b: (b[0] * b[1], -abs(b[0] - b[1])))
+
+
+def _text_encoder_trained(recipe: Recipe) -> bool:
+    network, training = recipe.network, recipe.training
+    if not network.train_text_encoder:
+        return False
+    lr = training.text_encoder_lr if training.text_encoder_lr is not None else training.learning_rate
+    return lr != 0
+
+
+def _unet_trained(recipe: Recipe) -> bool:
+    network, training = recipe.network, recipe.training
+    if not network.train_unet:
+        return False
+    lr = training.unet_lr if training.unet_lr is not None else training.learning_rate
+    return lr != 0
+
+
+def memory_settings(recipe: Recipe, family: str) -> MemorySettings:
+    """Resolve ``recipe`` for ``family`` (already resolved from ``auto``)."""
+    t = recipe.training
+    compute = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[t.mixed_precision]
+    frozen = "fp8" if t.fp8_base and compute != "fp32" else compute
+    network_dtype = "fp16" if t.full_fp16 else "bf16" if t.full_bf16 else "fp32"
+    vae_dtype = "fp32" if family == "sdxl" and compute == "fp16" else compute
+    trains_te = _text_encoder_trained(recipe)
+    width, height = largest_bucket(recipe.dataset)
+    return MemorySettings(
+        family=family,
+        width=width,
+        height=height,
+        batch_size=t.batch_size,
+        compute_dtype=compute,
+        unet_dtype=frozen,
+        text_encoder_dtype=frozen,
+        vae_dtype=vae_dtype,
+        network_dtype=network_dtype,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        attention=t.attention,
+        train_unet=_unet_trained(recipe),
+        train_text_encoder=trains_te,
+        vae_on_gpu=recipe.cache.latents == "none",
+        text_encoders_on_gpu=trains_te or recipe.cache.text_encoder_outputs == "none",
+        token_chunks=max(1, recipe.model.max_token_length // 75),
+        max_grad_norm=float(t.max_grad_norm or 0.0),
+    )

@@ -1,0 +1,253 @@
+"""Resumable state: exact resume, atomic writes, compatibility checks; checkpoint names/rotation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from loraforge.errors import TrainingError
+from loraforge.training import checkpoints as ck
+from loraforge.training.optim import build_optimizer
+from loraforge.training.schedulers import build_scheduler
+from loraforge.training.state import (
+    TrainingProgress,
+    find_latest_state,
+    load_training_state,
+    read_state_document,
+    recipe_fingerprint,
+    save_training_state,
+)
+
+RECIPE = {
+    "training": {"learning_rate": 1e-2, "optimizer": "AdamW", "optimizer_args": {}},
+    "network": {"dim": 4, "block_dims": None},
+    "dataset": {"num_workers": 2, "resolution": (512, 512)},
+    "sample": {"steps": 20},
+    "output": {"dir": "/a", "name": "lora", "save_last_n": None},
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(init_seed: int):
+    torch.manual_seed(init_seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer("AdamW", model.parameters(), lr=1e-2)
+    scheduler = build_scheduler("cosine", optimizer, 10, 2)
+    generator = torch.Generator().manual_seed(123)
+    return model, optimizer, scheduler, generator
+
+
+def train(model, optimizer, scheduler, generator, steps: int) -> None:
+    """Uses every RNG a loop may touch: a generator, torch's global RNG, Python's and NumPy's."""
+    for _ in range(steps):
+        x = torch.randn(5, 4, generator=generator)
+        target = torch.randn(5, 3)
+        jitter = 1.0 + random.random() + float(np.random.rand())
+        loss = ((model(x) - target) ** 2).mean() * jitter
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    seed_everything(0)
+    model, optimizer, scheduler, generator = build(1)
+    train(model, optimizer, scheduler, generator, 6)
+    uninterrupted = {k: v.clone() for k, v in model.state_dict().items()}
+
+    seed_everything(0)
+    model, optimizer, scheduler, generator = build(1)
+    train(model, optimizer, scheduler, generator, 3)
+    path = save_training_state(
+        tmp_path / ck.step_state_name("lora", 3),
+        network_state=model.state_dict(),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        progress=TrainingProgress(global_step=3, epoch=1, step_in_epoch=1),
+        recipe=RECIPE,
+        generators={"noise": generator},
+        extra={"loss_history": [0.5, 0.4]},
+    )
+    seed_everything(999)  # a new process: different RNGs and a different initialisation
+    model, optimizer, scheduler, generator = build(2)
+    resumed = load_training_state(
+        path,
+        recipe=RECIPE,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators={"noise": generator},
+    )
+    model.load_state_dict(resumed.network_state)
+    assert resumed.progress == TrainingProgress(3, 1, 1)
+    assert resumed.extra == {"loss_history": [0.5, 0.4]}
+    train(model, optimizer, scheduler, generator, 3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, uninterrupted[key]), key
+
+
+def save_small(directory, recipe=RECIPE, step=1, optimizer=None, scheduler=None):
+    model, opt, sched, _ = build(0)
+    return save_training_state(
+        directory,
+        network_state=model.state_dict(),
+        optimizer=optimizer or opt,
+        scheduler=scheduler or sched,
+        progress=TrainingProgress(step, 0, step),
+        recipe=recipe,
+    )
+
+
+def test_state_folder_layout_and_document(tmp_path):
+    path = save_small(tmp_path / "lora-step00000001-state")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "network.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "scheduler.pt",
+        "state.json",
+    ]
+    document = read_state_document(path)
+    assert document["format"] == 1 and document["progress"]["global_step"] == 1
+    assert "sample.steps" not in document["recipe"] and "output.dir" not in document["recipe"]
+    assert document["recipe"]["training.learning_rate"] == 1e-2
+    assert [p.name for p in tmp_path.iterdir()] == ["lora-step00000001-state"]
+
+
+def test_a_changed_recipe_is_refused_naming_the_field(tmp_path):
+    path = save_small(tmp_path / "s")
+    changed = json.loads(json.dumps(RECIPE))
+    changed["training"]["learning_rate"] = 2e-2
+    _, optimizer, scheduler, _ = build(0)
+    with pytest.raises(TrainingError, match=r"training\.learning_rate: 0\.01 -> 0\.02") as info:
+        load_training_state(path, recipe=changed, optimizer=optimizer, scheduler=scheduler)
+    assert "without --resume" in str(info.value)
+
+
+def test_ignored_fields_may_change_between_save_and_resume(tmp_path):
+    path = save_small(tmp_path / "s")
+    changed = json.loads(json.dumps(RECIPE))  # tuples became lists: still the same recipe
+    changed["sample"]["steps"] = 30
+    changed["output"]["dir"] = "/elsewhere"
+    changed["dataset"]["num_workers"] = 8
+    _, optimizer, scheduler, _ = build(0)
+    load_training_state(path, recipe=changed, optimizer=optimizer, scheduler=scheduler)
+    assert "dataset.resolution" in recipe_fingerprint(changed)
+
+
+def test_a_different_optimizer_layout_is_a_training_error(tmp_path):
+    path = save_small(tmp_path / "s")
+    other = torch.nn.Linear(4, 3)
+    extra = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build_optimizer("AdamW", [*other.parameters(), extra], lr=1e-2)
+    scheduler = build_scheduler("cosine", optimizer, 10, 2)
+    with pytest.raises(TrainingError, match="optimizer state does not fit"):
+        load_training_state(path, recipe=RECIPE, optimizer=optimizer, scheduler=scheduler)
+
+
+def test_not_a_state_folder_and_unknown_format(tmp_path):
+    with pytest.raises(TrainingError, match="not a loraforge training state"):
+        read_state_document(tmp_path)
+    path = save_small(tmp_path / "s")
+    document = json.loads((path / "state.json").read_text())
+    document["format"] = 99
+    (path / "state.json").write_text(json.dumps(document))
+    with pytest.raises(TrainingError, match="format 99"):
+        read_state_document(path)
+
+
+def test_saving_over_an_existing_state_replaces_it(tmp_path):
+    save_small(tmp_path / "lora-state", step=1)
+    save_small(tmp_path / "lora-state", step=2)
+    assert read_state_document(tmp_path / "lora-state")["progress"]["global_step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["lora-state"]
+
+
+def test_a_failed_save_keeps_the_old_state_and_leaves_no_temporary(tmp_path):
+    save_small(tmp_path / "lora-state", step=1)
+
+    class Broken:
+        def state_dict(self):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_small(tmp_path / "lora-state", step=2, scheduler=Broken())
+    assert read_state_document(tmp_path / "lora-state")["progress"]["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["lora-state"]
+
+
+def test_find_latest_state_by_global_step(tmp_path):
+    assert find_latest_state(tmp_path / "missing", "lora") is None
+    save_small(tmp_path / ck.epoch_state_name("lora", 2), step=40)
+    save_small(tmp_path / ck.step_state_name("lora", 50), step=50)
+    save_small(tmp_path / ck.step_state_name("lora-v2", 90), step=90)  # another run
+    (tmp_path / ck.step_state_name("lora", 70)).mkdir()  # not a readable state
+    assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-step00000050-state"
+    save_small(tmp_path / ck.last_state_name("lora"), step=60)
+    assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-state"
+
+
+def test_checkpoint_names_match_sd_scripts():
+    assert ck.epoch_ckpt_name("lora", 4) == "lora-000004.safetensors"
+    assert ck.step_ckpt_name("lora", 100) == "lora-step00000100.safetensors"
+    assert ck.last_ckpt_name("lora") == "lora.safetensors"
+    assert ck.epoch_state_name("lora", 4) == "lora-000004-state"
+    assert ck.step_state_name("lora", 100) == "lora-step00000100-state"
+    assert ck.last_state_name("lora") == "lora-state"
+
+
+def test_rotation_keeps_the_newest_n_of_each_kind_and_nothing_else(tmp_path):
+    names = [
+        *(ck.epoch_ckpt_name("lora", e) for e in (1, 2, 3, 10)),
+        *(ck.step_ckpt_name("lora", s) for s in (100, 200, 300)),
+        "lora.safetensors",
+        "lora-v2-000001.safetensors",
+        "lora-000001.safetensors.tmp",
+        "notes.txt",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = ck.rotate(tmp_path, "lora", "epoch", keep_last=2)
+    assert sorted(p.name for p in removed) == ["lora-000001.safetensors", "lora-000002.safetensors"]
+    removed = ck.rotate(tmp_path, "lora", "step", keep_last=1)
+    assert sorted(p.name for p in removed) == [
+        "lora-step00000100.safetensors",
+        "lora-step00000200.safetensors",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [
+            "lora-000003.safetensors",
+            "lora-000010.safetensors",
+            "lora-step00000300.safetensors",
+            "lora.safetensors",
+            "lora-v2-000001.safetensors",
+            "lora-000001.safetensors.tmp",
+            "notes.txt",
+        ]
+    )
+    assert ck.rotate(tmp_path, "lora", "epoch", keep_last=None) == []
+    with pytest.raises(ValueError):
+        ck.rotate(tmp_path, "lora", "epoch", keep_last=0)
+
+
+def test_state_folder_rotation(tmp_path):
+    for step in (10, 20, 30):
+        (tmp_path / ck.step_state_name("lora", step)).mkdir()
+        (tmp_path / ck.step_state_name("lora", step) / "state.json").write_text("{}")
+    (tmp_path / "lora-state").mkdir()
+    removed = ck.rotate(tmp_path, "lora", "step", keep_last=2, states=True)
+    assert [p.name for p in removed] == ["lora-step00000010-state"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lora-state",
+        "lora-step00000020-state",
+        "lora-step00000030-state",
+    ]
