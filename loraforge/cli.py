@@ -10,6 +10,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from loraforge import __version__
 from loraforge.commands import bucket, cache, check, init, merge, resize, tag, train
@@ -63,6 +64,17 @@ for _name, _module in {
     app.command(_name, help=_module.command.__doc__)(_module.command)
 
 
+def _click_exception_types() -> tuple[type[BaseException], ...]:
+    """Click's exception base class, from the click typer uses (recent typer bundles its own)."""
+    types: list[type[BaseException]] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            continue
+    return tuple(types)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map user errors to exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -74,28 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     except LoraforgeError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {_escape(e.message)}")
+        err.print(f"[bold red]error:[/] {escape(e.message)}")
         if e.hint:
-            err.print(f"  [cyan]hint:[/] {_escape(e.hint)}")
+            err.print(f"  [cyan]hint:[/] {escape(e.hint)}")
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors arrive here as ClickException subclasses
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    except _click_exception_types() as e:  # usage errors: bad option, missing argument (exit 2)
+        e.show()
+        sys.exit(e.exit_code)

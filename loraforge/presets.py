@@ -47,7 +47,13 @@ def list_presets() -> list[Preset]:
     for path in sorted(data_path("recipes").glob("*.yaml")):
         header = _read_header(path)
         presets.append(
-            Preset(path.stem, path, header.get("family", "?"), header.get("purpose", ""), header.get("vram", ""))
+            Preset(
+                path.stem,
+                path,
+                header.get("family", "?"),
+                header.get("purpose", ""),
+                header.get("vram", ""),
+            )
         )
     return presets
 

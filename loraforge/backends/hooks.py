@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,10 +86,6 @@ class HookedAdapter(nn.Module, ABC):
         self._target_had_own_forward = False
 
     # ---- hooking -------------------------------------------------------------------------
-    @property
-    def is_applied(self) -> bool:
-        return self._org_forward is not None
-
     def apply_to(self) -> None:
         """Route the target's forward through this module (idempotent)."""
         if self._org_forward is not None:
@@ -107,14 +104,15 @@ class HookedAdapter(nn.Module, ABC):
             del self.target.__dict__["forward"]
         self._org_forward = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the adapter's.
 
-        x: ``(B, …, in)`` for a Linear target, ``(B, in, H, W)`` for a Conv2d.
+        x: ``(B, …, in)`` for a Linear target, ``(B, in, H, W)`` for a Conv2d. Extra arguments
+        go to the base forward only (some wrappers pass e.g. a ``scale``).
         """
         if self._org_forward is None:
             raise RuntimeError(f"{self.lora_name}: call apply_to() before running the adapter")
-        base = self._org_forward(x)
+        base = self._org_forward(x, *args, **kwargs)
         if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
             return base
         return base + self.adapter_output(x).to(base.dtype)

@@ -10,6 +10,7 @@ the ResNet and sampler layers when conv modules are on).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,11 +23,11 @@ from loraforge.backends.kohya_blocks import RankPlan, RankSpec, rank_plan
 from loraforge.backends.kohya_config import check_config, dylora_unit, network_metadata
 from loraforge.backends.lora_modules import LoRAModule
 from loraforge.errors import LoraFileError
+from loraforge.models.naming import UNET_PREFIX, block_index, lora_targets
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
 
-UNET_PREFIX = "lora_unet_"
 _SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 
 
@@ -43,12 +44,10 @@ class KohyaBackend:
         text_encoders: Sequence[nn.Module],
     ) -> KohyaNetwork:
         """See :meth:`loraforge.backends.base.NetworkBackend.create`."""
-        from loraforge.models.naming import block_index, lora_targets
-
         check_config(config)
         plan = rank_plan(config, family)
         targets = lora_targets(family, unet, list(text_encoders), conv=plan.uses_conv)
-        return KohyaNetwork(config, plan, targets, lambda name: block_index(family, name))
+        return KohyaNetwork(config, plan, targets, partial(block_index, family))
 
 
 def _make_module(

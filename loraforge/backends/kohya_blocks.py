@@ -106,7 +106,7 @@ def _expect_len(
     if len(values) != expected:
         raise RecipeError(
             f"network.{field}: {family} needs {expected} values ({what}), got {len(values)}",
-            hint=f"give exactly {expected} comma-separated values in a list",
+            hint=f"give a list of exactly {expected} numbers",
         )
 
 

@@ -127,7 +127,7 @@ class LoRAModule(HookedAdapter):
             # The frozen projection must stay as it is; up alone carries the whole ratio.
             self.lora_up.weight.mul_(ratio)
             return
-        root = ratio
+        root = math.sqrt(ratio)
         self.lora_up.weight.mul_(root)
         self.lora_down.weight.mul_(root)
 

@@ -56,10 +56,10 @@ class LoraforgeDyLoraModule(DyLoraModule):
         # None keeps lycoris-lora's random draw, which only training should see
         return rank if rank is not None or self.training else self.lora_dim
 
-    def get_diff_weight(self, multiplier=1, shape=None, device=None, rank=None):  # noqa: ANN001, ANN201
+    def get_diff_weight(self, multiplier=1, shape=None, device=None, rank=None):
         return super().get_diff_weight(multiplier, shape, device, self._rank(rank))
 
-    def get_merged_weight(self, multiplier=1, shape=None, device=None, rank=None):  # noqa: ANN001, ANN201
+    def get_merged_weight(self, multiplier=1, shape=None, device=None, rank=None):
         return super().get_merged_weight(multiplier, shape, device, self._rank(rank))
 
     def custom_state_dict(self) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ class LoraforgeDyLoraModule(DyLoraModule):
         return state
 
     @torch.no_grad()
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001, ANN201, ARG002
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Split full-rank ``lora_down``/``lora_up`` into the rank blocks; take ``alpha``."""
         down = state_dict["lora_down.weight"].reshape(self.lora_dim, -1)
         up = state_dict["lora_up.weight"].reshape(self.shape[0], self.lora_dim)

@@ -1,8 +1,101 @@
+"""`loraforge cache`: pre-compute VAE latents and text-encoder outputs to disk."""
+
 from __future__ import annotations
 
-from loraforge.commands._pending import pending
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
+from loraforge.console import err, out, print_json
+from loraforge.errors import RecipeError
 
 
-def command() -> None:
-    """Not available yet."""
-    pending("cache", "issue 4, caches")
+def command(
+    recipe_path: RecipeArg,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Pre-compute VAE latents and text-encoder outputs into the recipe's disk cache.
+
+    Every bucketed image is encoded (and its mirror with flip_aug), and the captions too when the
+    recipe caches text-encoder outputs. A second run reuses every valid entry; a changed VAE,
+    model, resolution or image is re-encoded.
+
+    Example:
+
+        loraforge cache recipe.yaml
+    """
+    from loraforge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if "disk" not in (recipe.cache.latents, recipe.cache.text_encoder_outputs):
+        raise RecipeError(
+            "the recipe caches nothing on disk "
+            "(neither cache.latents nor cache.text_encoder_outputs is `disk`)",
+            hint="set cache.latents: disk (memory caches are built by `loraforge train` itself)",
+        )
+    with err.status("loading torch and the model…"):
+        import torch
+
+        from loraforge.data.buckets import BucketSettings
+        from loraforge.data.cache_setup import cache_dir, prepare_caches, vae_dtype
+        from loraforge.data.discovery import discover
+        from loraforge.data.plan import plan_buckets
+        from loraforge.models.loading import load_model
+
+        target = torch.device(
+            "cuda"
+            if device == "auto" and torch.cuda.is_available()
+            else ("cpu" if device == "auto" else device)
+        )
+        discovery = discover(recipe.dataset)
+        plan = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
+        model = load_model(
+            recipe.model.base,
+            family=recipe.model.family,
+            vae=recipe.model.vae,
+            allow_pickle=recipe.model.allow_pickle,
+        )
+        model.vae.to(target, vae_dtype(recipe, model.family, target))
+        for encoder in model.text_encoders:
+            encoder.to(target)
+    from functools import partial
+
+    from loraforge.progress import progress_callback
+
+    caches = prepare_caches(
+        recipe,
+        model,
+        plan,
+        discovery.subsets,
+        progress=partial(progress_callback, err),
+        only_disk=True,
+    )
+    rows = []
+    if caches.latents is not None:
+        s = caches.latents.stats
+        rows.append(_row("latents", s.encoded, s.reused, s.stale, s.seconds))
+    if caches.text is not None:
+        t = caches.text
+        rows.append(_row("text-encoder outputs", t.encoded, t.reused, t.stale, t.seconds))
+    if fmt == OutputFormat.json:
+        print_json({"cache_dir": str(cache_dir(recipe)), "caches": rows})
+        return
+    table = Table(title=f"cache: {cache_dir(recipe)}")
+    for column in ("cache", "encoded", "reused", "stale rebuilt", "seconds"):
+        table.add_column(column, justify="left" if column == "cache" else "right")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)
+
+
+def _row(name: str, encoded: int, reused: int, stale: int, seconds: float) -> dict[str, object]:
+    return {
+        "cache": name,
+        "encoded": encoded,
+        "reused": reused,
+        "stale_rebuilt": stale,
+        "seconds": round(seconds, 2),
+    }

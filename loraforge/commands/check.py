@@ -32,8 +32,16 @@ class FileReport:
 
 
 def command(
-    paths: Annotated[list[Path], typer.Argument(help="Recipe files (.yaml) or LoRA files (.safetensors).", show_default=False)],
-    fmt: Annotated[CheckFormat, typer.Option("--format", "-f", help="table, json, or github (workflow annotations).")] = CheckFormat.table,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Recipe files (.yaml) or LoRA files (.safetensors).", show_default=False
+        ),
+    ],
+    fmt: Annotated[
+        CheckFormat,
+        typer.Option("--format", "-f", help="table, json, or github (workflow annotations)."),
+    ] = CheckFormat.table,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
 ) -> None:
     """Validate recipes: schema, cross-field rules, dataset folders. Exit 0 clean, 1 problems, 2 usage error.
@@ -54,7 +62,10 @@ def command(
     if loras:
         from loraforge.commands.lora_report import check_lora_files
 
-        code = max(code, check_lora_files(loras, fmt.value if fmt != CheckFormat.github else "table", strict))
+        code = max(
+            code,
+            check_lora_files(loras, fmt.value if fmt != CheckFormat.github else "table", strict),
+        )
     raise typer.Exit(code)
 
 
@@ -68,29 +79,36 @@ def check_recipe(path: Path) -> FileReport:
 
 
 def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """Dataset folders that are missing or hold no images (warnings: presets point at folders to fill)."""
-    from loraforge.data.images import list_image_files
+    """Dataset findings, tagged with the recipe file. Missing or empty folders are warnings:
+    presets point at folders the user still has to fill (``--strict`` fails on them)."""
+    from dataclasses import replace
 
-    problems = []
-    for i, subset in enumerate(recipe.dataset.subsets):
-        folder = Path(subset.dir)
-        path = f"dataset.subsets[{i}].dir"
-        if not folder.is_dir():
-            problems.append(Problem("warning", f"folder {folder} does not exist", path, source,
-                                    hint="create it and put your images (and captions) in it"))
-        elif not list_image_files(folder, recursive=True):
-            problems.append(Problem("warning", f"folder {folder} contains no images", path, source))
-    return problems
+    from loraforge.data.checks import check_dataset
+
+    return [replace(p, file=source) for p in check_dataset(recipe.dataset, empty="warning")]
 
 
 def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
     if fmt == CheckFormat.json:
-        print_json([{"file": r.path, "ok": not r.failed(False), "problems": [p.to_dict() for p in r.problems]} for r in reports])
+        print_json(
+            [
+                {
+                    "file": r.path,
+                    "ok": not r.failed(False),
+                    "problems": [p.to_dict() for p in r.problems],
+                }
+                for r in reports
+            ]
+        )
         return
     if fmt == CheckFormat.github:
         for r in reports:
             for p in r.problems:
-                where = f"file={p.file or r.path}" + (f",line={p.line}" if p.line else "") + (f",col={p.column}" if p.column else "")
+                where = (
+                    f"file={p.file or r.path}"
+                    + (f",line={p.line}" if p.line else "")
+                    + (f",col={p.column}" if p.column else "")
+                )
                 text = f"{p.path}: {p.message}" if p.path else p.message
                 if p.hint:
                     text += f" ({p.hint})"

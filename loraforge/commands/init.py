@@ -18,8 +18,12 @@ _SCHEMA_LINE = "# yaml-language-server: $schema={}\n"
 
 
 def command(
-    preset: Annotated[str | None, typer.Option("--preset", "-p", help="Preset name (see --list).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Recipe file to write.")] = Path("recipe.yaml"),
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Preset name (see --list).")
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Recipe file to write.")] = Path(
+        "recipe.yaml"
+    ),
     directory: Annotated[
         Path | None, typer.Option("--dir", help="Project folder for the demo presets.")
     ] = None,
@@ -37,7 +41,9 @@ def command(
         _print_presets()
         return
     if preset is None:
-        raise RecipeError("no preset given", hint="pass --preset NAME; `loraforge init --list` shows them")
+        raise RecipeError(
+            "no preset given", hint="pass --preset NAME; `loraforge init --list` shows them"
+        )
     if preset in PROJECT_PRESETS:
         from loraforge.demo import write_demo_project
 
@@ -60,5 +66,7 @@ def _print_presets() -> None:
     for p in list_presets():
         table.add_row(p.name, p.family, p.purpose, p.vram)
     table.add_row("demo", "sd1", "runnable project: built-in tiny model + generated images", "CPU")
-    table.add_row("demo-sdxl", "sdxl", "runnable project: tiny SDXL model + generated images", "CPU")
+    table.add_row(
+        "demo-sdxl", "sdxl", "runnable project: tiny SDXL model + generated images", "CPU"
+    )
     out.print(table)

@@ -11,6 +11,7 @@ enabled, every non-blank line, stripped, joined by newlines (one line is drawn p
 from __future__ import annotations
 
 import codecs
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,18 +38,28 @@ def caption_path(image: Path, extension: str) -> Path:
     return image.with_name(image.stem + extension)
 
 
-def read_caption(image: Path, extension: str, enable_wildcard: bool = False) -> CaptionFile:
+def read_caption(
+    image: Path,
+    extension: str,
+    enable_wildcard: bool = False,
+    folder_names: Container[str] | None = None,
+) -> CaptionFile:
     """Read the caption file of ``image``.
 
     Args:
         image: the image file.
         extension: caption extension (``".txt"``, ``".caption"``; the dot is optional).
         enable_wildcard: keep all non-blank lines (joined by ``\\n``) instead of the first.
+        folder_names: the lower-cased names in the image's folder, when the caller listed it
+            already; a caption absent from it is not looked up (saves a failed open per image;
+            lower case so that case-insensitive file systems still find ``A.TXT``).
 
     Returns:
         A :class:`CaptionFile`; never raises for a bad or unreadable file (see ``problem``).
     """
     path = caption_path(image, extension)
+    if folder_names is not None and path.name.lower() not in folder_names:
+        return CaptionFile(None, path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

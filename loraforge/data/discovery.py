@@ -9,8 +9,9 @@ the training images exactly as sd-scripts' ``DreamBoothDataset`` does (see
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -115,7 +116,8 @@ def discover(dataset: DatasetConfig, workers: int | None = None) -> Discovery:
     caption_issues: list[FileIssue] = []
     records: list[ImageRecord] = []
     seen_dirs: set[Path] = set()
-    with ThreadPoolExecutor(max_workers=_worker_count(workers)) as pool:
+    count = _worker_count(workers)
+    with ThreadPoolExecutor(max_workers=count) if count > 1 else _no_pool() as pool:
         for subset in resolution.subsets:
             if subset.dir in seen_dirs:
                 warnings.append(f"{subset.dir}: listed twice, the second subset is ignored")
@@ -194,17 +196,18 @@ class _Scanned:
     warnings: list[str]
 
 
-def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor) -> _Scanned:
+def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor | None) -> _Scanned:
     paths = list_image_files(subset.dir)
+    folder_names = frozenset(name.lower() for name in os.listdir(subset.dir))
     records: list[ImageRecord] = []
     skipped: list[FileIssue] = []
     caption_issues: list[FileIssue] = []
     missing = 0
-    for path, size in zip(paths, pool.map(_size_or_issue, paths), strict=True):
+    for path, size in zip(paths, _sizes(paths, pool), strict=True):
         if isinstance(size, FileIssue):
             skipped.append(size)
             continue
-        caption, source, issue = _caption_for(path, subset)
+        caption, source, issue = _caption_for(path, subset, folder_names)
         if issue is not None:
             caption_issues.append(issue)
         missing += source != "file"
@@ -228,6 +231,20 @@ def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor) -> _Scanned:
     return _Scanned(records, skipped, caption_issues, warnings)
 
 
+_CHUNK = 256  # header reads per thread task: large enough to amortise the hand-off
+
+
+def _sizes(paths: list[Path], pool: ThreadPoolExecutor | None) -> list[tuple[int, int] | FileIssue]:
+    if pool is None or len(paths) <= _CHUNK:
+        return [_size_or_issue(p) for p in paths]
+    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    return [size for chunk in pool.map(_sizes_of_chunk, chunks) for size in chunk]
+
+
+def _sizes_of_chunk(paths: list[Path]) -> list[tuple[int, int] | FileIssue]:
+    return [_size_or_issue(p) for p in paths]
+
+
 def _size_or_issue(path: Path) -> tuple[int, int] | FileIssue:
     try:
         return read_image_size(path)
@@ -235,8 +252,11 @@ def _size_or_issue(path: Path) -> tuple[int, int] | FileIssue:
         return FileIssue(path, e.reason)
 
 
-def _caption_for(path: Path, subset: ResolvedSubset) -> tuple[str, CaptionSource, FileIssue | None]:
-    found = read_caption(path, subset.config.caption_extension, subset.config.enable_wildcard)
+def _caption_for(
+    path: Path, subset: ResolvedSubset, folder_names: frozenset[str]
+) -> tuple[str, CaptionSource, FileIssue | None]:
+    config = subset.config
+    found = read_caption(path, config.caption_extension, config.enable_wildcard, folder_names)
     issue = FileIssue(found.path, found.problem) if found.problem else None
     if found.text:
         return found.text, "file", issue
@@ -245,6 +265,11 @@ def _caption_for(path: Path, subset: ResolvedSubset) -> tuple[str, CaptionSource
     if subset.class_tokens is not None:
         return subset.class_tokens, "class_tokens", issue
     return "", "none", issue
+
+
+@contextlib.contextmanager
+def _no_pool() -> Iterator[None]:
+    yield None
 
 
 def _worker_count(workers: int | None) -> int:

@@ -11,9 +11,12 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -105,9 +108,11 @@ def list_image_files(folder: Path, recursive: bool = False) -> list[Path]:
             for name in names
             if not _in_hidden_dir(Path(root), folder)
         ]
-    else:
-        found = [entry for entry in folder.iterdir() if entry.is_file()]
-    return sorted(p for p in found if is_image_file(p) and p.is_file())
+        return sorted(p for p in found if is_image_file(p) and p.is_file())
+    # DirEntry.is_file() usually answers from the directory listing itself, without a stat.
+    with os.scandir(folder) as entries:
+        found = [Path(e.path) for e in entries if e.is_file() and is_image_file(Path(e.name))]
+    return sorted(found)
 
 
 def _in_hidden_dir(root: Path, top: Path) -> bool:
@@ -130,11 +135,11 @@ def read_image_size(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int
         BadImageError: empty, unreadable, not an image, truncated, or too large.
     """
     path = Path(path)
-    with _open_image(path, max_pixels) as img:
+    with _opened(path, max_pixels) as (img, file, file_size):
         width, height = img.size
         orientation = _exif_orientation(img)
-        fmt = img.format
-    if _looks_truncated(path, fmt) and not _decodes(path):
+        suspicious = _looks_truncated(file, file_size, img.format)
+    if suspicious and not _decodes(path):
         raise BadImageError(path, "truncated (file ends before the image data does)")
     if orientation in _SWAPPING_ORIENTATIONS:
         return height, width
@@ -155,7 +160,7 @@ def load_image_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
         BadImageError: empty, unreadable, not an image, truncated, or too large.
     """
     path = Path(path)
-    with _open_image(path, max_pixels) as img:
+    with _opened(path, max_pixels) as (img, _, _):
         try:
             img.load()
             upright = ImageOps.exif_transpose(img)
@@ -186,43 +191,75 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(scaled, mode="L")
 
 
-def _open_image(path: Path, max_pixels: int) -> Image.Image:
-    """``Image.open`` with every failure turned into a :class:`BadImageError` with a reason."""
+@contextlib.contextmanager
+def _opened(path: Path, max_pixels: int) -> Iterator[tuple[Image.Image, BinaryIO, int]]:
+    """Open ``path`` once: yield the (header-only) image, the file and its size.
+
+    Every failure becomes a :class:`BadImageError` with a reason.
+    """
     try:
-        size = path.stat().st_size
+        file = path.open("rb")
     except FileNotFoundError as e:
         raise BadImageError(path, "file not found") from e
     except PermissionError as e:
-        raise BadImageError(path, "permission denied", hint="fix the file's permissions") from e
-    if size == 0:
-        raise BadImageError(path, "empty file (0 bytes)")
+        raise BadImageError(path, "permission denied", hint=_PERMISSION_HINT) from e
+    except OSError as e:
+        raise BadImageError(path, f"cannot be read ({_short(e)})") from e
+    with file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            raise BadImageError(path, "empty file (0 bytes)")
+        img = _identify(path, file)
+        try:
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise BadImageError(path, f"invalid size {width}x{height}")
+            if width * height > max_pixels:
+                raise BadImageError(
+                    path,
+                    f"too large ({width}x{height} = {width * height:,} pixels, "
+                    f"limit {max_pixels:,})",
+                    hint=_BOMB_HINT,
+                )
+            yield img, file, size
+        finally:
+            img.close()
+
+
+def _identify(path: Path, file: BinaryIO) -> Image.Image:
+    """``Image.open`` trying the extension's format first (most files are what they say)."""
+    hint = _FORMAT_BY_EXTENSION.get(path.suffix.lower())
     try:
         with warnings.catch_warnings():
-            # Our own limit below decides; Pillow's warning/error would be noise or a crash.
+            # Our own limit decides; Pillow's bomb warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except PermissionError as e:
-        raise BadImageError(path, "permission denied", hint="fix the file's permissions") from e
+            if hint is not None:
+                try:
+                    return Image.open(file, formats=[hint])
+                except UnidentifiedImageError:
+                    file.seek(0)  # misnamed (a JPEG called .png): let Pillow try every format
+            return Image.open(file)
     except Image.DecompressionBombError as e:
         raise BadImageError(path, f"too large ({_short(e)})", hint=_BOMB_HINT) from e
     except UnidentifiedImageError as e:
         raise BadImageError(path, "not an image (Pillow cannot identify it)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImageError(path, f"cannot be read ({_short(e)})") from e
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        img.close()
-        raise BadImageError(path, f"invalid size {width}x{height}")
-    if width * height > max_pixels:
-        img.close()
-        raise BadImageError(
-            path,
-            f"too large ({width}x{height} = {width * height:,} pixels, limit {max_pixels:,})",
-            hint=_BOMB_HINT,
-        )
-    return img
 
 
+_FORMAT_BY_EXTENSION = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
+_PERMISSION_HINT = "fix the file's permissions (chmod a+r FILE)"
 _BOMB_HINT = "downscale the image first; huge images are refused as possible decompression bombs"
 
 
@@ -245,29 +282,25 @@ def _exif_orientation(img: Image.Image) -> int:
         return 1
 
 
-def _looks_truncated(path: Path, fmt: str | None) -> bool:
+def _looks_truncated(file: BinaryIO, size: int, fmt: str | None) -> bool:
     """Cheap end-of-file checks per format; ``True`` only means "decode to be sure"."""
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if fmt == "PNG":
-                f.seek(max(0, size - 12))
-                return b"IEND" not in f.read()
-            if fmt in ("JPEG", "MPO"):
-                f.seek(max(0, size - 2))
-                return f.read() != b"\xff\xd9"
-            if fmt == "WEBP":
-                f.seek(4)
-                declared = int.from_bytes(f.read(4), "little") + 8
-                return size < declared
-            if fmt == "BMP":
-                f.seek(2)
-                declared = int.from_bytes(f.read(4), "little")
-                return declared > 0 and size < declared
-            if fmt == "GIF":
-                f.seek(max(0, size - 1))
-                return f.read() != b";"
+        if fmt == "PNG":
+            file.seek(max(0, size - 12))
+            return b"IEND" not in file.read()
+        if fmt in ("JPEG", "MPO"):
+            file.seek(max(0, size - 2))
+            return file.read() != b"\xff\xd9"
+        if fmt == "WEBP":
+            file.seek(4)
+            return size < int.from_bytes(file.read(4), "little") + 8
+        if fmt == "BMP":
+            file.seek(2)
+            declared = int.from_bytes(file.read(4), "little")
+            return declared > 0 and size < declared
+        if fmt == "GIF":
+            file.seek(max(0, size - 1))
+            return file.read() != b";"
     except OSError:
         return True
     return False

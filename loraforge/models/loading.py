@@ -6,6 +6,8 @@ import hashlib
 import json
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,8 +230,9 @@ def _components_from_state(
 
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
     try:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+        with _quiet_diffusers():  # it warns about an empty fp32-module list on every dtype cast
+            unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+            vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
         encoders = [
             create_diffusers_clip_model_from_ldm(
                 CLIPTextModelWithProjection if index == 1 else CLIPTextModel,
@@ -253,6 +256,18 @@ def _components_from_state(
             )
     tokenizers = [_tokenizer_for(family, index, config_dir) for index in range(len(encoders))]
     return {"unet": unet, "vae": vae, "text_encoders": encoders, "tokenizers": tokenizers}
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def _tokenizer_for(family: str, index: int, config_dir: Path) -> Any:
@@ -313,7 +328,7 @@ def load_vae(
             loaded = AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype)
         elif path.is_file():
             state, _ = read_checkpoint(path, allow_pickle=allow_pickle)
-            with tempfile.TemporaryDirectory(prefix="loraforge-vae-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="loraforge-vae-") as tmp, _quiet_diffusers():
                 base_vae.save_config(Path(tmp) / "vae")
                 loaded = AutoencoderKL.from_single_file(
                     state, config=tmp, subfolder="vae", local_files_only=True, torch_dtype=dtype

@@ -15,10 +15,8 @@ import torch
 
 from loraforge.errors import ModelError
 from loraforge.ops.checkpoint import (
-    diffusers_family,
     is_diffusers_folder,
     read_diffusers_components,
-    single_file_family,
     write_diffusers_folder,
     write_single_file,
 )
@@ -75,37 +73,48 @@ def load_base(path: Path, *, allow_pickle: bool = False) -> BaseWeights:
     return _load_single_file(path, allow_pickle)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: cannot be read as JSON ({e})") from e
+
+
 def _load_diffusers(path: Path) -> BaseWeights:
+    from loraforge.models.families import detect_family_from_configs
+
     components = read_diffusers_components(path)
-    family = diffusers_family(path, components)
+    unet_config = components["unet"].config
+    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    detection = detect_family_from_configs(
+        _read_json(path / "model_index.json"), unet_config, scheduler
+    )
+    family = "sd2" if detection.family == "sd2-v" else detection.family
     states = {name: c.state for name, c in components.items()}
-    targets = diffusers_targets(family, states, components["unet"].config)
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    v_pred = None
-    if scheduler.is_file():
-        v_pred = json.loads(scheduler.read_text("utf-8")).get("prediction_type") == "v_prediction"
+    targets = diffusers_targets(family, states, unet_config)
+    v_pred = detection.family == "sd2-v" if family == "sd2" else False
     return BaseWeights(path, "diffusers", family, v_pred, flatten_components(states), targets)
 
 
 def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
     from loraforge.models.configs import architecture_config_dir
+    from loraforge.models.families import detect_family_from_keys
     from loraforge.models.single_file import embedded_configs, read_checkpoint
 
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     embedded = embedded_configs(metadata)
-    family = single_file_family(state.keys())
-    if family is None:
-        raise ModelError(
-            f"{path}: is not a Stable Diffusion 1.x/2.x/XL checkpoint (no text-encoder keys found)",
-            hint="pass the full model checkpoint; a LoRA file goes to --lora",
-        )
+    detection = detect_family_from_keys(state, source=str(path))
+    if embedded is not None and embedded.get("family") in ("sd2", "sd2-v"):
+        detection_family = embedded["family"]
+    else:
+        detection_family = detection.family
+    family = "sd2" if detection_family == "sd2-v" else detection_family
+    v_pred = (detection_family == "sd2-v") if detection.prediction_known or embedded else None
     if embedded is not None:
         unet_config = embedded["configs"]["unet"]
-        v_pred = embedded.get("family") == "sd2-v"
     else:
-        config_file = architecture_config_dir(family) / "unet" / "config.json"
+        config_file = architecture_config_dir(detection_family) / "unet" / "config.json"
         unet_config = json.loads(config_file.read_text("utf-8"))
-        v_pred = None
     targets = single_file_targets(family, state, unet_config)
     return BaseWeights(path, "single_file", family, v_pred, state, targets, dict(metadata))
 

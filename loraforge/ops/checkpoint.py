@@ -105,31 +105,6 @@ def _read_json(path: Path) -> dict:
         raise ModelError(f"{path}: cannot be read as JSON ({e})") from e
 
 
-def diffusers_family(folder: Path, components: Mapping[str, DiffusersComponent]) -> str:
-    """``sd1``, ``sd2`` or ``sdxl`` of a diffusers folder (from its configs)."""
-    index = _read_json(folder / "model_index.json")
-    unet = components["unet"].config
-    if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in components:
-        return "sdxl"
-    if unet.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024:
-        return "sd2"
-    return "sd1"
-
-
-def single_file_family(keys: set[str] | list[str]) -> str | None:
-    """``sd1``, ``sd2`` or ``sdxl`` of an original-layout checkpoint from its keys."""
-    keys = set(keys)
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    return None
-
-
 def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return {k: v.contiguous() for k, v in state.items()}

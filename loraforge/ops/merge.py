@@ -78,7 +78,7 @@ def check_lora_families(loras: Sequence[WeightedLora]) -> str | None:
             continue
         if seen is not None and seen[0] != family:
             raise LoraFileError(
-                f"{item.parsed.label} is a {FAMILY_NAMES[family]} LoRA but {seen[1]} is a "
+                f"{item.parsed.label} is an {FAMILY_NAMES[family]} LoRA but {seen[1]} is an "
                 f"{FAMILY_NAMES[seen[0]]} LoRA; they cannot be merged",
                 hint="merge LoRAs trained for the same base model family",
             )
@@ -96,10 +96,10 @@ def check_base_family(lora: WeightedLora, base_family: str | None, base_label: s
     if family is None or base_family is None or family == base_family:
         return
     raise LoraFileError(
-        f"{lora.parsed.label} is a {FAMILY_NAMES[family]} LoRA but {base_label} is a "
+        f"{lora.parsed.label} is an {FAMILY_NAMES[family]} LoRA but {base_label} is an "
         f"{FAMILY_NAMES[base_family]} model",
-        hint=f"use a {FAMILY_NAMES[base_family]} LoRA with this model, "
-        f"or a {FAMILY_NAMES[family]} base",
+        hint=f"use an {FAMILY_NAMES[base_family]} LoRA with this model, "
+        f"or an {FAMILY_NAMES[family]} base",
     )
 
 

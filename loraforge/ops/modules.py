@@ -182,14 +182,14 @@ class ParsedLora:
         Raises:
             LoraFileError: listing every structural error (first ten).
         """
-        if not self.modules:
+        errors = self.errors
+        if not self.modules and not errors:
             keys = ", ".join(self.stray_keys[:3]) or "no tensors"
             raise LoraFileError(
                 f"{self.label}: is not a LoRA file: no LoRA/LyCORIS modules found ({keys} …)",
                 hint="pass a kohya-style LoRA (lora_unet_*/lora_te_* keys); a full checkpoint "
                 "goes to `loraforge merge --base`",
             )
-        errors = self.errors
         if errors:
             shown = "\n  ".join(str(p) for p in errors[:10])
             more = f"\n  … and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -230,10 +230,10 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], label: str = "<state dict>")
     for name, parts in groups.items():
         module, module_problems = _build_module(name, parts)
         problems.extend(module_problems)
-        if module is None:
-            stray.extend(f"{name}.{s}" if s != "<bare>" else name for s in parts)
-        else:
+        if module is not None:
             modules[name] = module
+        elif not module_problems:  # not a module at all (a broken one is reported instead)
+            stray.extend(f"{name}.{s}" if s != "<bare>" else name for s in parts)
     if modules and stray:
         problems.append(
             Problem("warning", None, f"{len(stray)} key(s) belong to no module: {stray[:3]}")

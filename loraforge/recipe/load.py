@@ -72,7 +72,9 @@ def validate_recipe_file(path: Path | str) -> Validation:
     return validate_recipe_text(text, source=str(path), base_dir=path.resolve().parent)
 
 
-def validate_recipe_text(text: str, *, source: str = "<recipe>", base_dir: Path | None = None) -> Validation:
+def validate_recipe_text(
+    text: str, *, source: str = "<recipe>", base_dir: Path | None = None
+) -> Validation:
     """Validate recipe text; relative paths resolve against ``base_dir`` (default: the working folder)."""
     base_dir = Path.cwd() if base_dir is None else base_dir
     try:
@@ -80,12 +82,35 @@ def validate_recipe_text(text: str, *, source: str = "<recipe>", base_dir: Path 
     except yaml.YAMLError as e:
         return Validation(None, (_yaml_problem(e, source),))
     except RecursionError:
-        return Validation(None, (Problem("error", "the document is nested too deeply", file=source),))
+        return Validation(
+            None, (Problem("error", "the document is nested too deeply", file=source),)
+        )
     if parsed.data is None:
-        return Validation(None, (Problem("error", "the recipe is empty", file=source, hint="start from `loraforge init --preset NAME`"),))
+        return Validation(
+            None,
+            (
+                Problem(
+                    "error",
+                    "the recipe is empty",
+                    file=source,
+                    hint="start from `loraforge init --preset NAME`",
+                ),
+            ),
+        )
     if not isinstance(parsed.data, dict):
         kind = type(parsed.data).__name__
-        return Validation(None, (Problem("error", f"a recipe is a mapping of sections, got a {kind}", file=source, line=1, column=1),))
+        return Validation(
+            None,
+            (
+                Problem(
+                    "error",
+                    f"a recipe is a mapping of sections, got a {kind}",
+                    file=source,
+                    line=1,
+                    column=1,
+                ),
+            ),
+        )
     problems = as_problems(schema_problems(parsed.data), parsed, source)
     problems += _duplicate_key_problems(parsed, source)
     if any(p.severity == "error" for p in problems):
@@ -110,7 +135,9 @@ def load_recipe(path: Path | str) -> recipe_types.Recipe:
     return _recipe_or_raise(validate_recipe_file(path))
 
 
-def parse_recipe_text(text: str, source: str = "<string>", base_dir: Path | None = None) -> recipe_types.Recipe:
+def parse_recipe_text(
+    text: str, source: str = "<string>", base_dir: Path | None = None
+) -> recipe_types.Recipe:
     """Like :func:`load_recipe` for text (tests, tools)."""
     return _recipe_or_raise(validate_recipe_text(text, source=source, base_dir=base_dir))
 
@@ -140,11 +167,26 @@ def _duplicate_key_problems(parsed: ParsedYaml, source: str) -> list[Problem]:
     problems = []
     for path in parsed.duplicate_keys:
         line, column = parsed.key_marks.get(path, (None, None))
-        problems.append(Problem("error", "key appears twice (the last one would silently win)", format_path(path), source, line, column))
+        problems.append(
+            Problem(
+                "error",
+                "key appears twice (the last one would silently win)",
+                format_path(path),
+                source,
+                line,
+                column,
+            )
+        )
     return problems
 
 
-_PATH_FIELDS = (("model", "vae"), ("cache", "dir"), ("network", "weights"), ("output", "dir"), ("logging", "dir"))
+_PATH_FIELDS = (
+    ("model", "vae"),
+    ("cache", "dir"),
+    ("network", "weights"),
+    ("output", "dir"),
+    ("logging", "dir"),
+)
 
 
 def _resolve(value: str, base_dir: Path) -> str:
@@ -154,7 +196,9 @@ def _resolve(value: str, base_dir: Path) -> str:
 
 def _looks_like_path(value: str, base_dir: Path) -> bool:
     """A hub id (``org/name``) stays as written; anything that exists or looks local is a path."""
-    if value.startswith((".", "/", "~")) or value.endswith((".safetensors", ".ckpt", ".pt", ".bin")):
+    if value.startswith((".", "/", "~")) or value.endswith(
+        (".safetensors", ".ckpt", ".pt", ".bin")
+    ):
         return True
     return (base_dir / Path(value).expanduser()).exists() or value.count("/") != 1
 

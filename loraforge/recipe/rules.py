@@ -14,7 +14,18 @@ from loraforge.recipe.types import Recipe
 Finding = tuple[str, tuple[Any, ...], str, str | None]
 
 KOHYA_ALGORITHMS = ("lora", "locon", "lora-fa", "dylora")
-LYCORIS_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "full", "glora")
+LYCORIS_ALGORITHMS = (
+    "lora",
+    "locon",
+    "loha",
+    "lokr",
+    "ia3",
+    "dylora",
+    "diag-oft",
+    "boft",
+    "full",
+    "glora",
+)
 ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
 
 _COMMON_LYCORIS_ARGS = {"preset", "train_norm"}
@@ -24,10 +35,22 @@ ALGORITHM_ARGS: dict[tuple[str, str], set[str]] = {
     ("kohya", "locon"): set(),
     ("kohya", "lora-fa"): set(),
     ("kohya", "dylora"): {"unit"},
-    ("lycoris", "lora"): _COMMON_LYCORIS_ARGS | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
-    ("lycoris", "locon"): _COMMON_LYCORIS_ARGS | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
-    ("lycoris", "loha"): _COMMON_LYCORIS_ARGS | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose"},
-    ("lycoris", "lokr"): _COMMON_LYCORIS_ARGS | {"factor", "decompose_both", "full_matrix", "use_tucker", "use_scalar", "dora_wd", "weight_decompose"},
+    ("lycoris", "lora"): _COMMON_LYCORIS_ARGS
+    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
+    ("lycoris", "locon"): _COMMON_LYCORIS_ARGS
+    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
+    ("lycoris", "loha"): _COMMON_LYCORIS_ARGS
+    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose"},
+    ("lycoris", "lokr"): _COMMON_LYCORIS_ARGS
+    | {
+        "factor",
+        "decompose_both",
+        "full_matrix",
+        "use_tucker",
+        "use_scalar",
+        "dora_wd",
+        "weight_decompose",
+    },
     ("lycoris", "ia3"): _COMMON_LYCORIS_ARGS,
     ("lycoris", "dylora"): _COMMON_LYCORIS_ARGS | {"block_size", "unit"},
     ("lycoris", "diag-oft"): _COMMON_LYCORIS_ARGS | {"constraint", "rescaled", "block_size"},
@@ -41,7 +64,16 @@ BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sd2-v": 25, "sdxl": 23}
 def cross_field_problems(recipe: Recipe) -> list[Finding]:
     """Every cross-field finding for ``recipe``, errors and warnings together."""
     findings: list[Finding] = []
-    for rule in (_caching, _network, _blocks, _training, _precision, _prediction, _dataset, _output):
+    for rule in (
+        _caching,
+        _network,
+        _blocks,
+        _training,
+        _precision,
+        _prediction,
+        _dataset,
+        _output,
+    ):
         findings.extend(rule(recipe))
     return findings
 
@@ -51,21 +83,38 @@ def _caching(r: Recipe) -> Iterator[Finding]:
         for i, s in enumerate(r.dataset.subsets):
             for name in ("color_aug", "random_crop"):
                 if getattr(s, name):
-                    yield ("error", ("dataset", "subsets", i, name),
-                           f"{name} changes the pixels every step, so latents cannot be cached",
-                           'set cache.latents: none, or turn it off')
+                    yield (
+                        "error",
+                        ("dataset", "subsets", i, name),
+                        f"{name} changes the pixels every step, so latents cannot be cached",
+                        "set cache.latents: none, or turn it off",
+                    )
     if r.cache.text_encoder_outputs != "none":
         if r.network.train_text_encoder:
-            yield ("error", ("cache", "text_encoder_outputs"),
-                   "text-encoder outputs cannot be cached while the text encoder is trained",
-                   "set network.train_text_encoder: false, or cache.text_encoder_outputs: none")
+            yield (
+                "error",
+                ("cache", "text_encoder_outputs"),
+                "text-encoder outputs cannot be cached while the text encoder is trained",
+                "set network.train_text_encoder: false, or cache.text_encoder_outputs: none",
+            )
         for i, s in enumerate(r.dataset.subsets):
             varying = [n for n in ("shuffle_caption", "enable_wildcard") if getattr(s, n)]
-            varying += [n for n in ("caption_dropout_rate", "caption_tag_dropout_rate", "caption_dropout_every_n_epochs") if getattr(s, n)]
+            varying += [
+                n
+                for n in (
+                    "caption_dropout_rate",
+                    "caption_tag_dropout_rate",
+                    "caption_dropout_every_n_epochs",
+                )
+                if getattr(s, n)
+            ]
             for name in varying:
-                yield ("error", ("dataset", "subsets", i, name),
-                       f"{name} changes the caption every step, so text-encoder outputs cannot be cached",
-                       "set cache.text_encoder_outputs: none, or turn it off")
+                yield (
+                    "error",
+                    ("dataset", "subsets", i, name),
+                    f"{name} changes the caption every step, so text-encoder outputs cannot be cached",
+                    "set cache.text_encoder_outputs: none, or turn it off",
+                )
 
 
 def _network(r: Recipe) -> Iterator[Finding]:
@@ -73,22 +122,37 @@ def _network(r: Recipe) -> Iterator[Finding]:
     allowed = KOHYA_ALGORITHMS if n.backend == "kohya" else LYCORIS_ALGORITHMS
     if n.algorithm not in allowed:
         other = "lycoris" if n.backend == "kohya" else "kohya"
-        yield ("error", ("network", "algorithm"),
-               f'the {n.backend} backend has no algorithm "{n.algorithm}" (it has {", ".join(allowed)})',
-               f"use network.backend: {other}")
+        yield (
+            "error",
+            ("network", "algorithm"),
+            f'the {n.backend} backend has no algorithm "{n.algorithm}" (it has {", ".join(allowed)})',
+            f"use network.backend: {other}",
+        )
         return
     if n.backend == "kohya" and n.algorithm == "locon" and n.conv_dim is None:
-        yield ("error", ("network", "conv_dim"), "locon trains the 3x3 conv layers and needs conv_dim",
-               "set network.conv_dim (e.g. 8) and conv_alpha")
+        yield (
+            "error",
+            ("network", "conv_dim"),
+            "locon trains the 3x3 conv layers and needs conv_dim",
+            "set network.conv_dim (e.g. 8) and conv_alpha",
+        )
     takes = ALGORITHM_ARGS[(n.backend, n.algorithm)]
     for key in n.args:
         if key not in takes:
             accepted = ", ".join(sorted(takes)) or "none"
-            yield ("error", ("network", "args", key),
-                   f'algorithm "{n.algorithm}" ({n.backend} backend) does not take "{key}"',
-                   f"arguments it takes: {accepted}")
+            yield (
+                "error",
+                ("network", "args", key),
+                f'algorithm "{n.algorithm}" ({n.backend} backend) does not take "{key}"',
+                f"arguments it takes: {accepted}",
+            )
     if not (n.train_unet or n.train_text_encoder):
-        yield ("error", ("network", "train_unet"), "nothing to train: train_unet and train_text_encoder are both false", None)
+        yield (
+            "error",
+            ("network", "train_unet"),
+            "nothing to train: train_unet and train_text_encoder are both false",
+            None,
+        )
 
 
 def _blocks(r: Recipe) -> Iterator[Finding]:
@@ -97,9 +161,19 @@ def _blocks(r: Recipe) -> Iterator[Finding]:
     for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
         values = getattr(n, name)
         if values is not None and expected is not None and len(values) != expected:
-            yield ("error", ("network", name), f"{family} has {expected} blocks, got {len(values)} values", None)
+            yield (
+                "error",
+                ("network", name),
+                f"{family} has {expected} blocks, got {len(values)} values",
+                None,
+            )
         if values is not None and n.backend != "kohya":
-            yield ("error", ("network", name), "per-block ranks are a kohya-backend feature", "use network.backend: kohya")
+            yield (
+                "error",
+                ("network", name),
+                "per-block ranks are a kohya-backend feature",
+                "use network.backend: kohya",
+            )
     if n.conv_block_dims is not None and n.conv_dim is None and n.backend == "kohya":
         yield ("warning", ("network", "conv_block_dims"), "conv_block_dims without conv_dim", None)
 
@@ -107,85 +181,199 @@ def _blocks(r: Recipe) -> Iterator[Finding]:
 def _training(r: Recipe) -> Iterator[Finding]:
     t, n = r.training, r.network
     if t.max_train_epochs is None and t.max_train_steps is None:
-        yield ("error", ("training", "max_train_epochs"), "set max_train_epochs or max_train_steps", None)
+        yield (
+            "error",
+            ("training", "max_train_epochs"),
+            "set max_train_epochs or max_train_steps",
+            None,
+        )
     if t.min_timestep >= t.max_timestep:
-        yield ("error", ("training", "min_timestep"), f"min_timestep {t.min_timestep} must be below max_timestep {t.max_timestep}", None)
-    lrs = [("learning_rate", t.learning_rate), ("unet_lr", t.unet_lr), ("text_encoder_lr", t.text_encoder_lr)]
+        yield (
+            "error",
+            ("training", "min_timestep"),
+            f"min_timestep {t.min_timestep} must be below max_timestep {t.max_timestep}",
+            None,
+        )
+    lrs = [
+        ("learning_rate", t.learning_rate),
+        ("unet_lr", t.unet_lr),
+        ("text_encoder_lr", t.text_encoder_lr),
+    ]
     for name, value in lrs:
         if value is None:
             continue
         if t.optimizer in ADAPTIVE_OPTIMIZERS and 0 < value < 0.1:
-            yield ("warning", ("training", name),
-                   f"{t.optimizer} finds the step size itself and expects {name} near 1.0, got {value:g}",
-                   "set it to 1.0 (or use AdamW for a fixed learning rate)")
+            yield (
+                "warning",
+                ("training", name),
+                f"{t.optimizer} finds the step size itself and expects {name} near 1.0, got {value:g}",
+                "set it to 1.0 (or use AdamW for a fixed learning rate)",
+            )
         if t.optimizer not in ADAPTIVE_OPTIMIZERS and value >= 0.01:
-            yield ("warning", ("training", name),
-                   f"{name} {value:g} is very high for {t.optimizer} (LoRA usually trains at 1e-4 to 1e-3)", None)
+            yield (
+                "warning",
+                ("training", name),
+                f"{name} {value:g} is very high for {t.optimizer} (LoRA usually trains at 1e-4 to 1e-3)",
+                None,
+            )
     if t.lr_warmup_steps and t.lr_scheduler == "constant":
-        yield ("warning", ("training", "lr_warmup_steps"), "the constant scheduler ignores warm-up",
-               "use lr_scheduler: constant_with_warmup")
-    if not n.train_text_encoder and (t.text_encoder_lr is not None or t.stop_text_encoder_training is not None):
-        yield ("warning", ("training", "text_encoder_lr"), "the text encoder is not trained, so its settings have no effect", None)
+        yield (
+            "warning",
+            ("training", "lr_warmup_steps"),
+            "the constant scheduler ignores warm-up",
+            "use lr_scheduler: constant_with_warmup",
+        )
+    if not n.train_text_encoder and (
+        t.text_encoder_lr is not None or t.stop_text_encoder_training is not None
+    ):
+        yield (
+            "warning",
+            ("training", "text_encoder_lr"),
+            "the text encoder is not trained, so its settings have no effect",
+            None,
+        )
     if t.min_snr_gamma is not None and t.debiased_estimation_loss:
-        yield ("warning", ("training", "debiased_estimation_loss"), "min_snr_gamma and debiased estimation both reweight the loss by timestep", "pick one")
+        yield (
+            "warning",
+            ("training", "debiased_estimation_loss"),
+            "min_snr_gamma and debiased estimation both reweight the loss by timestep",
+            "pick one",
+        )
     has_reg = any(s.is_reg for s in r.dataset.subsets)
     if t.prior_loss_weight != 1.0 and not has_reg:
-        yield ("warning", ("training", "prior_loss_weight"), "prior_loss_weight only affects regularization subsets, and there are none", None)
+        yield (
+            "warning",
+            ("training", "prior_loss_weight"),
+            "prior_loss_weight only affects regularization subsets, and there are none",
+            None,
+        )
 
 
 def _precision(r: Recipe) -> Iterator[Finding]:
     t = r.training
     if t.full_fp16 and t.full_bf16:
-        yield ("error", ("training", "full_bf16"), "full_fp16 and full_bf16 exclude each other", None)
+        yield (
+            "error",
+            ("training", "full_bf16"),
+            "full_fp16 and full_bf16 exclude each other",
+            None,
+        )
     if t.full_fp16 and t.mixed_precision != "fp16":
         yield ("error", ("training", "full_fp16"), "full_fp16 needs mixed_precision: fp16", None)
     if t.full_bf16 and t.mixed_precision != "bf16":
         yield ("error", ("training", "full_bf16"), "full_bf16 needs mixed_precision: bf16", None)
     if t.fp8_base and t.mixed_precision == "no":
-        yield ("error", ("training", "fp8_base"), "fp8 base weights need mixed_precision fp16 or bf16", None)
+        yield (
+            "error",
+            ("training", "fp8_base"),
+            "fp8 base weights need mixed_precision fp16 or bf16",
+            None,
+        )
 
 
 def _prediction(r: Recipe) -> Iterator[Finding]:
     t, family = r.training, r.model.family
     v = t.v_parameterization if t.v_parameterization is not None else family == "sd2-v"
     if family == "sd2-v" and t.v_parameterization is False:
-        yield ("error", ("training", "v_parameterization"), "sd2-v models predict v; training them with epsilon breaks them",
-               "remove v_parameterization or use model.family: sd2")
+        yield (
+            "error",
+            ("training", "v_parameterization"),
+            "sd2-v models predict v; training them with epsilon breaks them",
+            "remove v_parameterization or use model.family: sd2",
+        )
     if family in ("sd1", "sd2", "sdxl") and t.v_parameterization:
-        yield ("warning", ("training", "v_parameterization"), f"{family} base models predict noise (epsilon), not v", None)
+        yield (
+            "warning",
+            ("training", "v_parameterization"),
+            f"{family} base models predict noise (epsilon), not v",
+            None,
+        )
     if t.zero_terminal_snr and not v:
-        yield ("warning", ("training", "zero_terminal_snr"), "zero terminal SNR is meant for v-prediction models", None)
+        yield (
+            "warning",
+            ("training", "zero_terminal_snr"),
+            "zero terminal SNR is meant for v-prediction models",
+            None,
+        )
     if (t.scale_v_pred_loss_like_noise_pred or t.v_pred_like_loss) and not v:
-        yield ("warning", ("training", "scale_v_pred_loss_like_noise_pred"), "v-prediction loss options have no effect without v-prediction", None)
+        yield (
+            "warning",
+            ("training", "scale_v_pred_loss_like_noise_pred"),
+            "v-prediction loss options have no effect without v-prediction",
+            None,
+        )
     if family == "sdxl" and r.model.clip_skip != 1:
-        yield ("warning", ("model", "clip_skip"), "SDXL ignores clip_skip (it always uses the penultimate layer)", "remove clip_skip")
+        yield (
+            "warning",
+            ("model", "clip_skip"),
+            "SDXL ignores clip_skip (it always uses the penultimate layer)",
+            "remove clip_skip",
+        )
 
 
 def _dataset(r: Recipe) -> Iterator[Finding]:
     d = r.dataset
     if all(s.is_reg for s in d.subsets):
-        yield ("error", ("dataset", "subsets"), "every subset is a regularization subset; add training images", None)
+        yield (
+            "error",
+            ("dataset", "subsets"),
+            "every subset is a regularization subset; add training images",
+            None,
+        )
     if d.enable_bucket:
         step = d.bucket_reso_steps
         for name in ("min_bucket_reso", "max_bucket_reso"):
             if getattr(d, name) % step:
-                yield ("error", ("dataset", name), f"{name} {getattr(d, name)} is not a multiple of bucket_reso_steps {step}", None)
+                yield (
+                    "error",
+                    ("dataset", name),
+                    f"{name} {getattr(d, name)} is not a multiple of bucket_reso_steps {step}",
+                    None,
+                )
         if d.min_bucket_reso > d.max_bucket_reso:
-            yield ("error", ("dataset", "min_bucket_reso"), "min_bucket_reso is larger than max_bucket_reso", None)
+            yield (
+                "error",
+                ("dataset", "min_bucket_reso"),
+                "min_bucket_reso is larger than max_bucket_reso",
+                None,
+            )
         if max(d.resolution) > d.max_bucket_reso:
-            yield ("error", ("dataset", "max_bucket_reso"),
-                   f"max_bucket_reso {d.max_bucket_reso} is below the resolution {max(d.resolution)}",
-                   f"set max_bucket_reso to at least {max(d.resolution)}")
+            yield (
+                "error",
+                ("dataset", "max_bucket_reso"),
+                f"max_bucket_reso {d.max_bucket_reso} is below the resolution {max(d.resolution)}",
+                f"set max_bucket_reso to at least {max(d.resolution)}",
+            )
     if any(v % 8 for v in d.resolution):
-        yield ("error", ("dataset", "resolution"), f"resolution {d.resolution} must be a multiple of 8 (the VAE downsamples by 8)", None)
+        yield (
+            "error",
+            ("dataset", "resolution"),
+            f"resolution {d.resolution} must be a multiple of 8 (the VAE downsamples by 8)",
+            None,
+        )
     if r.model.family == "sdxl" and max(d.resolution) < 1024:
-        yield ("warning", ("dataset", "resolution"), "SDXL was trained at 1024; lower resolutions give blurry results", None)
+        yield (
+            "warning",
+            ("dataset", "resolution"),
+            "SDXL was trained at 1024; lower resolutions give blurry results",
+            None,
+        )
     for i, s in enumerate(d.subsets):
         if s.keep_tokens and s.keep_tokens_separator:
-            yield ("warning", ("dataset", "subsets", i, "keep_tokens"), "keep_tokens_separator wins over keep_tokens when present", None)
+            yield (
+                "warning",
+                ("dataset", "subsets", i, "keep_tokens"),
+                "keep_tokens_separator wins over keep_tokens when present",
+                None,
+            )
 
 
 def _output(r: Recipe) -> Iterator[Finding]:
     o = r.output
     if o.save_last_n is not None and o.save_every_n_epochs is None and o.save_every_n_steps is None:
-        yield ("warning", ("output", "save_last_n"), "save_last_n without save_every_n_epochs/steps keeps nothing extra", None)
+        yield (
+            "warning",
+            ("output", "save_last_n"),
+            "save_last_n without save_every_n_epochs/steps keeps nothing extra",
+            None,
+        )

@@ -41,10 +41,7 @@ def subschema(path: tuple[Any, ...]) -> dict[str, Any] | None:
     for part in path:
         if node is None:
             return None
-        if isinstance(part, int):
-            node = node.get("items")
-        else:
-            node = node.get("properties", {}).get(part)
+        node = node.get("items") if isinstance(part, int) else node.get("properties", {}).get(part)
     return node
 
 
@@ -108,7 +105,14 @@ def _describe(error: Any) -> list[tuple[tuple[Any, ...], str, str | None, bool]]
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return [(path, f'missing required key "{missing}"', None, False)]
     if kind == "type":
-        return [(path, f"expected {_expected_type(error.validator_value)}, got {_show(value)}", None, False)]
+        return [
+            (
+                path,
+                f"expected {_expected_type(error.validator_value)}, got {_show(value)}",
+                None,
+                False,
+            )
+        ]
     if kind == "enum":
         options = [str(o) for o in error.validator_value]
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
@@ -141,7 +145,5 @@ def as_problems(
     for path, message, hint, on_key in raw:
         mark = marks.mark(path, key=on_key) if marks is not None else None
         line, column = mark if mark else (None, None)
-        problems.append(
-            Problem("error", message, format_path(path), source, line, column, hint)
-        )
+        problems.append(Problem("error", message, format_path(path), source, line, column, hint))
     return problems

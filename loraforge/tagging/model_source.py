@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraforge.errors import DependencyError, ModelError
 
@@ -158,7 +159,7 @@ def _first_line(error: Exception) -> str:
     return text[0][:200] if text else ""
 
 
-def _huggingface_hub():
+def _huggingface_hub() -> Any:
     try:
         import huggingface_hub
     except ImportError as e:  # pragma: no cover - a dependency of transformers

@@ -123,28 +123,31 @@ def plan_tagging(folders: Sequence[TagFolder], extension: str, existing: str) ->
             if other != image:
                 problems.append(Problem(image, f"shares its caption file with {other.name}"))
                 continue
-            decision = _decide(found.text, found.problem, existing)
-            if decision == "keep":
+            action, reason = _decide(found.text, found.problem, existing, found.path.is_dir())
+            if action == "keep":
                 kept.append(image)
-            elif decision.startswith("problem:"):
-                problems.append(Problem(image, f"{found.path.name} {decision[8:]}"))
+            elif action == "skip":
+                problems.append(Problem(image, f"{found.path.name} {reason}"))
             else:
                 text = found.text if existing == "append" else None
                 jobs.append(TagJob(image, found.path, folder, text or None))
     return TagPlan(tuple(jobs), tuple(kept), tuple(problems))
 
 
-def _decide(text: str | None, problem: str | None, existing: str) -> str:
-    """``tag``, ``keep`` or ``problem:<reason>`` for one image's caption state."""
+def _decide(
+    text: str | None, problem: str | None, existing: str, is_dir: bool
+) -> tuple[str, str | None]:
+    """``("tag" | "keep" | "skip", reason when skipped)`` for one image's caption state."""
     if problem is not None:
-        return "tag" if existing == "overwrite" else f"problem:{problem}"
+        # An unreadable caption file is replaced only when asked to overwrite, a folder never.
+        return ("tag", None) if existing == "overwrite" and not is_dir else ("skip", problem)
     if not text:
-        return "tag"  # no caption file, or an empty one
+        return "tag", None  # no caption file, or an empty one
     if existing == "keep":
-        return "keep"
+        return "keep", None
     if existing == "append" and "\n" in text:
-        return "problem:has several lines (wildcards); appending would drop all but one"
-    return "tag"
+        return "skip", "has several lines (wildcards); appending would drop all but one"
+    return "tag", None
 
 
 def tag_images(

@@ -14,7 +14,11 @@ from loraforge.presets import list_presets
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "loraforge", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+        [sys.executable, "-m", "loraforge", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
     )
 
 
@@ -28,7 +32,9 @@ def test_version_and_help() -> None:
 
 def test_cli_import_does_not_load_heavy_libraries() -> None:
     code = "import sys, loraforge.cli; print(sorted(m for m in ('torch','diffusers','transformers') if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -39,7 +45,9 @@ def test_init_then_check_exits_zero_without_torch(tmp_path: Path) -> None:
         "try:\n    main(['check', 'r.yaml'])\nexcept SystemExit as e:\n    code = e.code\n"
         "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', code)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.stdout.split()[-2:] == ["NOTORCH", "0"], result.stdout + result.stderr
 
 
@@ -48,7 +56,9 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     result = run("init", "--preset", "char-8gb", "-o", "r.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "--force" in result.stderr
     assert (tmp_path / "r.yaml").read_text() == "mine"
-    assert run("init", "--preset", "char-8gb", "-o", "r.yaml", "--force", cwd=tmp_path).returncode == 0
+    assert (
+        run("init", "--preset", "char-8gb", "-o", "r.yaml", "--force", cwd=tmp_path).returncode == 0
+    )
     assert "loraforge preset: char-8gb" in (tmp_path / "r.yaml").read_text()
 
 
@@ -60,7 +70,17 @@ def test_init_unknown_preset_suggests(tmp_path: Path) -> None:
 
 def test_init_list_shows_presets() -> None:
     result = run("init", "--list")
-    for preset in ("char-8gb", "char-12gb", "char-24gb", "style-12gb", "style-24gb", "sdxl-char-12gb", "sdxl-char-24gb", "sdxl-style-24gb", "demo"):
+    for preset in (
+        "char-8gb",
+        "char-12gb",
+        "char-24gb",
+        "style-12gb",
+        "style-24gb",
+        "sdxl-char-12gb",
+        "sdxl-char-24gb",
+        "sdxl-style-24gb",
+        "demo",
+    ):
         assert preset in result.stdout
 
 
@@ -115,3 +135,11 @@ def test_check_usage_errors_exit_two(tmp_path: Path) -> None:
 def test_debug_shows_traceback(tmp_path: Path) -> None:
     result = run("--debug", "check", "nope.yaml", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_usage_errors_exit_two_without_traceback(tmp_path: Path) -> None:
+    # Regression: typer bundles its own click, whose usage errors escaped as tracebacks.
+    for args in (["check"], ["init", "--preset"], ["no-such-command"]):
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from loraforge.data import images
 from loraforge.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
@@ -177,10 +176,23 @@ def test_trailer_after_jpeg_end_marker_is_not_truncation(tmp_path: Path, noisy_i
 
 def test_permission_denied_is_reported(tmp_path: Path, write_image, monkeypatch) -> None:
     path = write_image(tmp_path / "locked.png", (8, 8))
+    real_open = Path.open
 
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(path))
+    def guarded_open(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
 
     # The tests may run as root, where chmod 000 does not stop reading: simulate the OS answer.
-    monkeypatch.setattr(images.Image, "open", denied)
+    monkeypatch.setattr(Path, "open", guarded_open)
     assert _reason(path) == "permission denied"
+    with pytest.raises(BadImageError, match="permission denied"):
+        load_image_rgb(path)
+
+
+def test_misnamed_file_is_still_read(tmp_path: Path, write_image) -> None:
+    jpeg = write_image(tmp_path / "real.jpg", (30, 20))
+    misnamed = tmp_path / "actually_jpeg.png"
+    misnamed.write_bytes(jpeg.read_bytes())
+    assert read_image_size(misnamed) == (30, 20)
+    assert load_image_rgb(misnamed).size == (30, 20)

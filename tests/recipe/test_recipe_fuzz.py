@@ -9,14 +9,23 @@ from hypothesis import strategies as st
 from loraforge.recipe import validate_recipe_text
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
 )
 documents = st.recursive(
     scalars,
     lambda children: st.one_of(
         st.lists(children, max_size=4),
         st.dictionaries(
-            st.one_of(st.sampled_from(["model", "dataset", "network", "subsets", "dir", "base", "dim", "training"]), st.text(max_size=8)),
+            st.one_of(
+                st.sampled_from(
+                    ["model", "dataset", "network", "subsets", "dir", "base", "dim", "training"]
+                ),
+                st.text(max_size=8),
+            ),
             children,
             max_size=5,
         ),
@@ -41,7 +50,13 @@ def test_arbitrary_text_never_raises(text: str) -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.sampled_from(["dim", "alpha", "conv_dim", "dropout", "args", "algorithm"]), scalars, max_size=6))
+@given(
+    st.dictionaries(
+        st.sampled_from(["dim", "alpha", "conv_dim", "dropout", "args", "algorithm"]),
+        scalars,
+        max_size=6,
+    )
+)
 def test_network_section_values(network) -> None:
     doc = {"model": {"base": "a/b"}, "dataset": {"subsets": [{"dir": "d"}]}, "network": network}
     validation = validate_recipe_text(yaml.safe_dump(doc))

@@ -20,22 +20,49 @@ def findings(extra: str = "", *, family: str = "sd1", subset: str = "", dataset:
         ({"subset": ", color_aug: true"}, ("error", "dataset.subsets[0].color_aug")),
         ({"subset": ", random_crop: true"}, ("error", "dataset.subsets[0].random_crop")),
         (
-            {"extra": "cache: {text_encoder_outputs: disk}\nnetwork: {train_text_encoder: false}\n", "subset": ", shuffle_caption: true"},
+            {
+                "extra": "cache: {text_encoder_outputs: disk}\nnetwork: {train_text_encoder: false}\n",
+                "subset": ", shuffle_caption: true",
+            },
             ("error", "dataset.subsets[0].shuffle_caption"),
         ),
-        ({"extra": "cache: {text_encoder_outputs: disk}\n"}, ("error", "cache.text_encoder_outputs")),
+        (
+            {"extra": "cache: {text_encoder_outputs: disk}\n"},
+            ("error", "cache.text_encoder_outputs"),
+        ),
         ({"extra": "model: {base: a/b, family: sdxl, clip_skip: 2}\n"}, None),
-        ({"extra": "training: {optimizer: Prodigy, learning_rate: 1e-4}\n"}, ("warning", "training.learning_rate")),
+        (
+            {"extra": "training: {optimizer: Prodigy, learning_rate: 1e-4}\n"},
+            ("warning", "training.learning_rate"),
+        ),
         ({"extra": "training: {learning_rate: 1.0}\n"}, ("warning", "training.learning_rate")),
         ({"extra": "network: {backend: kohya, algorithm: loha}\n"}, ("error", "network.algorithm")),
         ({"extra": "network: {algorithm: locon}\n"}, ("error", "network.conv_dim")),
-        ({"extra": "network: {backend: lycoris, algorithm: loha, args: {factor: 4}}\n"}, ("error", "network.args.factor")),
-        ({"extra": "network: {train_unet: false, train_text_encoder: false}\n"}, ("error", "network.train_unet")),
-        ({"extra": "training: {mixed_precision: bf16, full_fp16: true}\n"}, ("error", "training.full_fp16")),
-        ({"extra": "training: {mixed_precision: no, fp8_base: true}\n"}, ("error", "training.fp8_base")),
-        ({"extra": "training: {min_timestep: 500, max_timestep: 400}\n"}, ("error", "training.min_timestep")),
+        (
+            {"extra": "network: {backend: lycoris, algorithm: loha, args: {factor: 4}}\n"},
+            ("error", "network.args.factor"),
+        ),
+        (
+            {"extra": "network: {train_unet: false, train_text_encoder: false}\n"},
+            ("error", "network.train_unet"),
+        ),
+        (
+            {"extra": "training: {mixed_precision: bf16, full_fp16: true}\n"},
+            ("error", "training.full_fp16"),
+        ),
+        (
+            {"extra": "training: {mixed_precision: no, fp8_base: true}\n"},
+            ("error", "training.fp8_base"),
+        ),
+        (
+            {"extra": "training: {min_timestep: 500, max_timestep: 400}\n"},
+            ("error", "training.min_timestep"),
+        ),
         ({"extra": "training: {max_train_epochs: null}\n"}, ("error", "training.max_train_epochs")),
-        ({"family": "sd2-v", "extra": "training: {v_parameterization: false}\n"}, ("error", "training.v_parameterization")),
+        (
+            {"family": "sd2-v", "extra": "training: {v_parameterization: false}\n"},
+            ("error", "training.v_parameterization"),
+        ),
         ({"extra": "training: {lr_warmup_steps: 100}\n"}, ("warning", "training.lr_warmup_steps")),
         ({"subset": ", is_reg: true"}, ("error", "dataset.subsets")),
         ({"dataset": ", resolution: 2048"}, ("error", "dataset.max_bucket_reso")),

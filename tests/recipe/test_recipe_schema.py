@@ -48,7 +48,9 @@ def test_dataclasses_match_schema_properties() -> None:
         assert fields == set(schema["properties"]) - {"$schema"}, (cls.__name__, path)
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
-            assert field.default is dataclasses.MISSING, f"{cls.__name__}.{field.name} has a default"
+            assert field.default is dataclasses.MISSING, (
+                f"{cls.__name__}.{field.name} has a default"
+            )
             hint = hints[field.name]
             if typing.get_origin(hint) is tuple:
                 nested = _dataclass_for(typing.get_args(hint)[0])

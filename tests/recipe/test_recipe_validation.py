@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from loraforge.errors import RecipeError
-from loraforge.recipe import load_recipe, parse_recipe_text, validate_recipe_file, validate_recipe_text
+from loraforge.recipe import (
+    load_recipe,
+    parse_recipe_text,
+    validate_recipe_file,
+    validate_recipe_text,
+)
 
 MINIMAL = "model: {base: org/model}\ndataset: {subsets: [{dir: data}]}\n"
 
@@ -28,7 +33,9 @@ def test_minimal_recipe_gets_schema_defaults(tmp_path: Path) -> None:
 
 
 def test_scientific_notation_is_a_float() -> None:
-    recipe = parse_recipe_text(MINIMAL + "training: {learning_rate: 1e-4, unet_lr: 3E-5, text_encoder_lr: 1}\n")
+    recipe = parse_recipe_text(
+        MINIMAL + "training: {learning_rate: 1e-4, unet_lr: 3E-5, text_encoder_lr: 1}\n"
+    )
     assert recipe.training.learning_rate == pytest.approx(1e-4)
     assert recipe.training.unet_lr == pytest.approx(3e-5)
     assert isinstance(recipe.training.text_encoder_lr, float)
@@ -71,7 +78,10 @@ def test_typo_wrong_type_and_bad_enum_all_reported_with_lines() -> None:
         (MINIMAL + "network: {dim: 99999999999999999999999}\n", "<= 4096"),
         (MINIMAL + "training: {seed: -1}\n", ">= 0"),
         ("model: {}\ndataset: {subsets: []}\n", "required"),
-        ("model: {base: a/b}\ndataset: {subsets: [{dir: d}], resolution: [1]}\n", "512 or [832, 1216]"),
+        (
+            "model: {base: a/b}\ndataset: {subsets: [{dir: d}], resolution: [1]}\n",
+            "512 or [832, 1216]",
+        ),
     ],
 )
 def test_bad_documents_become_problems(text: str, expected: str) -> None:
@@ -132,4 +142,9 @@ def test_yes_no_stay_strings_like_yaml_1_2() -> None:
     # Regression: YAML 1.1 reads `no` as false, breaking kohya's `mixed_precision: no`.
     recipe = parse_recipe_text(MINIMAL + "training: {mixed_precision: no}\n")
     assert recipe.training.mixed_precision == "no"
-    assert parse_recipe_text(MINIMAL + "cache: {latents: none}\nnetwork: {train_unet: true}\n").network.train_unet is True
+    assert (
+        parse_recipe_text(
+            MINIMAL + "cache: {latents: none}\nnetwork: {train_unet: true}\n"
+        ).network.train_unet
+        is True
+    )

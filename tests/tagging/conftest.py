@@ -259,3 +259,54 @@ def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     processor.save_pretrained(folder)
     vocab.unlink()
     return folder
+
+
+GIT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cat", "dog", "red"]
+
+
+@pytest.fixture(scope="session")
+def git_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GIT captioner (decoder-only text model) saved with save_pretrained."""
+    import torch
+    from transformers import (
+        BertTokenizer,
+        CLIPImageProcessor,
+        GitConfig,
+        GitForCausalLM,
+        GitProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny-git")
+    vocab = folder / "vocab_src.txt"
+    vocab.write_text("\n".join(GIT_WORDS) + "\n", encoding="utf-8")
+    config = GitConfig(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        vocab_size=len(GIT_WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+    torch.manual_seed(1)
+    model = GitForCausalLM(config)
+    processor = GitProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+        tokenizer=BertTokenizer(str(vocab)),
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    vocab.unlink()
+    return folder

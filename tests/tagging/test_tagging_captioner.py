@@ -142,3 +142,20 @@ def test_offline_hub_captioner(tmp_path, monkeypatch) -> None:
     with pytest.raises(ModelError, match="offline") as info:
         resolve_captioner("Salesforce/blip-image-captioning-base", suggest_dir=tmp_path)
     assert str(tmp_path / "blip-image-captioning-base") in (info.value.hint or "")
+
+
+def test_git_decoder_only_captioner_matches_transformers(tmp_path, git_dir, tagging_config) -> None:
+    import torch
+    from transformers import GitForCausalLM, GitProcessor
+
+    paths = make_images(tmp_path / "imgs")
+    config = tagging_config(mode="captioner", model=str(git_dir), max_length=5)
+    got = caption_run(tmp_path / "imgs", config)
+    processor = GitProcessor.from_pretrained(git_dir)
+    model = GitForCausalLM.from_pretrained(git_dir).eval()
+    pixels = processor(images=[load_image_rgb(p) for p in paths], return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(pixel_values=pixels["pixel_values"], max_new_tokens=5)
+    expected = [" ".join(t.split()) for t in processor.batch_decode(ids, skip_special_tokens=True)]
+    assert all(expected)
+    assert got == {p.stem: e for p, e in zip(paths, expected, strict=True)}

@@ -63,6 +63,7 @@ def captions(folder: Path, ext: str = ".txt") -> dict[str, str]:
     return {
         p.with_suffix(".png").name: p.read_text(encoding="utf-8").rstrip("\n")
         for p in sorted(folder.glob(f"*{ext}"))
+        if p.is_file()
     }
 
 
@@ -203,6 +204,18 @@ def test_unreadable_images_are_reported_not_fatal(tmp_path: Path, tagging_config
     result = run(folder, tagging_config())
     assert sorted(p.path.name for p in result.problems) == ["broken.png", "empty.jpg"]
     assert captions(folder) == EXPECTED
+
+
+def test_unreadable_caption_files(tmp_path: Path, tagging_config) -> None:
+    folder = make_images(tmp_path / "imgs")
+    (folder / "blue.txt").write_bytes(b"\xff\xfa not utf-8 \x80")
+    (folder / "wide.txt").mkdir()
+    kept = run(folder, tagging_config())
+    assert sorted(p.path.name for p in kept.problems) == ["blue.png", "wide.png"]
+    assert (folder / "blue.txt").read_bytes() == b"\xff\xfa not utf-8 \x80"
+    overwritten = run(folder, tagging_config(), existing="overwrite")
+    assert [p.path.name for p in overwritten.problems] == ["wide.png"]  # a folder stays
+    assert captions(folder)["blue.png"] == EXPECTED["blue.png"]
 
 
 def test_images_sharing_a_caption_file(tmp_path: Path) -> None:

@@ -1,0 +1,217 @@
+"""VAE latents cached in memory or on disk, and the one function that encodes pixels.
+
+Every bucketed image is encoded at its bucket resolution with its deterministic (centre) crop, and
+again mirrored when its subset flips images. ``train`` asks :class:`LatentCache` for a batch by
+image key and flip flag; the live path (no cache) calls :func:`encode_pixels` on the same pixels,
+so both paths feed the UNet identical quantities. Text-encoder outputs live in
+:mod:`loraforge.data.text_cache` and are re-exported here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from loraforge.data.cache_store import EntryStore
+from loraforge.data.dataset import to_tensor
+from loraforge.data.images import load_image_rgb
+from loraforge.data.plan import BucketPlan, PlannedImage
+from loraforge.data.text_cache import TextCache, prepare_text_cache
+from loraforge.data.transforms import flip_horizontal, resize_and_crop
+
+__all__ = [
+    "CacheStats",
+    "LatentCache",
+    "TextCache",
+    "encode_pixels",
+    "prepare_latent_cache",
+    "prepare_text_cache",
+]
+
+Mode = Literal["memory", "disk"]
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def encode_pixels(
+    vae: Any, pixels: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """VAE-encode ``(B, 3, H, W)`` pixels in ``[-1, 1]``.
+
+    Returns ``(B, C, H/8, W/8)`` latents sampled from the posterior and multiplied by the VAE's
+    scaling factor (sd-scripts' convention).
+    """
+    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=generator)
+    return latents * vae.config.scaling_factor
+
+
+@dataclass
+class CacheStats:
+    """What preparing a cache did: entries encoded now, reused from disk, and rebuilt as stale."""
+
+    encoded: int = 0
+    reused: int = 0
+    stale: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class LatentCache:
+    """Latents by image key; flipped versions under ``key`` + :data:`FLIP_SUFFIX`."""
+
+    memory: dict[str, torch.Tensor] = field(default_factory=dict)
+    store: EntryStore | None = None
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def get(self, key: str, flipped: bool = False) -> torch.Tensor:
+        name = key + FLIP_SUFFIX if flipped else key
+        if name in self.memory:
+            return self.memory[name]
+        if self.store is None:
+            raise KeyError(f"no cached latents for {name}")
+        return self.store.load(name)["latents"]
+
+    def batch(self, keys: Sequence[str], flipped: Sequence[bool]) -> torch.Tensor:
+        """Stack the cached latents of one batch (all images of a batch share a bucket)."""
+        return torch.stack([self.get(k, f) for k, f in zip(keys, flipped, strict=True)])
+
+
+FLIP_SUFFIX = "#flipped"
+
+
+@dataclass(frozen=True)
+class _Job:
+    name: str
+    planned: PlannedImage
+    flipped: bool
+    depends: dict[str, str]
+
+
+def _image_identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _jobs(
+    plan: BucketPlan, flip_subsets: set[int], vae_identity: str, dtype: torch.dtype
+) -> list[_Job]:
+    jobs = []
+    for planned in plan.images:
+        record, assignment = planned.record, planned.assignment
+        depends = {
+            "vae": vae_identity,
+            "image": _image_identity(record.path),
+            "bucket": "x".join(map(str, assignment.bucket)),
+            "resized": "x".join(map(str, assignment.resized)),
+            "crop": "x".join(map(str, assignment.center_crop())),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        for flipped in (False, True) if record.subset in flip_subsets else (False,):
+            name = record.key + FLIP_SUFFIX if flipped else record.key
+            jobs.append(_Job(name, planned, flipped, {**depends, "flipped": str(flipped)}))
+    return jobs
+
+
+def _pixels(job: _Job) -> torch.Tensor:
+    assignment = job.planned.assignment
+    image = resize_and_crop(
+        load_image_rgb(job.planned.record.path), assignment, assignment.center_crop()
+    )
+    pixels = np.array(image, dtype=np.uint8)
+    return to_tensor(flip_horizontal(pixels) if job.flipped else pixels)
+
+
+def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
+    """Jobs grouped so that every batch holds one bucket size (tensors must stack)."""
+    by_bucket: dict[tuple[int, int], list[_Job]] = {}
+    for job in jobs:
+        by_bucket.setdefault(job.planned.assignment.bucket, []).append(job)
+    for group in by_bucket.values():
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def prepare_latent_cache(
+    plan: BucketPlan,
+    vae: Any,
+    *,
+    mode: Mode,
+    cache_dir: Path | None,
+    vae_identity: str,
+    flip_subsets: set[int],
+    batch_size: int = 4,
+    decode_workers: int = 2,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> LatentCache:
+    """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once.
+
+    Args:
+        plan: the bucket plan (images with their buckets).
+        vae: the VAE (its device and dtype are used as they are).
+        mode: ``memory`` keeps latents in RAM; ``disk`` writes one file per image under
+            ``cache_dir`` and reuses valid files on the next run.
+        cache_dir: the latents folder (required for ``disk``).
+        vae_identity: changes when the VAE's weights change (``LoadedModel.vae_identity``).
+        flip_subsets: indices of subsets with ``flip_aug``.
+        batch_size: images per VAE call (``cache.vae_batch_size``).
+        decode_workers: threads decoding images while the VAE encodes.
+        seed: seeds the posterior sampling, so a cache is reproducible.
+        progress: called with ``(done, total)`` after every batch.
+    """
+    started = time.perf_counter()
+    store = EntryStore(cache_dir) if mode == "disk" else None
+    if mode == "disk" and cache_dir is None:
+        raise ValueError("a disk cache needs cache_dir")
+    cache = LatentCache(store=store)
+    jobs = _jobs(plan, flip_subsets, vae_identity, vae.dtype)
+    todo = []
+    for job in jobs:
+        if store is not None and store.is_valid(job.name, job.depends):
+            cache.stats.reused += 1
+        else:
+            cache.stats.stale += int(store is not None and store.path_for(job.name).exists())
+            todo.append(job)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    done = cache.stats.reused
+    if progress:
+        progress(done, len(jobs))
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        batches = list(_batches(todo, batch_size))
+        pending = pool.map(lambda b: torch.stack([_pixels(j) for j in b]), batches[:1])
+        for index, batch in enumerate(batches):
+            pixels = next(iter(pending))
+            # Decode the next batch while the VAE works on this one.
+            pending = pool.map(
+                lambda b: torch.stack([_pixels(j) for j in b]), batches[index + 1 : index + 2]
+            )
+            latents = encode_pixels(vae, pixels, _generator_for(vae, generator)).to("cpu")
+            for job, latent in zip(batch, latents, strict=True):
+                if store is not None:
+                    store.save(job.name, {"latents": latent}, job.depends)
+                else:
+                    cache.memory[job.name] = latent
+            cache.stats.encoded += len(batch)
+            done += len(batch)
+            if progress:
+                progress(done, len(jobs))
+    cache.stats.seconds = time.perf_counter() - started
+    return cache
+
+
+def _generator_for(vae: Any, cpu_generator: torch.Generator) -> torch.Generator:
+    """A generator on the VAE's device, seeded from the CPU one (reproducible per seed)."""
+    device = torch.device(vae.device)
+    if device.type == "cpu":
+        return cpu_generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=cpu_generator))
+    return torch.Generator(device=device).manual_seed(seed)
