@@ -13,6 +13,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+# Tests run on 2 cores under `pytest -n 2`: one thread per worker is fastest (oversubscribed
+# OpenMP threads made tiny-UNet steps take seconds instead of ~0.1 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 

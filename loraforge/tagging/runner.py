@@ -19,7 +19,7 @@ from loraforge.data.images import BadImageError, list_image_files, load_image_rg
 from loraforge.fileio import write_text_atomic
 from loraforge.tagging.compose import compose_caption
 from loraforge.tagging.frequency import merge_frequencies, tag_frequency, write_frequency_report
-from loraforge.tagging.progress import tagging_progress
+from loraforge.progress import make_progress
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -172,7 +172,7 @@ def tag_images(
     batches = [list(jobs[i : i + batch_size]) for i in range(0, len(jobs), max(batch_size, 1))]
     problems: list[Problem] = []
     written = 0
-    progress = tagging_progress(console, enabled=show_progress)
+    progress = make_progress(console, enabled=show_progress)
     with (
         ThreadPoolExecutor(max_workers=1) as loader,
         ThreadPoolExecutor(max_workers=max(workers, 1)) as decoders,

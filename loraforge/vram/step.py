@@ -273,7 +273,7 @@ def run_training_step(
         tracker.phase("optimizer state")
         _initialise_optimizer_state(models)
         tracker.reset_peak()
-        tracker.phase("inputs")
+        tracker.phase("inputs" if models.vae is None else "vae encode")
         latents = _latents(models, settings, device)
         tracker.phase("text encoder activations")
         hidden, pooled = _encode_text(models, arch, settings, device)

@@ -129,11 +129,33 @@ class LiveBytesTracker(TorchDispatchMode):
         self.current -= record.nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            return _placeholder_scalar(args[0])
         result = func(*args, **(kwargs or {}))
         for item in tree_flatten(result)[0]:
             if isinstance(item, torch.Tensor):
                 self._track(item, self._category)
         return result
+
+
+def _is_fake(tensor: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
+def _placeholder_scalar(tensor: torch.Tensor) -> bool | int | float:
+    """A value for ``.item()`` on a fake tensor, which has none.
+
+    Chosen so that random choices keep the most memory: ``torch.rand(1).item() < p`` (module
+    dropout) is false, so the module runs; ``randint(...).item()`` (DyLoRA's rank) is 0; a
+    boolean test is true.
+    """
+    if tensor.dtype == torch.bool:
+        return True
+    if tensor.is_floating_point():
+        return 1.0
+    return 0
 
 
 def _storage_key(tensor: torch.Tensor) -> int:

@@ -1,7 +1,5 @@
 """Buckets: kohya's algorithm against sd-scripts' own outputs and an independent brute force."""
 
-# ruff: noqa: E501  (tables of reference values read better one case per line)
-
 from __future__ import annotations
 
 import math

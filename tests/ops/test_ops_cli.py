@@ -1,0 +1,143 @@
+"""`loraforge resize`, `loraforge merge` (LoRAs into one) and `check LORA` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraforge.commands.lora_report import check_lora_files
+from loraforge.ops.lora_file import read_lora_file
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+META = {"ss_base_model_version": "sd_v1", "ss_network_dim": "16", "ss_network_alpha": "8", "loraforge_recipe": "{}"}
+
+
+@pytest.fixture
+def lora(tmp_path: Path, synth) -> Path:
+    tensors = {**synth.lora(Q, 320, 320, 16, alpha=8, dtype=torch.float16), **synth.lora(K, 320, 320, 16, alpha=8, seed=1, dtype=torch.float16)}
+    return synth.save(tmp_path / "mychar.safetensors", tensors, META)
+
+
+def test_resize_writes_default_output_with_updated_metadata(cli, lora: Path) -> None:
+    result = cli("resize", lora, "--rank", "4")
+    assert result.code == 0, result.err
+    out = lora.with_name("mychar-r4.safetensors")
+    assert "kept" in result.out and str(out) in result.out
+    written = read_lora_file(out)
+    assert written.tensors[f"{Q}.lora_down.weight"].shape == (4, 320)
+    assert written.tensors[f"{Q}.lora_down.weight"].dtype == torch.float16  # input precision kept
+    meta = written.metadata
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert meta["loraforge_recipe"] == "{}" and len(meta["sshs_model_hash"]) == 64
+    assert cli("resize", lora, "--rank", "4").code == 2  # exists, no --force
+    assert cli("resize", lora, "--rank", "4", "--force").code == 0
+
+
+def test_resize_json_dynamic_and_precision(cli, lora: Path, tmp_path: Path) -> None:
+    out = tmp_path / "small.safetensors"
+    result = cli("resize", lora, "-r", "8", "-m", "sv_fro", "-p", "0.5", "-o", out, "--save-precision", "bf16", "-f", "json")
+    assert result.code == 0, result.err
+    doc = json.loads(result.out)
+    assert doc["method"] == "sv_fro" and doc["dtype"] == "bfloat16"
+    assert {m["name"] for m in doc["modules"]} == {Q, K}
+    assert all(1 <= m["new_rank"] <= 8 and m["retained_fro"] >= 0.5 for m in doc["modules"])
+    assert read_lora_file(out).metadata["ss_network_dim"] in ("Dynamic", *map(str, range(1, 9)))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-r", "4", "-m", "sv_fro"], "needs --param"),
+        (["-r", "4", "-m", "sv_fro", "-p", "1.5"], "fraction in (0, 1]"),
+        (["-r", "4", "-m", "sv_ratio", "-p", "0.5"], "ratio >= 1"),
+        (["-r", "0"], "0"),
+    ],
+)
+def test_resize_bad_options_exit_2(cli, lora: Path, args: list[str], message: str) -> None:
+    result = cli("resize", lora, *args)
+    assert result.code == 2 and message in result.err
+
+
+def test_resize_user_errors_exit_2_without_traceback_or_output(cli, tmp_path: Path, synth) -> None:
+    missing = cli("resize", tmp_path / "nope.safetensors", "-r", "4")
+    assert missing.code == 2 and "no such file" in missing.err
+    torch.save(synth.lora(Q, 8, 8, 2, alpha=1), tmp_path / "old.ckpt")
+    pickled = cli("resize", tmp_path / "old.ckpt", "-r", "1", "-o", tmp_path / "o.safetensors")
+    assert pickled.code == 2 and "--allow-pickle" in pickled.err
+    allowed = cli("resize", tmp_path / "old.ckpt", "-r", "1", "-o", tmp_path / "o.safetensors", "--allow-pickle")
+    assert allowed.code == 0, allowed.err
+    bad = synth.lora(Q, 8, 8, 2, alpha=1)
+    bad[f"{Q}.lora_up.weight"] = torch.randn(8, 3)
+    synth.save(tmp_path / "bad.safetensors", bad)
+    broken = cli("resize", tmp_path / "bad.safetensors", "-r", "1", "-o", tmp_path / "b.safetensors")
+    assert broken.code == 2 and "rank 3 vs 2" in broken.err
+    cuda = cli("resize", tmp_path / "o.safetensors", "-r", "1", "--device", "cuda", "-o", tmp_path / "c.safetensors")
+    if not torch.cuda.is_available():
+        assert cuda.code == 2 and "--device cpu" in cuda.err
+    for result in (missing, pickled, broken):
+        assert "Traceback" not in result.err
+    assert not (tmp_path / "b.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_merge_loras_concat_and_exact(cli, lora: Path, tmp_path: Path, synth) -> None:
+    other = synth.save(tmp_path / "other.safetensors", synth.lora(Q, 320, 320, 8, alpha=8, seed=9), META)
+    concat = cli("merge", "--lora", f"{lora}:0.8", "--lora", f"{other}:-0.5", "-o", tmp_path / "c.safetensors")
+    assert concat.code == 0, concat.err
+    merged = read_lora_file(tmp_path / "c.safetensors")
+    assert merged.tensors[f"{Q}.lora_down.weight"].shape[0] == 24
+    base = read_lora_file(lora).tensors
+    want = 0.8 * synth.delta(base, Q) - 0.5 * synth.delta(synth.lora(Q, 320, 320, 8, alpha=8, seed=9), Q)
+    torch.testing.assert_close(synth.delta(merged.tensors, Q), want, rtol=1e-2, atol=1e-2)
+    assert merged.metadata["ss_base_model_version"] == "sd_v1"
+    assert "concat" in merged.metadata["ss_training_comment"]
+    exact = cli("merge", "-l", f"{lora}:0.8", "-l", f"{other}:-0.5", "-r", "4", "-o", tmp_path / "e.safetensors", "-f", "json")
+    assert exact.code == 0, exact.err
+    doc = json.loads(exact.out)
+    assert doc["mode"] == "exact" and all(m["new_rank"] == 4 for m in doc["modules"])
+    assert 0 < doc["overall"]["retained_fro"] < 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "at least one --lora"),
+        (["--mode", "exact"], "needs --rank"),
+        (["--mode", "concat", "--rank", "4"], "drop --rank"),
+        (["--extract", "--rank", "4"], "not --lora"),
+        (["--tuned", "x"], "only used with --extract"),
+    ],
+)
+def test_merge_usage_errors(cli, lora: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    lora_args = [] if args == [] else ["--lora", str(lora)]
+    result = cli("merge", *lora_args, *args, "-o", tmp_path / "m.safetensors")
+    assert result.code == 2 and message in result.err
+
+
+def test_check_lora_files_exit_codes(tmp_path: Path, lora: Path, synth, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert check_lora_files([lora], "json", strict=False) == 0
+    doc = json.loads(capsys.readouterr().out)[0]
+    assert doc["ok"] and doc["family"] == "sd1" and doc["algorithm"] == "lora"
+    assert doc["coverage"][0]["component"] == "unet" and doc["coverage"][0]["modules"] == 2
+    no_alpha = synth.save(tmp_path / "noalpha.safetensors", synth.lora(Q, 320, 320, 4), {"ss_base_model_version": "sd_v1"})
+    assert check_lora_files([no_alpha], "table", strict=False) == 0
+    assert check_lora_files([no_alpha], "table", strict=True) == 1
+    nan = synth.lora(Q, 320, 320, 4, alpha=1)
+    nan[f"{Q}.lora_up.weight"][0, 0] = float("inf")
+    broken = synth.save(tmp_path / "nan.safetensors", nan)
+    (tmp_path / "cut.safetensors").write_bytes(lora.read_bytes()[:200])
+    capsys.readouterr()
+    assert check_lora_files([lora, broken, tmp_path / "cut.safetensors"], "table", strict=False) == 1
+    shown = capsys.readouterr().out
+    assert "NaN or infinite" in shown and "broken" in shown and "truncated" in shown or "not a readable" in shown
+
+
+def test_check_command_routes_lora_files(cli, lora: Path) -> None:
+    result = cli("check", lora)
+    assert result.code == 0, result.out + result.err
+    assert "SD 1.x" in result.out
