@@ -59,7 +59,7 @@ class LycorisBackend:
         """See :meth:`loraforge.backends.base.NetworkBackend.create`."""
         check_config(config)
         require_lycoris()
-        from loraforge.backends.lycoris_modules import build_module
+        from loraforge.backends.lycoris_modules import build_module, lycoris_messages_to_console
         from loraforge.backends.lycoris_targets import load_preset, select_targets
 
         options = resolve_options(config)
@@ -78,7 +78,8 @@ class LycorisBackend:
                 hint="use preset full, or train the part the preset targets "
                 "(e.g. unet-transformer-only needs train_unet: true)",
             )
-        modules = [(t, build_module(t, options, config.multiplier)) for t in targets]
+        with lycoris_messages_to_console():
+            modules = [(t, build_module(t, options, config.multiplier)) for t in targets]
         return LycorisAdapterNetwork(config, modules, conv_enabled=spec.enable_conv)
 
 
@@ -154,7 +155,10 @@ class LycorisAdapterNetwork(Network):
             for name, param in module.named_parameters():
                 (plus if ratio and "lora_up" in name else plain).append(param)
         groups = []
-        for name, group_lr, params in ((label, lr, plain), (f"{label} plus", lr * (ratio or 0), plus)):
+        for name, group_lr, params in (
+            (label, lr, plain),
+            (f"{label} plus", lr * (ratio or 0), plus),
+        ):
             for p in params:
                 p.requires_grad_(group_lr != 0)
             if params and group_lr != 0:

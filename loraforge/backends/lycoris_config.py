@@ -53,6 +53,9 @@ _KOHYA_ONLY_FIELDS = (
     "mid_lr_weight",
     "up_lr_weight",
 )
+# Algorithms whose lycoris-lora forward honours rank_dropout (IA3, DyLoRA, BOFT and GLoRA
+# accept it and ignore it); no algorithm's weight-rebuild forward uses the neuron dropout.
+_RANK_DROPOUT_ALGORITHMS = ("lora", "locon", "loha", "lokr", "diag-oft", "full")
 # Algorithms with an up projection (``lora_up``) that LoRA+ can give a larger learning rate.
 _LORAPLUS_ALGORITHMS = ("lora", "locon")
 # Order the algorithm options appear in ``ss_network_args`` (after algo, preset, conv_*).
@@ -130,6 +133,7 @@ def check_config(config: NetworkConfig) -> None:
             "for LoRA+ to speed up",
             hint="remove loraplus_lr_ratio, or use algorithm lora/locon",
         )
+    _check_dropouts(config)
     if "dora_wd" in config.args and "weight_decompose" in config.args:
         raise RecipeError(
             "network.args: dora_wd and weight_decompose are the same option; give one",
@@ -137,6 +141,22 @@ def check_config(config: NetworkConfig) -> None:
         )
     if config.algorithm == "dylora":
         _check_dylora(config)
+
+
+def _check_dropouts(config: NetworkConfig) -> None:
+    if config.dropout:
+        raise RecipeError(
+            "network.dropout: lycoris-lora's modules ignore the neuron dropout "
+            "(their forward rebuilds the weight; only bypass mode would use it)",
+            hint="remove it; use network.rank_dropout or network.module_dropout",
+        )
+    if config.rank_dropout and config.algorithm not in _RANK_DROPOUT_ALGORITHMS:
+        raise RecipeError(
+            f"network.rank_dropout: algorithm {config.algorithm!r} ignores rank dropout "
+            "in lycoris-lora",
+            hint="remove it or use network.module_dropout; rank dropout works with "
+            + ", ".join(_RANK_DROPOUT_ALGORITHMS),
+        )
 
 
 def _check_dylora(config: NetworkConfig) -> None:

@@ -1,7 +1,7 @@
 """Build, hook and load lycoris-lora modules, one per target layer.
 
 Modules are lycoris-lora's own classes (``LoConModule``, ``LohaModule``, ``LokrModule`` …),
-created with the same arguments its kohya wrapper passes, under loraforge's kohya names. Two
+created with the same arguments its kohya wrapper passes, under loraforge's kohya names. Four
 classes get a thin subclass here because lycoris-lora 4.1.3 cannot do what a training tool needs
 with them as they are:
 
@@ -11,6 +11,8 @@ with them as they are:
   block size is not 1; and it saves conv ``lora_up`` as ``(out, r)``, which its own LoCon reader
   cannot copy into a 1x1 conv. The subclass scales by ``alpha/active_rank``, uses the full rank
   outside training, saves ``(out, r, 1, 1)`` and loads.
+* LoHa/LoKr: ``get_diff_weight`` (used by ``merge_to``) applied ``alpha/dim`` twice and left
+  out the trained scalar; LoKr's rank-dropout mask was made on the CPU whatever the device.
 * Full: ``apply_to`` after ``restore`` added the base weight a second time, and ``restore``
   left a CPU copy with ``requires_grad=True`` in the base layer. The subclass makes the pair
   repeatable and puts the weight back where and as it was.
@@ -20,7 +22,10 @@ This module imports lycoris; import it only after checking the package is instal
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import io
+import logging
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -41,6 +46,7 @@ from torch import nn
 
 from loraforge.backends.lycoris_config import LycorisOptions
 from loraforge.backends.lycoris_targets import Target
+from loraforge.console import warn
 from loraforge.errors import LoraFileError, RecipeError
 
 
@@ -80,6 +86,43 @@ class LoraforgeDyLoraModule(DyLoraModule):
         if "alpha" in state_dict:
             self.alpha.copy_(state_dict["alpha"])
         return nn.modules.module._IncompatibleKeys([], [])
+
+
+class _ScaleOnceMixin:
+    """LoHa/LoKr: ``get_diff_weight`` as their forward computes it.
+
+    In lycoris-lora 4.1.3 ``get_weight`` already applies ``alpha/dim`` and ``get_diff_weight``
+    applies it again and drops the trained scalar, so merges (and anything built on the diff)
+    disagreed with the forward and with every file reader whenever ``alpha != dim``.
+    """
+
+    def get_diff_weight(self, multiplier=1, shape=None, device=None):
+        weight = self.get_weight(self.shape if shape is None else shape)
+        diff = weight * self.scalar.to(weight) * multiplier
+        return (diff if device is None else diff.to(device)), None
+
+
+class LoraforgeLohaModule(_ScaleOnceMixin, LohaModule):
+    """lycoris-lora's LoHa with a merge that matches its forward."""
+
+
+class LoraforgeLokrModule(_ScaleOnceMixin, LokrModule):
+    """lycoris-lora's LoKr with a merge that matches its forward, and rank dropout on any device."""
+
+    def get_weight(self, shape):
+        rate = self.rank_dropout
+        if not (self.training and rate):
+            return super().get_weight(shape)
+        # lycoris-lora draws this mask on the CPU and multiplies it into a weight on the GPU
+        self.rank_dropout = 0.0
+        try:
+            weight = super().get_weight(shape)
+        finally:
+            self.rank_dropout = rate
+        drop = (torch.rand(weight.size(0), device=weight.device) > rate).to(weight.dtype)
+        if self.rank_dropout_scale:
+            drop = drop / drop.mean()
+        return weight * drop.view(-1, *[1] * (weight.dim() - 1))
 
 
 class LoraforgeFullModule(FullModule):
@@ -123,8 +166,8 @@ class LoraforgeFullModule(FullModule):
 MODULE_CLASSES: dict[str, type[LycorisBaseModule]] = {
     "lora": LoConModule,
     "locon": LoConModule,
-    "loha": LohaModule,
-    "lokr": LokrModule,
+    "loha": LoraforgeLohaModule,
+    "lokr": LoraforgeLokrModule,
     "ia3": IA3Module,
     "dylora": LoraforgeDyLoraModule,
     "diag-oft": DiagOFTModule,
@@ -171,6 +214,39 @@ def build_module(target: Target, options: LycorisOptions, multiplier: float) -> 
             f"network: lycoris-lora cannot build {algorithm} on {target.lora_name}: {e}",
             hint="change network.dim / conv_dim (for OFT/BOFT: the block size) or the preset",
         ) from e
+
+
+@contextlib.contextmanager
+def lycoris_messages_to_console() -> Iterator[None]:
+    """Route lycoris-lora's output while modules are built: its warnings (log records and
+    ``print`` calls, which go to stdout, once per module) to loraforge's warnings on stderr,
+    each message once; its INFO chatter is dropped. Its logger is put back as it was."""
+    from lycoris.logging import logger
+
+    seen: set[str] = set()
+
+    def report(message: str) -> None:
+        message = message.strip()
+        if message and message not in seen:
+            seen.add(message)
+            warn(f"lycoris-lora: {message}")
+
+    class _Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            report(record.getMessage())
+
+    handlers, level = list(logger.handlers), logger.level
+    logger.handlers = [_Forward(logging.WARNING)]
+    logger.setLevel(logging.WARNING)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logger.handlers = handlers
+        logger.setLevel(level)
+        for line in printed.getvalue().splitlines():
+            report(line.removeprefix("[WARN]"))
 
 
 def apply_module(module: LycorisBaseModule) -> None:

@@ -71,19 +71,24 @@ def read_lora_file(path: Path | str, *, allow_pickle: bool = False) -> LoraFile:
         raise LoraFileError(
             f"{path}: is a folder, not a LoRA file", hint="pass the .safetensors file"
         )
-    if _looks_like_pickle(path):
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return _read_pickle(path, allow_pickle)
-    tensors, metadata = _read_safetensors(path)
+    try:
+        tensors, metadata = _read_safetensors(path)
+    except LoraFileError:
+        if _looks_like_pickle(path):  # a pickle under a .safetensors name
+            return _read_pickle(path, allow_pickle)
+        raise
     return LoraFile(tensors=tensors, metadata=metadata, path=path)
 
 
 def _looks_like_pickle(path: Path) -> bool:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return True
     with path.open("rb") as f:
         head = f.read(4)
-    # torch.save writes a zip archive; older torch versions a raw pickle (protocol byte 0x80).
-    return head == _ZIP_MAGIC or head[:1] == b"\x80"
+    # torch.save writes a zip archive; older torch versions a raw pickle (PROTO opcode 0x80).
+    return head == _ZIP_MAGIC or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> LoraFile:

@@ -156,6 +156,7 @@ class TrainingConfig:
     loss_type: Literal["l2", "l1", "huber", "smooth_l1"]
     huber_schedule: Literal["constant", "exponential", "snr"]
     huber_c: float
+    huber_scale: float
     prior_loss_weight: float
     max_grad_norm: float
     scale_weight_norms: float | None

@@ -58,6 +58,7 @@ class LossOptions:
             loss_type=training.loss_type,
             huber_schedule=training.huber_schedule,
             huber_c=training.huber_c,
+            huber_scale=training.huber_scale,
             min_snr_gamma=training.min_snr_gamma,
             v_prediction=v_prediction,
             scale_v_pred_loss_like_noise_pred=training.scale_v_pred_loss_like_noise_pred,

@@ -183,7 +183,7 @@ def _training_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         "ss_debiased_estimation": t.debiased_estimation_loss,
         "ss_loss_type": t.loss_type,
         "ss_huber_schedule": t.huber_schedule,
-        "ss_huber_scale": 1.0,
+        "ss_huber_scale": t.huber_scale,
         "ss_huber_c": t.huber_c,
         "ss_fp8_base": t.fp8_base,
         "ss_fp8_base_unet": False,  # loraforge has no UNet-only fp8 option

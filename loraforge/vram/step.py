@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.recipe.types import Recipe
+from loraforge.vram.amp import autocast, cuda_policy
 from loraforge.vram.arch import Architecture
 from loraforge.vram.optimizers import trace_optimizer
 from loraforge.vram.settings import TOKENS_PER_CHUNK, MemorySettings
@@ -177,9 +178,8 @@ def build_step_models(recipe: Recipe, arch: Architecture, settings: MemorySettin
 
 
 def _autocast(settings: MemorySettings, device: str) -> contextlib.AbstractContextManager[Any]:
-    if settings.compute_dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device, dtype=TORCH_DTYPES[settings.compute_dtype])
+    dtype = None if settings.compute_dtype == "fp32" else TORCH_DTYPES[settings.compute_dtype]
+    return autocast(dtype, device)
 
 
 def _latents(models: StepModels, settings: MemorySettings, device: str) -> torch.Tensor:
@@ -269,7 +269,7 @@ def run_training_step(
     """
     models = build_step_models(recipe, arch, settings)
     _register_resident(models, tracker)
-    with tracker:
+    with cuda_policy(device), tracker:
         tracker.phase("optimizer state")
         _initialise_optimizer_state(models)
         tracker.reset_peak()

@@ -37,7 +37,10 @@ class Synth:
         else:
             down = torch.randn(rank, inn, kernel, kernel, generator=g)
             up = torch.randn(out, rank, 1, 1, generator=g) * up_scale
-        tensors = {f"{name}.lora_down.weight": down.to(dtype), f"{name}.lora_up.weight": up.to(dtype)}
+        tensors = {
+            f"{name}.lora_down.weight": down.to(dtype),
+            f"{name}.lora_up.weight": up.to(dtype),
+        }
         if alpha is not None:
             tensors[f"{name}.alpha"] = torch.tensor(float(alpha)).to(dtype)
         return tensors
@@ -56,10 +59,16 @@ class Synth:
         return (product * scale).reshape(shape)
 
     @staticmethod
-    def save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    def save(
+        path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    ) -> Path:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(path),
+            metadata=dict(metadata or {}),
+        )
         return path
 
     @staticmethod
@@ -76,7 +85,16 @@ class Synth:
         for i, (name, w) in enumerate(weights.items()):
             r = min(rank, w.shape[0], w[0].numel())
             kernel = None if w.dim() == 2 else int(w.shape[-1])
-            part = Synth.lora(name, w.shape[0], w.shape[1], r, kernel=kernel, alpha=alpha, seed=seed + i, up_scale=up_scale)
+            part = Synth.lora(
+                name,
+                w.shape[0],
+                w.shape[1],
+                r,
+                kernel=kernel,
+                alpha=alpha,
+                seed=seed + i,
+                up_scale=up_scale,
+            )
             tensors.update(part)
         return tensors
 
@@ -94,7 +112,9 @@ class CliResult:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[..., CliResult]:
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[..., CliResult]:
     """Run ``loraforge ARGS`` in-process through the real entry point (error -> exit-code mapping)."""
     from loraforge.cli import main
 

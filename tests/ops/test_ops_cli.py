@@ -13,12 +13,20 @@ from loraforge.ops.lora_file import read_lora_file
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
-META = {"ss_base_model_version": "sd_v1", "ss_network_dim": "16", "ss_network_alpha": "8", "loraforge_recipe": "{}"}
+META = {
+    "ss_base_model_version": "sd_v1",
+    "ss_network_dim": "16",
+    "ss_network_alpha": "8",
+    "loraforge_recipe": "{}",
+}
 
 
 @pytest.fixture
 def lora(tmp_path: Path, synth) -> Path:
-    tensors = {**synth.lora(Q, 320, 320, 16, alpha=8, dtype=torch.float16), **synth.lora(K, 320, 320, 16, alpha=8, seed=1, dtype=torch.float16)}
+    tensors = {
+        **synth.lora(Q, 320, 320, 16, alpha=8, dtype=torch.float16),
+        **synth.lora(K, 320, 320, 16, alpha=8, seed=1, dtype=torch.float16),
+    }
     return synth.save(tmp_path / "mychar.safetensors", tensors, META)
 
 
@@ -39,7 +47,22 @@ def test_resize_writes_default_output_with_updated_metadata(cli, lora: Path) -> 
 
 def test_resize_json_dynamic_and_precision(cli, lora: Path, tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
-    result = cli("resize", lora, "-r", "8", "-m", "sv_fro", "-p", "0.5", "-o", out, "--save-precision", "bf16", "-f", "json")
+    result = cli(
+        "resize",
+        lora,
+        "-r",
+        "8",
+        "-m",
+        "sv_fro",
+        "-p",
+        "0.5",
+        "-o",
+        out,
+        "--save-precision",
+        "bf16",
+        "-f",
+        "json",
+    )
     assert result.code == 0, result.err
     doc = json.loads(result.out)
     assert doc["method"] == "sv_fro" and doc["dtype"] == "bfloat16"
@@ -54,7 +77,7 @@ def test_resize_json_dynamic_and_precision(cli, lora: Path, tmp_path: Path) -> N
         (["-r", "4", "-m", "sv_fro"], "needs --param"),
         (["-r", "4", "-m", "sv_fro", "-p", "1.5"], "fraction in (0, 1]"),
         (["-r", "4", "-m", "sv_ratio", "-p", "0.5"], "ratio >= 1"),
-        (["-r", "0"], "0"),
+        (["-r", "0"], "greater than or equal to 1"),
     ],
 )
 def test_resize_bad_options_exit_2(cli, lora: Path, args: list[str], message: str) -> None:
@@ -68,14 +91,33 @@ def test_resize_user_errors_exit_2_without_traceback_or_output(cli, tmp_path: Pa
     torch.save(synth.lora(Q, 8, 8, 2, alpha=1), tmp_path / "old.ckpt")
     pickled = cli("resize", tmp_path / "old.ckpt", "-r", "1", "-o", tmp_path / "o.safetensors")
     assert pickled.code == 2 and "--allow-pickle" in pickled.err
-    allowed = cli("resize", tmp_path / "old.ckpt", "-r", "1", "-o", tmp_path / "o.safetensors", "--allow-pickle")
+    allowed = cli(
+        "resize",
+        tmp_path / "old.ckpt",
+        "-r",
+        "1",
+        "-o",
+        tmp_path / "o.safetensors",
+        "--allow-pickle",
+    )
     assert allowed.code == 0, allowed.err
     bad = synth.lora(Q, 8, 8, 2, alpha=1)
     bad[f"{Q}.lora_up.weight"] = torch.randn(8, 3)
     synth.save(tmp_path / "bad.safetensors", bad)
-    broken = cli("resize", tmp_path / "bad.safetensors", "-r", "1", "-o", tmp_path / "b.safetensors")
+    broken = cli(
+        "resize", tmp_path / "bad.safetensors", "-r", "1", "-o", tmp_path / "b.safetensors"
+    )
     assert broken.code == 2 and "rank 3 vs 2" in broken.err
-    cuda = cli("resize", tmp_path / "o.safetensors", "-r", "1", "--device", "cuda", "-o", tmp_path / "c.safetensors")
+    cuda = cli(
+        "resize",
+        tmp_path / "o.safetensors",
+        "-r",
+        "1",
+        "--device",
+        "cuda",
+        "-o",
+        tmp_path / "c.safetensors",
+    )
     if not torch.cuda.is_available():
         assert cuda.code == 2 and "--device cpu" in cuda.err
     for result in (missing, pickled, broken):
@@ -85,17 +127,41 @@ def test_resize_user_errors_exit_2_without_traceback_or_output(cli, tmp_path: Pa
 
 
 def test_merge_loras_concat_and_exact(cli, lora: Path, tmp_path: Path, synth) -> None:
-    other = synth.save(tmp_path / "other.safetensors", synth.lora(Q, 320, 320, 8, alpha=8, seed=9), META)
-    concat = cli("merge", "--lora", f"{lora}:0.8", "--lora", f"{other}:-0.5", "-o", tmp_path / "c.safetensors")
+    other = synth.save(
+        tmp_path / "other.safetensors", synth.lora(Q, 320, 320, 8, alpha=8, seed=9), META
+    )
+    concat = cli(
+        "merge",
+        "--lora",
+        f"{lora}:0.8",
+        "--lora",
+        f"{other}:-0.5",
+        "-o",
+        tmp_path / "c.safetensors",
+    )
     assert concat.code == 0, concat.err
     merged = read_lora_file(tmp_path / "c.safetensors")
     assert merged.tensors[f"{Q}.lora_down.weight"].shape[0] == 24
     base = read_lora_file(lora).tensors
-    want = 0.8 * synth.delta(base, Q) - 0.5 * synth.delta(synth.lora(Q, 320, 320, 8, alpha=8, seed=9), Q)
+    want = 0.8 * synth.delta(base, Q) - 0.5 * synth.delta(
+        synth.lora(Q, 320, 320, 8, alpha=8, seed=9), Q
+    )
     torch.testing.assert_close(synth.delta(merged.tensors, Q), want, rtol=1e-2, atol=1e-2)
     assert merged.metadata["ss_base_model_version"] == "sd_v1"
     assert "concat" in merged.metadata["ss_training_comment"]
-    exact = cli("merge", "-l", f"{lora}:0.8", "-l", f"{other}:-0.5", "-r", "4", "-o", tmp_path / "e.safetensors", "-f", "json")
+    exact = cli(
+        "merge",
+        "-l",
+        f"{lora}:0.8",
+        "-l",
+        f"{other}:-0.5",
+        "-r",
+        "4",
+        "-o",
+        tmp_path / "e.safetensors",
+        "-f",
+        "json",
+    )
     assert exact.code == 0, exact.err
     doc = json.loads(exact.out)
     assert doc["mode"] == "exact" and all(m["new_rank"] == 4 for m in doc["modules"])
@@ -118,13 +184,19 @@ def test_merge_usage_errors(cli, lora: Path, tmp_path: Path, args: list[str], me
     assert result.code == 2 and message in result.err
 
 
-def test_check_lora_files_exit_codes(tmp_path: Path, lora: Path, synth, capsys, monkeypatch) -> None:
+def test_check_lora_files_exit_codes(
+    tmp_path: Path, lora: Path, synth, capsys, monkeypatch
+) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert check_lora_files([lora], "json", strict=False) == 0
     doc = json.loads(capsys.readouterr().out)[0]
     assert doc["ok"] and doc["family"] == "sd1" and doc["algorithm"] == "lora"
     assert doc["coverage"][0]["component"] == "unet" and doc["coverage"][0]["modules"] == 2
-    no_alpha = synth.save(tmp_path / "noalpha.safetensors", synth.lora(Q, 320, 320, 4), {"ss_base_model_version": "sd_v1"})
+    no_alpha = synth.save(
+        tmp_path / "noalpha.safetensors",
+        synth.lora(Q, 320, 320, 4),
+        {"ss_base_model_version": "sd_v1"},
+    )
     assert check_lora_files([no_alpha], "table", strict=False) == 0
     assert check_lora_files([no_alpha], "table", strict=True) == 1
     nan = synth.lora(Q, 320, 320, 4, alpha=1)
@@ -132,9 +204,13 @@ def test_check_lora_files_exit_codes(tmp_path: Path, lora: Path, synth, capsys, 
     broken = synth.save(tmp_path / "nan.safetensors", nan)
     (tmp_path / "cut.safetensors").write_bytes(lora.read_bytes()[:200])
     capsys.readouterr()
-    assert check_lora_files([lora, broken, tmp_path / "cut.safetensors"], "table", strict=False) == 1
+    assert (
+        check_lora_files([lora, broken, tmp_path / "cut.safetensors"], "table", strict=False) == 1
+    )
     shown = capsys.readouterr().out
-    assert "NaN or infinite" in shown and "broken" in shown and "truncated" in shown or "not a readable" in shown
+    assert (
+        "NaN or infinite" in shown and "broken" in shown and "truncated" in shown
+    ) or "not a readable" in shown
 
 
 def test_check_command_routes_lora_files(cli, lora: Path) -> None:

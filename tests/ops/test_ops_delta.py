@@ -29,19 +29,49 @@ def test_lora_linear_conv_and_tucker_mid(synth) -> None:
         _close(module_delta(m), synth.delta(tensors, NAME))
     lycoris = pytest.importorskip("lycoris.functional.locon")
     down, up, mid = torch.randn(4, 10, 1, 1), torch.randn(12, 4, 1, 1), torch.randn(4, 4, 3, 3)
-    m = _module({"lora_down.weight": down, "lora_up.weight": up, "lora_mid.weight": mid, "alpha": torch.tensor(2.0)})
+    m = _module(
+        {
+            "lora_down.weight": down,
+            "lora_up.weight": up,
+            "lora_mid.weight": mid,
+            "alpha": torch.tensor(2.0),
+        }
+    )
     _close(module_delta(m), lycoris.diff_weight(down, up, mid, gamma=0.5))
 
 
 def test_loha_matches_lycoris_functional_with_a_single_scale() -> None:
     loha = pytest.importorskip("lycoris.functional.loha")
-    w1a, w1b, w2a, w2b = torch.randn(12, 4), torch.randn(4, 10), torch.randn(12, 4), torch.randn(4, 10)
-    m = _module({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "alpha": torch.tensor(1.0)})
+    w1a, w1b, w2a, w2b = (
+        torch.randn(12, 4),
+        torch.randn(4, 10),
+        torch.randn(12, 4),
+        torch.randn(4, 10),
+    )
+    m = _module(
+        {
+            "hada_w1_a": w1a,
+            "hada_w1_b": w1b,
+            "hada_w2_a": w2a,
+            "hada_w2_b": w2b,
+            "alpha": torch.tensor(1.0),
+        }
+    )
     _close(module_delta(m), loha.diff_weight(w1b, w1a, w2b, w2a, None, None, gamma=0.25))
     _close(module_delta(m), (w1a @ w1b) * (w2a @ w2b) * 0.25)  # A1111/ComfyUI: alpha / rank once
     t1, t2 = torch.randn(4, 4, 3, 3), torch.randn(4, 4, 3, 3)
     w1a, w2a = torch.randn(4, 12), torch.randn(4, 12)  # Tucker layout: (rank, out)
-    m = _module({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "hada_t1": t1, "hada_t2": t2, "alpha": torch.tensor(2.0)})
+    m = _module(
+        {
+            "hada_w1_a": w1a,
+            "hada_w1_b": w1b,
+            "hada_w2_a": w2a,
+            "hada_w2_b": w2b,
+            "hada_t1": t1,
+            "hada_t2": t2,
+            "alpha": torch.tensor(2.0),
+        }
+    )
     _close(module_delta(m), loha.diff_weight(w1b, w1a, w2b, w2a, t1, t2, gamma=0.5))
 
 
@@ -63,11 +93,25 @@ def test_full_ia3_and_glora() -> None:
     diff = torch.randn(6, 4)
     _close(apply_module(_module({"diff": diff}), w, 0.5), w + 0.5 * diff)
     scale = torch.randn(6)
-    _close(apply_module(_module({"weight": scale, "on_input": torch.tensor(False)}), w), w + w * scale[:, None])
+    _close(
+        apply_module(_module({"weight": scale, "on_input": torch.tensor(False)}), w),
+        w + w * scale[:, None],
+    )
     scale_in = torch.randn(4)
-    _close(apply_module(_module({"weight": scale_in, "on_input": torch.tensor(True)}), w, -1.0), w - w * scale_in[None, :])
+    _close(
+        apply_module(_module({"weight": scale_in, "on_input": torch.tensor(True)}), w, -1.0),
+        w - w * scale_in[None, :],
+    )
     a1, a2, b1, b2 = torch.randn(4, 2), torch.randn(2, 4), torch.randn(6, 2), torch.randn(2, 4)
-    m = _module({"a1.weight": a1, "a2.weight": a2, "b1.weight": b1, "b2.weight": b2, "alpha": torch.tensor(1.0)})
+    m = _module(
+        {
+            "a1.weight": a1,
+            "a2.weight": a2,
+            "b1.weight": b1,
+            "b2.weight": b2,
+            "alpha": torch.tensor(1.0),
+        }
+    )
     _close(apply_module(m, w), w + (w @ a1 @ a2 + b1 @ b2) * 0.5)
 
 
@@ -84,7 +128,9 @@ def test_oft_and_boft_match_lycoris_functional(rescale: bool) -> None:
     _close(apply_module(m, w, 0.3) - w, 0.3 * expected)
     bblocks = torch.randn(2, 2, 4, 4) * 0.1
     m = _module({"oft_blocks": bblocks, "alpha": torch.tensor(0.0), **extra})
-    _close(apply_module(m, w) - w, boft.diff_weight(w, bblocks, extra.get("rescale"), constraint=0.0))
+    _close(
+        apply_module(m, w) - w, boft.diff_weight(w, bblocks, extra.get("rescale"), constraint=0.0)
+    )
 
 
 def test_oft_rotation_is_orthogonal_and_kohya_constraint_scales_with_width() -> None:
@@ -102,7 +148,14 @@ def test_dora_weight_decomposition(on_out: bool) -> None:
     w = torch.randn(6, 4)
     down, up = torch.randn(2, 4), torch.randn(6, 2)
     magnitude = torch.rand(6, 1) + 0.5 if on_out else torch.rand(1, 4) + 0.5
-    m = _module({"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0), "dora_scale": magnitude})
+    m = _module(
+        {
+            "lora_down.weight": down,
+            "lora_up.weight": up,
+            "alpha": torch.tensor(1.0),
+            "dora_scale": magnitude,
+        }
+    )
     merged = w + up @ down * 0.5
     norm = merged.norm(dim=1, keepdim=True) if on_out else merged.norm(dim=0, keepdim=True)
     target = merged * magnitude / norm

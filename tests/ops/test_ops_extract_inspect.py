@@ -10,7 +10,7 @@ import torch
 from loraforge.errors import LoraFileError
 from loraforge.ops.extract import ExtractSpec, extract_lora
 from loraforge.ops.inspect import inspect_lora
-from loraforge.ops.lora_file import LoraFile, write_lora_file, read_lora_file
+from loraforge.ops.lora_file import LoraFile, read_lora_file, write_lora_file
 
 LIN = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_v"
 CONV = "lora_unet_mid_block_resnets_0_conv1"
@@ -19,18 +19,29 @@ TE = "lora_te_text_model_encoder_layers_0_mlp_fc1"
 
 def _low_rank(out: int, inn: int, rank: int, seed: int, kernel: int | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    delta = torch.randn(out, rank, generator=g) @ torch.randn(rank, inn * (kernel or 1) ** 2, generator=g)
+    delta = torch.randn(out, rank, generator=g) @ torch.randn(
+        rank, inn * (kernel or 1) ** 2, generator=g
+    )
     return delta.reshape(out, inn, kernel, kernel) if kernel else delta
 
 
 def test_extract_recovers_a_known_low_rank_difference(synth) -> None:
     base = {LIN: torch.randn(32, 24), CONV: torch.randn(16, 8, 3, 3), TE: torch.randn(20, 12)}
-    delta = {LIN: _low_rank(32, 24, 3, 1), CONV: _low_rank(16, 8, 2, 2, kernel=3), TE: _low_rank(20, 12, 4, 3) * 0.1}
+    delta = {
+        LIN: _low_rank(32, 24, 3, 1),
+        CONV: _low_rank(16, 8, 2, 2, kernel=3),
+        TE: _low_rank(20, 12, 4, 3) * 0.1,
+    }
     pairs = {n: (w, w + delta[n]) for n, w in base.items()}
     result = extract_lora(pairs, ExtractSpec(rank=4, conv_rank=2, save_dtype=torch.float32))
     for name in base:
-        torch.testing.assert_close(synth.delta(result.tensors, name), delta[name].double(), rtol=1e-4, atol=1e-4)
-        assert float(result.tensors[f"{name}.alpha"]) == result.tensors[f"{name}.lora_down.weight"].shape[0]
+        torch.testing.assert_close(
+            synth.delta(result.tensors, name), delta[name].double(), rtol=1e-4, atol=1e-4
+        )
+        assert (
+            float(result.tensors[f"{name}.alpha"])
+            == result.tensors[f"{name}.lora_down.weight"].shape[0]
+        )
     assert {r.name: r.new_rank for r in result.rows} == {LIN: 4, CONV: 2, TE: 4}
     assert next(r for r in result.rows if r.name == LIN).retained_fro == pytest.approx(1.0)
 
@@ -50,7 +61,9 @@ def test_extract_skips_convs_without_conv_rank_and_unchanged_text_encoders() -> 
 def test_extract_clamp_quantile_bounds_the_factors() -> None:
     base = torch.zeros(64, 64)
     tuned = _low_rank(64, 64, 4, 7)
-    result = extract_lora({LIN: (base, tuned)}, ExtractSpec(rank=4, clamp_quantile=0.9, save_dtype=torch.float32))
+    result = extract_lora(
+        {LIN: (base, tuned)}, ExtractSpec(rank=4, clamp_quantile=0.9, save_dtype=torch.float32)
+    )
     up = result.tensors[f"{LIN}.lora_up.weight"]
     u, s, vh = torch.linalg.svd(tuned)
     us, vh = u[:, :4] * s[:4], vh[:4]
@@ -65,7 +78,11 @@ def _file(tensors, metadata=None) -> LoraFile:
 
 
 def test_inspect_flags_nan_and_zero_tensors(synth) -> None:
-    tensors = {**synth.lora(LIN, 8, 8, 2, alpha=1), **synth.lora(CONV, 8, 8, 2, kernel=3, alpha=1), **synth.lora(TE, 8, 8, 2, alpha=1)}
+    tensors = {
+        **synth.lora(LIN, 8, 8, 2, alpha=1),
+        **synth.lora(CONV, 8, 8, 2, kernel=3, alpha=1),
+        **synth.lora(TE, 8, 8, 2, alpha=1),
+    }
     tensors[f"{LIN}.lora_down.weight"][0, 0] = float("nan")
     tensors[f"{TE}.lora_up.weight"].zero_()
     report = inspect_lora(_file(tensors))
@@ -94,12 +111,28 @@ def test_last_text_encoder_layer_zero_is_expected_with_clip_skip_2(synth) -> Non
 
 
 def test_inspect_names_modules_readers_will_not_load(synth) -> None:
-    tensors = {**synth.lora(LIN, 8, 8, 2, alpha=1), **synth.lora("lora_te_encoder_layers_0_mlp_fc1", 8, 8, 2, alpha=1)}
+    tensors = {
+        **synth.lora(LIN, 8, 8, 2, alpha=1),
+        **synth.lora("lora_te_encoder_layers_0_mlp_fc1", 8, 8, 2, alpha=1),
+    }
     report = inspect_lora(_file(tensors, {"ss_base_model_version": "sd_v1"}))
-    assert any("without 'text_model'" in p.message for p in report.problems if p.severity == "error")
+    assert any(
+        "without 'text_model'" in p.message for p in report.problems if p.severity == "error"
+    )
     known = {LIN, TE}
-    report = inspect_lora(_file({**synth.lora(LIN, 8, 8, 2, alpha=1), **synth.lora("lora_unet_bogus", 8, 8, 2, alpha=1)}, {"ss_base_model_version": "sd_v1"}), lambda family, conv: (known, {LIN, TE}))
-    assert any("match no layer" in p.message and "lora_unet_bogus" in p.message for p in report.problems)
+    report = inspect_lora(
+        _file(
+            {
+                **synth.lora(LIN, 8, 8, 2, alpha=1),
+                **synth.lora("lora_unet_bogus", 8, 8, 2, alpha=1),
+            },
+            {"ss_base_model_version": "sd_v1"},
+        ),
+        lambda family, conv: (known, {LIN, TE}),
+    )
+    assert any(
+        "match no layer" in p.message and "lora_unet_bogus" in p.message for p in report.problems
+    )
     assert report.coverage == (("unet", 2, 1), ("te", 0, 1))
 
 
@@ -123,4 +156,7 @@ def test_metadata_summary_and_hash_check(tmp_path, synth) -> None:
     edited.tensors[f"{LIN}.alpha"] = torch.tensor(2.0)
     assert any("sshs_model_hash" in p.message for p in inspect_lora(edited).warnings)
     with_trigger = inspect_lora(_file(tensors, {"modelspec.trigger_phrase": "ohwx"})).metadata
-    assert (with_trigger.trigger_phrase, with_trigger.trigger_source) == ("ohwx", "modelspec.trigger_phrase")
+    assert (with_trigger.trigger_phrase, with_trigger.trigger_source) == (
+        "ohwx",
+        "modelspec.trigger_phrase",
+    )

@@ -64,7 +64,9 @@ def test_write_refuses_overwrite_and_non_safetensors(tmp_path: Path, synth) -> N
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
 
 
-def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synth) -> None:
+def test_failed_write_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synth
+) -> None:
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -80,7 +82,10 @@ def test_pickle_is_refused_unless_allowed(tmp_path: Path, synth) -> None:
     with pytest.raises(LoraFileError, match="pickle") as info:
         read_lora_file(tmp_path / "a.pt")
     assert "--allow-pickle" in str(info.value)
-    assert torch.equal(read_lora_file(tmp_path / "a.pt", allow_pickle=True).tensors["lora_unet_a.alpha"], tensors["lora_unet_a.alpha"])
+    assert torch.equal(
+        read_lora_file(tmp_path / "a.pt", allow_pickle=True).tensors["lora_unet_a.alpha"],
+        tensors["lora_unet_a.alpha"],
+    )
     # a pickle renamed to .safetensors is recognised by content
     (tmp_path / "b.safetensors").write_bytes((tmp_path / "a.pt").read_bytes())
     with pytest.raises(LoraFileError, match="pickle"):
@@ -112,6 +117,23 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path: Path, synth) -> 
 
 
 def test_non_lora_safetensors_is_refused(tmp_path: Path, synth) -> None:
-    synth.save(tmp_path / "model.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3)})
+    synth.save(
+        tmp_path / "model.safetensors",
+        {"model.diffusion_model.out.2.weight": torch.zeros(4, 4, 3, 3)},
+    )
     with pytest.raises(LoraFileError, match="not a LoRA file"):
         load_lora(tmp_path / "model.safetensors")
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_a_pickle(
+    tmp_path: Path, synth
+) -> None:
+    # regression: the first byte of a safetensors file is the low byte of its header length;
+    # 0x80 is also pickle's PROTO opcode, and such files were once refused as pickles
+    tensors = synth.lora("lora_unet_a", 4, 4, 1, alpha=1)
+    for pad in range(300):
+        path = synth.save(tmp_path / "a.safetensors", tensors, {"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_lora_file(path).metadata["pad"] == "x" * pad

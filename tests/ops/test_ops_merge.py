@@ -32,7 +32,10 @@ def _weighted(tensors, ratio: float, metadata=None, label="x.safetensors") -> We
 
 
 def _inputs(synth):
-    first = {**synth.lora(A, 24, 16, 4, alpha=2, seed=1), **synth.lora(C, 24, 8, 4, kernel=3, alpha=4, seed=2)}
+    first = {
+        **synth.lora(A, 24, 16, 4, alpha=2, seed=1),
+        **synth.lora(C, 24, 8, 4, kernel=3, alpha=4, seed=2),
+    }
     second = {**synth.lora(A, 24, 16, 6, alpha=3, seed=3), **synth.lora(B, 24, 16, 2, seed=4)}
     return first, second
 
@@ -50,10 +53,14 @@ def test_concat_is_lossless_and_ratios_may_be_negative(synth) -> None:
 
 def test_exact_merge_is_the_best_approximation_of_the_sum(synth) -> None:
     first, second = _inputs(synth)
-    result = merge_loras_exact([_weighted(first, 1.0), _weighted(second, 0.7)], ExactSpec(rank=3), torch.float32)
+    result = merge_loras_exact(
+        [_weighted(first, 1.0), _weighted(second, 0.7)], ExactSpec(rank=3), torch.float32
+    )
     total = synth.delta(first, A) + 0.7 * synth.delta(second, A)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    torch.testing.assert_close(synth.delta(result.tensors, A), (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        synth.delta(result.tensors, A), (u[:, :3] * s[:3]) @ vh[:3], rtol=1e-4, atol=1e-4
+    )
     row = next(r for r in result.rows if r.name == A)
     assert row.old_rank == 10 and row.new_rank == 3
     assert math.isclose(row.retained_fro, float(s[:3].norm() / s.norm()), rel_tol=1e-5)
@@ -63,10 +70,23 @@ def test_exact_merge_is_the_best_approximation_of_the_sum(synth) -> None:
 
 
 def test_exact_merge_sums_lycoris_deltas_densely(synth) -> None:
-    w1a, w1b, w2a, w2b = (torch.randn(24, 2), torch.randn(2, 16), torch.randn(24, 2), torch.randn(2, 16))
-    loha = {f"{A}.hada_w1_a": w1a, f"{A}.hada_w1_b": w1b, f"{A}.hada_w2_a": w2a, f"{A}.hada_w2_b": w2b, f"{A}.alpha": torch.tensor(1.0)}
+    w1a, w1b, w2a, w2b = (
+        torch.randn(24, 2),
+        torch.randn(2, 16),
+        torch.randn(24, 2),
+        torch.randn(2, 16),
+    )
+    loha = {
+        f"{A}.hada_w1_a": w1a,
+        f"{A}.hada_w1_b": w1b,
+        f"{A}.hada_w2_a": w2a,
+        f"{A}.hada_w2_b": w2b,
+        f"{A}.alpha": torch.tensor(1.0),
+    }
     lora = synth.lora(A, 24, 16, 4, alpha=4)
-    result = merge_loras_exact([_weighted(loha, 1.0), _weighted(lora, -1.0)], ExactSpec(rank=16), torch.float32)
+    result = merge_loras_exact(
+        [_weighted(loha, 1.0), _weighted(lora, -1.0)], ExactSpec(rank=16), torch.float32
+    )
     expected = ((w1a @ w1b) * (w2a @ w2b) * 0.5).double() - synth.delta(lora, A)
     torch.testing.assert_close(synth.delta(result.tensors, A), expected, rtol=1e-4, atol=1e-4)
 
@@ -75,7 +95,12 @@ def test_weight_dependent_modules_cannot_become_a_lora(synth) -> None:
     dora = {**synth.lora(A, 24, 16, 4, alpha=4), f"{A}.dora_scale": torch.ones(24, 1)}
     with pytest.raises(LoraFileError, match="depends on the base weights"):
         merge_loras_exact([_weighted(dora, 1.0)], ExactSpec(rank=4), torch.float32)
-    loha = {f"{A}.hada_w1_a": torch.randn(24, 2), f"{A}.hada_w1_b": torch.randn(2, 16), f"{A}.hada_w2_a": torch.randn(24, 2), f"{A}.hada_w2_b": torch.randn(2, 16)}
+    loha = {
+        f"{A}.hada_w1_a": torch.randn(24, 2),
+        f"{A}.hada_w1_b": torch.randn(2, 16),
+        f"{A}.hada_w2_a": torch.randn(24, 2),
+        f"{A}.hada_w2_b": torch.randn(2, 16),
+    }
     with pytest.raises(LoraFileError, match="--mode exact"):
         merge_loras_concat([_weighted(loha, 1.0)], torch.float32)
 
@@ -83,14 +108,24 @@ def test_weight_dependent_modules_cannot_become_a_lora(synth) -> None:
 def test_shape_and_family_mismatches_name_both_files(synth) -> None:
     small = _weighted(synth.lora(A, 24, 16, 4, alpha=4), 1.0, label="a.safetensors")
     wide = _weighted(synth.lora(A, 24, 32, 4, alpha=4), 1.0, label="b.safetensors")
-    with pytest.raises(LoraFileError, match=r"a.safetensors: \(24, 16\); b.safetensors: \(24, 32\)"):
+    with pytest.raises(
+        LoraFileError, match=r"a.safetensors: \(24, 16\); b.safetensors: \(24, 32\)"
+    ):
         merge_loras_concat([small, wide], torch.float32)
-    sd1 = _weighted(synth.lora(A, 8, 8, 2, alpha=1), 1.0, {"ss_base_model_version": "sd_v1"}, "sd1.safetensors")
+    sd1 = _weighted(
+        synth.lora(A, 8, 8, 2, alpha=1), 1.0, {"ss_base_model_version": "sd_v1"}, "sd1.safetensors"
+    )
     xl_name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     xl = _weighted(synth.lora(xl_name, 8, 8, 2, alpha=1), 1.0, {}, "xl.safetensors")
-    with pytest.raises(LoraFileError, match="xl.safetensors is an SDXL LoRA but sd1.safetensors is an SD 1.x LoRA"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"xl\.safetensors is an SDXL LoRA but sd1\.safetensors is an SD 1\.x LoRA",
+    ):
         check_lora_families([sd1, xl])
-    with pytest.raises(LoraFileError, match="xl.safetensors is an SDXL LoRA but base.safetensors is an SD 1.x model"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"xl\.safetensors is an SDXL LoRA but base\.safetensors is an SD 1\.x model",
+    ):
         check_base_family(xl, "sd1", "base.safetensors")
 
 
@@ -103,22 +138,39 @@ def test_merge_into_state_dict_equals_w_plus_ratio_delta(synth) -> None:
         "untouched": torch.randn(3),
     }
     original = {k: v.clone() for k, v in state.items()}
-    refs = {A: TargetRef("a.weight"), B: TargetRef("qkv.weight", (24, 48)), C: TargetRef("c.weight")}
-    report = merge_into_state_dict(state, [_weighted(first, 0.8), _weighted(second, -0.5)], refs.get)
+    refs = {
+        A: TargetRef("a.weight"),
+        B: TargetRef("qkv.weight", (24, 48)),
+        C: TargetRef("c.weight"),
+    }
+    report = merge_into_state_dict(
+        state, [_weighted(first, 0.8), _weighted(second, -0.5)], refs.get
+    )
     assert report.merged == (("x.safetensors", 2), ("x.safetensors", 2))
-    expected_a = original["a.weight"].double() + 0.8 * synth.delta(first, A) - 0.5 * synth.delta(second, A)
+    expected_a = (
+        original["a.weight"].double() + 0.8 * synth.delta(first, A) - 0.5 * synth.delta(second, A)
+    )
     assert state["a.weight"].dtype == torch.float16
     torch.testing.assert_close(state["a.weight"].double(), expected_a, rtol=2e-3, atol=2e-3)
     expected_qkv = original["qkv.weight"].double().clone()
     expected_qkv[24:48] -= 0.5 * synth.delta(second, B)
     torch.testing.assert_close(state["qkv.weight"].double(), expected_qkv, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(state["c.weight"].double(), original["c.weight"].double() + 0.8 * synth.delta(first, C), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        state["c.weight"].double(),
+        original["c.weight"].double() + 0.8 * synth.delta(first, C),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert torch.equal(state["untouched"], original["untouched"])
 
 
 def test_merge_into_state_dict_refuses_unknown_modules_and_bad_shapes(synth) -> None:
     state = {"a.weight": torch.randn(24, 16)}
     with pytest.raises(LoraFileError, match="1 of 1 modules have no matching layer"):
-        merge_into_state_dict(state, [_weighted(synth.lora(B, 24, 16, 2), 1.0)], {A: TargetRef("a.weight")}.get)
+        merge_into_state_dict(
+            state, [_weighted(synth.lora(B, 24, 16, 2), 1.0)], {A: TargetRef("a.weight")}.get
+        )
     with pytest.raises(LoraFileError, match=r"does not fit a.weight \(24, 16\)"):
-        merge_into_state_dict(state, [_weighted(synth.lora(A, 24, 32, 2), 1.0)], {A: TargetRef("a.weight")}.get)
+        merge_into_state_dict(
+            state, [_weighted(synth.lora(A, 24, 32, 2), 1.0)], {A: TargetRef("a.weight")}.get
+        )

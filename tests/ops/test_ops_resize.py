@@ -23,7 +23,9 @@ def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @pytest.mark.parametrize(("name", "kernel"), [(LIN, None), (CONV, 3), (PW, 1)])
-def test_resized_delta_is_the_best_rank_k_approximation(synth, name: str, kernel: int | None) -> None:
+def test_resized_delta_is_the_best_rank_k_approximation(
+    synth, name: str, kernel: int | None
+) -> None:
     tensors = synth.lora(name, 40, 24, 16, kernel=kernel, alpha=4.0)
     original = synth.delta(tensors, name)
     result = resize_lora(parse_lora(tensors), ResizeSpec(rank=5))
@@ -51,7 +53,10 @@ def test_lora_mid_is_resized_to_a_plain_locon(synth) -> None:
         f"{CONV}.lora_up.weight": torch.randn(10, 6, 1, 1, generator=g),
         f"{CONV}.alpha": torch.tensor(3.0),
     }
-    mid, down, up = (tensors[f"{CONV}.{k}"].double() for k in ("lora_mid.weight", "lora_down.weight", "lora_up.weight"))
+    mid, down, up = (
+        tensors[f"{CONV}.{k}"].double()
+        for k in ("lora_mid.weight", "lora_down.weight", "lora_up.weight")
+    )
     original = torch.einsum("mnhw,ni,om->oihw", mid, down[:, :, 0, 0], up[:, :, 0, 0]) * 0.5
     result = resize_lora(parse_lora(tensors), ResizeSpec(rank=6))
     assert result.tensors[f"{CONV}.lora_down.weight"].shape == (6, 8, 3, 3)
@@ -75,7 +80,11 @@ def _reference_rank(s: list[float], method: str, p: float, cap: int) -> int:
 @pytest.mark.parametrize("method", ["sv_ratio", "sv_fro", "sv_cumulative"])
 @pytest.mark.parametrize("seed", range(4))
 def test_dynamic_rank_matches_an_independent_cut_off(synth, method: str, seed: int) -> None:
-    params = {"sv_ratio": [1.5, 4.0, 20.0], "sv_fro": [0.5, 0.9, 0.99], "sv_cumulative": [0.3, 0.7, 0.95]}
+    params = {
+        "sv_ratio": [1.5, 4.0, 20.0],
+        "sv_fro": [0.5, 0.9, 0.99],
+        "sv_cumulative": [0.3, 0.7, 0.95],
+    }
     tensors = synth.lora(LIN, 48, 32, 24, alpha=8, seed=seed)
     s = _svd(synth.delta(tensors, LIN))[1][:24].tolist()
     for p in params[method]:
@@ -105,7 +114,10 @@ def test_sd_scripts_off_by_one_is_fixed() -> None:
 
 
 def test_dynamic_result_is_capped_and_metadata_says_dynamic(synth) -> None:
-    tensors = {**synth.lora(LIN, 48, 32, 16, alpha=8), **synth.lora(PW, 48, 32, 16, alpha=8, seed=5)}
+    tensors = {
+        **synth.lora(LIN, 48, 32, 16, alpha=8),
+        **synth.lora(PW, 48, 32, 16, alpha=8, seed=5),
+    }
     tensors[f"{PW}.lora_up.weight"][:, 3:] = 0.0  # a rank-3 module
     spec = ResizeSpec(rank=6, method="sv_fro", param=0.999)
     result = resize_lora(parse_lora(tensors), spec)
@@ -118,12 +130,21 @@ def test_dynamic_result_is_capped_and_metadata_says_dynamic(synth) -> None:
 
 
 def test_fixed_resize_metadata_and_conv_rank(synth) -> None:
-    tensors = {**synth.lora(LIN, 40, 24, 16, alpha=16), **synth.lora(CONV, 40, 24, 16, kernel=3, alpha=8)}
+    tensors = {
+        **synth.lora(LIN, 40, 24, 16, alpha=16),
+        **synth.lora(CONV, 40, 24, 16, kernel=3, alpha=8),
+    }
     spec = ResizeSpec(rank=8, conv_rank=4)
     result = resize_lora(parse_lora(tensors), spec)
-    meta = resized_metadata({"ss_network_args": json.dumps({"conv_dim": "16", "algo": "x"})}, result, spec)
+    meta = resized_metadata(
+        {"ss_network_args": json.dumps({"conv_dim": "16", "algo": "x"})}, result, spec
+    )
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "8.0")
-    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2.0", "algo": "x"}
+    assert json.loads(meta["ss_network_args"]) == {
+        "conv_dim": "4",
+        "conv_alpha": "2.0",
+        "algo": "x",
+    }
     assert meta["ss_training_comment"] == "dimension is resized from 16 to 8 (conv: 4) by loraforge"
 
 
@@ -146,12 +167,19 @@ def test_batched_and_one_at_a_time_agree(synth) -> None:
     a = resize_lora(parsed, ResizeSpec(rank=3))
     b = resize_lora(parsed, ResizeSpec(rank=3, batched=False))
     for i in range(5):
-        torch.testing.assert_close(synth.delta(a.tensors, f"{LIN}{i}"), synth.delta(b.tensors, f"{LIN}{i}"))
+        torch.testing.assert_close(
+            synth.delta(a.tensors, f"{LIN}{i}"), synth.delta(b.tensors, f"{LIN}{i}")
+        )
 
 
 def test_resize_refuses_lycoris_algorithms(synth) -> None:
-    tensors = {f"{LIN}.hada_w1_a": torch.randn(8, 2), f"{LIN}.hada_w1_b": torch.randn(2, 8), f"{LIN}.hada_w2_a": torch.randn(8, 2), f"{LIN}.hada_w2_b": torch.randn(2, 8)}
-    with pytest.raises(LoraFileError, match="LoRA/LoCon only.*loha") as info:
+    tensors = {
+        f"{LIN}.hada_w1_a": torch.randn(8, 2),
+        f"{LIN}.hada_w1_b": torch.randn(2, 8),
+        f"{LIN}.hada_w2_a": torch.randn(8, 2),
+        f"{LIN}.hada_w2_b": torch.randn(2, 8),
+    }
+    with pytest.raises(LoraFileError, match=r"LoRA/LoCon only.*loha") as info:
         resize_lora(parse_lora(tensors), ResizeSpec(rank=2))
     assert "--extract" in str(info.value)
 

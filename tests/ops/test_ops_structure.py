@@ -20,10 +20,18 @@ def _algo(tensors) -> str:
 def test_algorithms_are_recognised(synth) -> None:
     r = torch.randn
     assert _algo(synth.lora(UNET, 8, 8, 2, alpha=1)) == "lora"
-    locon = {**synth.lora(UNET, 8, 8, 2, alpha=1), **synth.lora("lora_unet_conv", 8, 4, 2, kernel=3, alpha=1)}
+    locon = {
+        **synth.lora(UNET, 8, 8, 2, alpha=1),
+        **synth.lora("lora_unet_conv", 8, 4, 2, kernel=3, alpha=1),
+    }
     assert _algo(locon) == "locon"
     assert _algo({**synth.lora(UNET, 8, 8, 2), f"{UNET}.dora_scale": r(8, 1)}) == "dora"
-    loha = {f"{UNET}.hada_w1_a": r(8, 2), f"{UNET}.hada_w1_b": r(2, 8), f"{UNET}.hada_w2_a": r(8, 2), f"{UNET}.hada_w2_b": r(2, 8)}
+    loha = {
+        f"{UNET}.hada_w1_a": r(8, 2),
+        f"{UNET}.hada_w1_b": r(2, 8),
+        f"{UNET}.hada_w2_a": r(8, 2),
+        f"{UNET}.hada_w2_b": r(2, 8),
+    }
     assert _algo(loha) == "loha"
     assert _algo({f"{UNET}.lokr_w1": r(2, 2), f"{UNET}.lokr_w2": r(4, 4)}) == "lokr"
     assert _algo({f"{UNET}.weight": r(8), f"{UNET}.on_input": torch.tensor(False)}) == "ia3"
@@ -32,7 +40,9 @@ def test_algorithms_are_recognised(synth) -> None:
     glora = {f"{UNET}.{k}.weight": r(2, 2) for k in ("a1", "a2", "b1", "b2")}
     assert _algo(glora) == "glora"
     assert _algo({f"{UNET}.diff": r(8, 8), f"{UNET}.diff_b": r(8)}) == "full"
-    assert _algo({**synth.lora(UNET, 8, 8, 2), f"{TE}.diff": r(8, 8)}) == "full+lora"  # equal counts: alphabetical
+    assert (
+        _algo({**synth.lora(UNET, 8, 8, 2), f"{TE}.diff": r(8, 8)}) == "full+lora"
+    )  # equal counts: alphabetical
 
 
 def test_missing_alpha_is_a_warning_read_as_rank(synth) -> None:
@@ -64,7 +74,9 @@ def test_lone_half_and_bad_alpha_are_errors(synth) -> None:
 
 
 def test_non_lora_state_dict_is_not_a_lora() -> None:
-    parsed = parse_lora({"model.diffusion_model.out.2.weight": torch.zeros(2, 2)}, "ckpt.safetensors")
+    parsed = parse_lora(
+        {"model.diffusion_model.out.2.weight": torch.zeros(2, 2)}, "ckpt.safetensors"
+    )
     with pytest.raises(LoraFileError, match="not a LoRA file"):
         parsed.require_valid()
 
@@ -72,7 +84,12 @@ def test_non_lora_state_dict_is_not_a_lora() -> None:
 @pytest.mark.parametrize(
     ("names", "metadata", "family", "v_pred"),
     [
-        (["lora_unet_input_blocks_4_1_proj_in", "lora_te1_text_model_encoder_layers_0_mlp_fc1"], {}, "sdxl", None),
+        (
+            ["lora_unet_input_blocks_4_1_proj_in", "lora_te1_text_model_encoder_layers_0_mlp_fc1"],
+            {},
+            "sdxl",
+            None,
+        ),
         ([UNET], {"ss_base_model_version": "sd_v2_v"}, "sd2", True),
         ([UNET], {"ss_v2": "True"}, "sd2", None),
         ([UNET], {"modelspec.architecture": "stable-diffusion-v1/lora"}, "sd1", None),

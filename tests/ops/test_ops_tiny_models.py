@@ -9,7 +9,6 @@ single-file converters (loraforge.models.loading).
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +24,9 @@ def _targets(model, family: str) -> dict[str, torch.nn.Module]:
     return lora_targets(family, model.unet, model.text_encoders, conv=True)
 
 
-def _hook(targets: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], ratio: float) -> list:
+def _hook(
+    targets: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor], ratio: float
+) -> list:
     handles = []
     for name, module in targets.items():
         down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
@@ -46,13 +47,18 @@ def _outputs(model, family: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 40, (1, 77), generator=g)
     with torch.no_grad():
-        hidden = [te(ids, output_hidden_states=True).hidden_states[-2] for te in model.text_encoders]
+        hidden = [
+            te(ids, output_hidden_states=True).hidden_states[-2] for te in model.text_encoders
+        ]
         context = torch.cat(hidden, dim=-1)
         sample = torch.randn(1, 4, 16, 16, generator=g)
         extra = {}
         if family == "sdxl":
             pooled = model.text_encoders[1](ids).text_embeds
-            extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+            extra["added_cond_kwargs"] = {
+                "text_embeds": pooled,
+                "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]]),
+            }
         noise = model.unet(sample, torch.tensor([500]), context, **extra).sample
     return [*hidden, noise]
 
@@ -62,14 +68,18 @@ def _lora_for(model, family: str, synth, *, seed: int = 0) -> dict[str, torch.Te
     return synth.for_weights(weights, 2, alpha=1.0, seed=seed, up_scale=0.2)
 
 
-def _assert_same(got: list[torch.Tensor], want: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+def _assert_same(
+    got: list[torch.Tensor], want: list[torch.Tensor], before: list[torch.Tensor]
+) -> None:
     for g, w, b in zip(got, want, before, strict=True):
         assert not torch.allclose(w, b, atol=1e-4), "the LoRA must change the output"
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_merge_into_folder_and_single_file_equals_lora_forward(family, synth, cli, tmp_path, request) -> None:
+def test_merge_into_folder_and_single_file_equals_lora_forward(
+    family, synth, cli, tmp_path, request
+) -> None:
     folder = request.getfixturevalue(f"tiny_{family}_dir")
     single = request.getfixturevalue(f"tiny_{family}_file")
     original = load_model(str(folder))
@@ -87,7 +97,17 @@ def test_merge_into_folder_and_single_file_equals_lora_forward(family, synth, cl
     _assert_same(_outputs(load_model(str(tmp_path / "merged")), family), want, before)
     assert (tmp_path / "merged" / "vae").is_dir() and (tmp_path / "merged" / "tokenizer").is_dir()
 
-    result = cli("merge", "--base", single, "--lora", f"{lora_path}:0.7", "-o", tmp_path / "merged.safetensors", "-f", "json")
+    result = cli(
+        "merge",
+        "--base",
+        single,
+        "--lora",
+        f"{lora_path}:0.7",
+        "-o",
+        tmp_path / "merged.safetensors",
+        "-f",
+        "json",
+    )
     assert result.code == 0, result.err
     assert f'"family": "{family}"' in result.out
     _assert_same(_outputs(load_model(str(tmp_path / "merged.safetensors")), family), want, before)
@@ -99,7 +119,22 @@ def test_extract_recovers_the_merged_lora(synth, cli, tmp_path, tiny_sd1_dir) ->
     lora_path = synth.save(tmp_path / "lora.safetensors", lora, {"ss_base_model_version": "sd_v1"})
     assert cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", tmp_path / "tuned").code == 0
     out = tmp_path / "extracted.safetensors"
-    result = cli("merge", "--extract", "--base", tiny_sd1_dir, "--tuned", tmp_path / "tuned", "--rank", "2", "--conv-rank", "2", "--save-precision", "fp32", "-o", out)
+    result = cli(
+        "merge",
+        "--extract",
+        "--base",
+        tiny_sd1_dir,
+        "--tuned",
+        tmp_path / "tuned",
+        "--rank",
+        "2",
+        "--conv-rank",
+        "2",
+        "--save-precision",
+        "fp32",
+        "-o",
+        out,
+    )
     assert result.code == 0, result.err
     from loraforge.ops.lora_file import read_lora_file
 
@@ -107,33 +142,48 @@ def test_extract_recovers_the_merged_lora(synth, cli, tmp_path, tiny_sd1_dir) ->
     names = {k.split(".")[0] for k in lora}
     assert {k.split(".")[0] for k in extracted.tensors} == names
     for name in names:
-        torch.testing.assert_close(synth.delta(extracted.tensors, name), synth.delta(lora, name), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            synth.delta(extracted.tensors, name), synth.delta(lora, name), rtol=1e-3, atol=1e-4
+        )
     assert extracted.metadata["ss_network_module"] == "networks.lora"
     assert extracted.metadata["ss_base_model_version"] == "sd_v1"
 
 
-def test_family_mismatch_and_unknown_layers_are_refused(synth, cli, tmp_path, tiny_sd1_dir, tiny_sdxl_file) -> None:
+def test_family_mismatch_and_unknown_layers_are_refused(
+    synth, cli, tmp_path, tiny_sd1_dir, tiny_sdxl_file
+) -> None:
     sd1 = load_model(str(tiny_sd1_dir))
     lora = _lora_for(sd1, "sd1", synth)
     sd1_lora = synth.save(tmp_path / "sd1.safetensors", lora, {"ss_base_model_version": "sd_v1"})
-    result = cli("merge", "--base", tiny_sdxl_file, "--lora", sd1_lora, "-o", tmp_path / "x.safetensors")
+    result = cli(
+        "merge", "--base", tiny_sdxl_file, "--lora", sd1_lora, "-o", tmp_path / "x.safetensors"
+    )
     assert result.code == 2
     assert "is an SD 1.x LoRA but" in result.err and "SDXL model" in result.err
     assert not (tmp_path / "x.safetensors").exists()
     # without metadata the family is unknown; the names then do not match the SDXL layers
     bare = synth.save(tmp_path / "bare.safetensors", lora)
-    result = cli("merge", "--base", tiny_sdxl_file, "--lora", bare, "-o", tmp_path / "x.safetensors")
+    result = cli(
+        "merge", "--base", tiny_sdxl_file, "--lora", bare, "-o", tmp_path / "x.safetensors"
+    )
     assert result.code == 2 and "no matching layer" in result.err
     assert "Traceback" not in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.safetensors", "sd1.safetensors"]
 
 
-def test_merge_into_copied_folder_with_force_replaces_it(synth, cli, tmp_path, tiny_sd1_dir) -> None:
+def test_merge_into_copied_folder_with_force_replaces_it(
+    synth, cli, tmp_path, tiny_sd1_dir
+) -> None:
     sd1 = load_model(str(tiny_sd1_dir))
-    lora_path = synth.save(tmp_path / "l.safetensors", _lora_for(sd1, "sd1", synth), {"ss_base_model_version": "sd_v1"})
+    lora_path = synth.save(
+        tmp_path / "l.safetensors", _lora_for(sd1, "sd1", synth), {"ss_base_model_version": "sd_v1"}
+    )
     out = tmp_path / "out"
     shutil.copytree(tiny_sd1_dir, out)
     assert cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", out).code == 2
     assert cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", out, "--force").code == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", tmp_path / "x.safetensors").code == 2
+    assert (
+        cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", tmp_path / "x.safetensors").code
+        == 2
+    )

@@ -1,0 +1,266 @@
+"""What a run writes and when: LoRA files, resumable states, sample images (sd-scripts' names).
+
+:func:`planned_outputs` lists every file a run will write, for the dry run and for refusing to
+overwrite existing outputs without ``--force``. :class:`Checkpointer` writes them during the run
+(atomically, rank 0 only) and keeps the last N numbered ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from loraforge.errors import OutputExistsError
+from loraforge.training.checkpoints import (
+    epoch_ckpt_name,
+    epoch_state_name,
+    last_ckpt_name,
+    last_state_name,
+    rotate,
+    step_ckpt_name,
+    step_state_name,
+)
+from loraforge.training.settings import OutputSettings, SampleSettings, TrainingLength
+from loraforge.training.state import TrainingProgress
+
+FileKind = Literal["lora", "state", "sample"]
+SaveKind = Literal["epoch", "step"]
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output of a run.
+
+    Attributes:
+        step: the global step at which it is written.
+        path: where.
+        kind: ``lora`` | ``state`` (a folder) | ``sample`` (a PNG).
+    """
+
+    step: int
+    path: Path
+    kind: FileKind
+
+
+def epoch_end_step(epoch: int, length: TrainingLength) -> int:
+    """The global step when ``epoch`` (1-based count of finished epochs) ends."""
+    return min(epoch * length.steps_per_epoch, length.max_train_steps)
+
+
+def is_epoch_save(epochs_done: int, output: OutputSettings, length: TrainingLength) -> bool:
+    """sd-scripts: every N epochs, except after the last one (the final file covers it)."""
+    n = output.save_every_n_epochs
+    return bool(n) and epochs_done % n == 0 and epochs_done < length.num_epochs
+
+
+def is_step_save(step: int, output: OutputSettings, length: TrainingLength) -> bool:
+    """Every N steps, except the last step (the final file covers it)."""
+    n = output.save_every_n_steps
+    return bool(n) and step % n == 0 and step < length.max_train_steps
+
+
+def is_epoch_sample(epochs_done: int, sample: SampleSettings) -> bool:
+    n = sample.every_n_epochs
+    return bool(sample.prompts) and bool(n) and epochs_done % n == 0
+
+
+def is_step_sample(step: int, sample: SampleSettings) -> bool:
+    n = sample.every_n_steps
+    return bool(sample.prompts) and bool(n) and step % n == 0
+
+
+def sample_file_name(name: str, kind: SaveKind, number: int, index: int, seed: int) -> str:
+    """``lora_e000002_00_42.png`` (after epoch 2) or ``lora_000100_00_42.png`` (step 100)."""
+    count = f"e{number:06d}" if kind == "epoch" else f"{number:06d}"
+    return f"{name}_{count}_{index:02d}_{seed}.png"
+
+
+def planned_outputs(
+    output: OutputSettings, sample: SampleSettings, length: TrainingLength
+) -> list[PlannedFile]:
+    """Every file the run writes, in order of the step that writes it.
+
+    The final ``<name>-state`` folder is listed even without ``save_state``: Ctrl-C writes it.
+    """
+    files: list[PlannedFile] = []
+    for epoch in range(1, length.num_epochs + 1):
+        step = epoch_end_step(epoch, length)
+        if is_epoch_save(epoch, output, length):
+            files += _save_files(output, step, epoch_ckpt_name(output.name, epoch))
+            if output.save_state:
+                files.append(PlannedFile(step, output.dir / epoch_state_name(output.name, epoch), "state"))
+        if is_epoch_sample(epoch, sample):
+            files += _sample_files(output, sample, step, "epoch", epoch)
+    for step in range(1, length.max_train_steps + 1):
+        if is_step_save(step, output, length):
+            files += _save_files(output, step, step_ckpt_name(output.name, step))
+            if output.save_state:
+                files.append(PlannedFile(step, output.dir / step_state_name(output.name, step), "state"))
+        if is_step_sample(step, sample):
+            files += _sample_files(output, sample, step, "step", step)
+    final = length.max_train_steps
+    files += _save_files(output, final, last_ckpt_name(output.name))
+    files.append(PlannedFile(final, output.dir / last_state_name(output.name), "state"))
+    return sorted(files, key=lambda f: f.step)
+
+
+def _save_files(output: OutputSettings, step: int, file_name: str) -> list[PlannedFile]:
+    return [PlannedFile(step, output.dir / file_name, "lora")]
+
+
+def _sample_files(
+    output: OutputSettings, sample: SampleSettings, step: int, kind: SaveKind, number: int
+) -> list[PlannedFile]:
+    return [
+        PlannedFile(
+            step,
+            output.sample_dir / sample_file_name(output.name, kind, number, p.index, p.seed),
+            "sample",
+        )
+        for p in sample.prompts
+    ]
+
+
+def existing_outputs(
+    planned: list[PlannedFile], *, after_step: int = 0, resumed_from: Path | None = None
+) -> list[Path]:
+    """Planned outputs that exist already and would be replaced after ``after_step``.
+
+    A resumed run rewrites only what comes after its state; the state it resumes from is its own.
+    """
+    resumed = resumed_from.resolve() if resumed_from is not None else None
+    return [
+        f.path
+        for f in planned
+        if f.step > after_step and f.path.exists() and f.path.resolve() != resumed
+    ]
+
+
+def refuse_existing(paths: list[Path], *, force: bool) -> None:
+    """Raise unless ``force`` when a run would overwrite existing outputs.
+
+    Raises:
+        OutputExistsError: naming the first files and the ``--force`` fix.
+    """
+    if not paths or force:
+        return
+    shown = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    raise OutputExistsError(
+        f"training would overwrite existing outputs: {shown}",
+        hint="pass --force to overwrite them, change output.name or output.dir, "
+        "or continue the earlier run with --resume auto",
+    )
+
+
+MetadataFor = Callable[[TrainingProgress], dict[str, str]]
+
+
+class Checkpointer:
+    """Writes LoRA files and resumable states during a run (only on the main process).
+
+    Args:
+        output: where and how often.
+        save_dtype: dtype of the saved LoRA tensors.
+        metadata_for: the metadata of a file saved at a given progress.
+        recipe: the resolved recipe (``Recipe.to_dict()``), stored in states for resume checks.
+        is_main: whether this process writes files.
+    """
+
+    def __init__(
+        self,
+        output: OutputSettings,
+        save_dtype: Any,
+        metadata_for: MetadataFor,
+        recipe: Mapping[str, Any],
+        *,
+        is_main: bool,
+    ) -> None:
+        self.output = output
+        self.save_dtype = save_dtype
+        self.metadata_for = metadata_for
+        self.recipe = recipe
+        self.is_main = is_main
+
+    def write_lora(self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress) -> Path:
+        """Write the network as ``output.dir / file_name`` (schedule-free optimizers in eval)."""
+        from loraforge.ops.lora_file import write_lora_file
+        from loraforge.training.optim import set_eval_mode, set_train_mode
+
+        path = self.output.dir / file_name
+        if not self.is_main:
+            return path
+        set_eval_mode(optimizer)
+        try:
+            tensors = network.state_dict_for_save(self.save_dtype)
+        finally:
+            set_train_mode(optimizer)
+        metadata = {**self.metadata_for(progress), **network.metadata()}
+        write_lora_file(path, tensors, metadata, force=True)  # conflicts were refused up front
+        return path
+
+    def write_state(
+        self,
+        folder_name: str,
+        network: Any,
+        optimizer: Any,
+        scheduler: Any,
+        progress: TrainingProgress,
+        extra: Mapping[str, Any],
+    ) -> Path:
+        """Write a resumable state folder ``output.dir / folder_name`` atomically."""
+        from loraforge.training.state import save_training_state
+
+        path = self.output.dir / folder_name
+        if not self.is_main:
+            return path
+        return save_training_state(
+            path,
+            network_state=network.state_dict(),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            progress=progress,
+            recipe=self.recipe,
+            extra=extra,
+        )
+
+    def checkpoint(
+        self,
+        kind: SaveKind,
+        number: int,
+        network: Any,
+        optimizer: Any,
+        scheduler: Any,
+        progress: TrainingProgress,
+        extra: Mapping[str, Any],
+    ) -> Path:
+        """An intermediate save (``name-000004`` or ``name-step00000100``), then keep-last-N."""
+        name = self.output.name
+        ckpt = epoch_ckpt_name(name, number) if kind == "epoch" else step_ckpt_name(name, number)
+        path = self.write_lora(ckpt, network, optimizer, progress)
+        if self.output.save_state:
+            state = epoch_state_name(name, number) if kind == "epoch" else step_state_name(name, number)
+            self.write_state(state, network, optimizer, scheduler, progress, extra)
+        if self.is_main:
+            rotate(self.output.dir, name, kind, self.output.save_last_n)
+            if self.output.save_state:
+                rotate(self.output.dir, name, kind, self.output.save_last_n, states=True)
+        return path
+
+    def final(
+        self, network: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress, extra: Mapping[str, Any]
+    ) -> Path:
+        """The final ``name.safetensors`` (and ``name-state`` with ``save_state``)."""
+        path = self.write_lora(last_ckpt_name(self.output.name), network, optimizer, progress)
+        if self.output.save_state:
+            self.interrupted_state(network, optimizer, scheduler, progress, extra)
+        return path
+
+    def interrupted_state(
+        self, network: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress, extra: Mapping[str, Any]
+    ) -> Path:
+        """The ``name-state`` folder (written on Ctrl-C, and at the end with ``save_state``)."""
+        return self.write_state(
+            last_state_name(self.output.name), network, optimizer, scheduler, progress, extra
+        )

@@ -1,0 +1,230 @@
+"""The recipe read once into plain attributes: how long to train, when to save and sample.
+
+Nothing here imports torch; the dry run (:mod:`loraforge.training.plan`) and the run set-up
+(:mod:`loraforge.training.setup`) share these rules, so the plan shows exactly what training
+will do. After set-up nothing reads the recipe again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraforge.errors import RecipeError
+from loraforge.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class TrainingLength:
+    """How long a run is, as sd-scripts counts it.
+
+    Attributes:
+        batches_per_epoch: batches one process sees per epoch.
+        steps_per_epoch: optimizer steps per epoch, ``ceil(batches / accumulation)`` (the last,
+            partial accumulation of an epoch also steps).
+        max_train_steps: optimizer steps in the whole run.
+        num_epochs: epochs started, ``ceil(max_train_steps / steps_per_epoch)``.
+    """
+
+    batches_per_epoch: int
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+
+
+def training_length(
+    batches_per_epoch: int,
+    accumulation: int,
+    max_train_epochs: int | None,
+    max_train_steps: int | None,
+) -> TrainingLength:
+    """Resolve epochs/steps: ``max_train_steps`` wins when set, else epochs x steps per epoch.
+
+    Raises:
+        RecipeError: neither is set, or the dataset has no batch.
+    """
+    if batches_per_epoch < 1:
+        raise RecipeError(
+            "the dataset gives no batch to train on", hint="check dataset.subsets and batch_size"
+        )
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    if max_train_steps is not None:
+        total = max_train_steps
+    elif max_train_epochs is not None:
+        total = max_train_epochs * steps_per_epoch
+    else:
+        raise RecipeError(
+            "training: set max_train_epochs or max_train_steps", hint="e.g. max_train_epochs: 10"
+        )
+    return TrainingLength(
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        max_train_steps=total,
+        num_epochs=math.ceil(total / steps_per_epoch),
+    )
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample image to render, every default resolved.
+
+    Attributes:
+        index: position in ``sample.prompts`` (used in the file name).
+    """
+
+    index: int
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    seed: int
+    steps: int
+    cfg_scale: float
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """When and how sample images are rendered (``sample`` section)."""
+
+    every_n_epochs: int | None
+    every_n_steps: int | None
+    sampler: str
+    prompts: tuple[SampleSpec, ...]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts) and (self.every_n_epochs or self.every_n_steps) is not None
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where and when files are written (``output`` section)."""
+
+    dir: Path
+    name: str
+    save_every_n_epochs: int | None
+    save_every_n_steps: int | None
+    save_last_n: int | None
+    save_precision: str
+    save_state: bool
+    log_with: str
+    log_dir: Path
+
+    @property
+    def sample_dir(self) -> Path:
+        return self.dir / "sample"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every number and switch the loop needs, read from the recipe once.
+
+    Attributes:
+        unet_lr, text_encoder_lr: resolved (``learning_rate`` when unset).
+        stop_text_encoder_step: optimizer step after which the text encoder stops training.
+        v_prediction: the resolved prediction type.
+        cache_latents, cache_text: ``none`` | ``memory`` | ``disk``.
+    """
+
+    family: str
+    v_prediction: bool
+    length: TrainingLength
+    batch_size: int
+    accumulation: int
+    learning_rate: float
+    unet_lr: float
+    text_encoder_lr: float
+    stop_text_encoder_step: int | None
+    max_grad_norm: float
+    scale_weight_norms: float | None
+    seed: int
+    clip_skip: int
+    max_token_length: int
+    cache_latents: str
+    cache_text: str
+    output: OutputSettings
+    sample: SampleSettings
+
+
+def resolve_v_prediction(recipe: Recipe, family_v_prediction: bool) -> bool:
+    """``training.v_parameterization``, or the model family's prediction type when unset."""
+    chosen = recipe.training.v_parameterization
+    return family_v_prediction if chosen is None else chosen
+
+
+def sample_settings(recipe: Recipe) -> SampleSettings:
+    """The ``sample`` section with every prompt's defaults filled in.
+
+    A prompt without a seed gets ``sample.seed``, else ``training.seed + index`` (reproducible).
+    """
+    s = recipe.sample
+    width, height = recipe.dataset.resolution
+    prompts = []
+    for index, p in enumerate(s.prompts):
+        base_seed = s.seed if s.seed is not None else recipe.training.seed + index
+        prompts.append(
+            SampleSpec(
+                index=index,
+                prompt=p.prompt,
+                negative=p.negative if p.negative is not None else s.negative,
+                width=p.width or s.width or width,
+                height=p.height or s.height or height,
+                seed=p.seed if p.seed is not None else base_seed,
+                steps=p.steps or s.steps,
+                cfg_scale=p.cfg_scale if p.cfg_scale is not None else s.cfg_scale,
+            )
+        )
+    return SampleSettings(s.every_n_epochs, s.every_n_steps, s.sampler, tuple(prompts))
+
+
+def output_settings(recipe: Recipe) -> OutputSettings:
+    """The ``output`` and ``logging`` sections with default folders resolved."""
+    o = recipe.output
+    out_dir = Path(o.dir)
+    log_dir = Path(recipe.logging.dir) if recipe.logging.dir else out_dir / "logs"
+    return OutputSettings(
+        dir=out_dir,
+        name=o.name,
+        save_every_n_epochs=o.save_every_n_epochs,
+        save_every_n_steps=o.save_every_n_steps,
+        save_last_n=o.save_last_n,
+        save_precision=o.save_precision,
+        save_state=o.save_state,
+        log_with=recipe.logging.log_with,
+        log_dir=log_dir,
+    )
+
+
+def run_settings(
+    recipe: Recipe, *, family: str, family_v_prediction: bool, length: TrainingLength
+) -> RunSettings:
+    """Read everything the loop needs from ``recipe``.
+
+    Args:
+        recipe: the validated recipe.
+        family: the resolved model family.
+        family_v_prediction: whether the family predicts v.
+        length: from :func:`training_length`.
+    """
+    t = recipe.training
+    return RunSettings(
+        family=family,
+        v_prediction=resolve_v_prediction(recipe, family_v_prediction),
+        length=length,
+        batch_size=t.batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        unet_lr=t.unet_lr if t.unet_lr is not None else t.learning_rate,
+        text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
+        stop_text_encoder_step=t.stop_text_encoder_training,
+        max_grad_norm=t.max_grad_norm,
+        scale_weight_norms=t.scale_weight_norms,
+        seed=t.seed,
+        clip_skip=recipe.model.clip_skip,
+        max_token_length=recipe.model.max_token_length,
+        cache_latents=recipe.cache.latents,
+        cache_text=recipe.cache.text_encoder_outputs,
+        output=output_settings(recipe),
+        sample=sample_settings(recipe),
+    )

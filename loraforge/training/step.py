@@ -1,0 +1,172 @@
+"""One training step: the loss of a batch (forward + backward) and the optimizer update.
+
+Randomness is re-seeded for every batch from ``(seed, rank, step, batch)``, so a batch draws the
+same noise, timesteps and dropout masks whether the run was interrupted before it or not, and
+whatever the number of processes (resume-equals-uninterrupted without saving generator states).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraforge.backends.base import MaxNormResult, Network
+from loraforge.training.conditioning import Conditioning, sdxl_size_ids, unet_conditioning
+from loraforge.training.loss import LossOptions, training_loss
+from loraforge.training.noise import (
+    NoiseOptions,
+    NoiseSchedule,
+    noise_noisy_latents_and_timesteps,
+    prediction_target,
+)
+
+TEXT_ENCODER_GROUP = "textencoder"
+
+
+@dataclass(frozen=True)
+class LossSetup:
+    """Everything the loss of a batch depends on besides the batch (fixed for a run)."""
+
+    unet: Any
+    conditioning: Conditioning
+    schedule: NoiseSchedule
+    noise: NoiseOptions
+    loss: LossOptions
+    weight_dtype: torch.dtype
+    is_sdxl: bool
+
+
+def batch_seed(seed: int, rank: int, step: int, batch_index: int) -> int:
+    """A 63-bit seed for one batch, a pure function of where it is in the run."""
+    return random.Random(f"loraforge:{seed}:{rank}:{step}:{batch_index}").getrandbits(63)
+
+
+def seed_batch(generator: torch.Generator, seed: int) -> None:
+    """Seed the noise generator and torch's global RNG (dropout, module dropout) for a batch."""
+    generator.manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_loss(
+    setup: LossSetup,
+    batch: Mapping[str, Any],
+    generator: torch.Generator,
+    *,
+    train_text_encoder: bool,
+    autocast: Any,
+) -> torch.Tensor:
+    """The loss of one batch (0-dim float32), computed as sd-scripts' ``process_batch`` does.
+
+    Args:
+        setup: the run's fixed loss inputs.
+        batch: a batch from the data loader (see :mod:`loraforge.data.dataset`).
+        generator: the seeded noise generator (VAE posterior, noise, timesteps).
+        train_text_encoder: run the text encoders with gradients.
+        autocast: a context manager factory for mixed precision (``accelerator.autocast``).
+    """
+    latents = setup.conditioning.latents(batch, generator)
+    with autocast():
+        embeds = setup.conditioning.text(batch["captions"], with_grad=train_text_encoder)
+    noisy = noise_noisy_latents_and_timesteps(latents, setup.schedule, setup.noise, generator)
+    device = latents.device
+    size_ids = sdxl_size_ids(batch, device) if setup.is_sdxl else None
+    kwargs = unet_conditioning(embeds, size_ids, setup.weight_dtype)
+    with autocast():
+        pred = setup.unet(
+            noisy.noisy_latents.to(setup.weight_dtype), noisy.timesteps, **kwargs
+        ).sample
+    target = prediction_target(
+        setup.schedule, latents, noisy.noise, noisy.timesteps, setup.loss.v_prediction
+    )
+    weights = batch["loss_weights"].to(device)
+    return training_loss(pred, target, noisy.timesteps, weights, setup.schedule, setup.loss)
+
+
+def trainable_parameters(optimizer: Any) -> list[nn.Parameter]:
+    """Parameters the optimizer updates now (text-encoder ones drop out once it stops)."""
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
+def text_encoder_trains(optimizer: Any) -> bool:
+    """Whether some text-encoder parameter group still trains."""
+    return any(
+        str(group.get("name", "")).startswith(TEXT_ENCODER_GROUP)
+        and any(p.requires_grad for p in group["params"])
+        for group in optimizer.param_groups
+    )
+
+
+def stop_text_encoder(optimizer: Any) -> int:
+    """Freeze the text-encoder groups (``stop_text_encoder_training``); returns the count frozen.
+
+    Frozen parameters get no gradient, so every optimizer leaves them (and their state) alone.
+    """
+    frozen = 0
+    for group in optimizer.param_groups:
+        if str(group.get("name", "")).startswith(TEXT_ENCODER_GROUP):
+            for p in group["params"]:
+                p.requires_grad_(False)
+                p.grad = None
+                frozen += 1
+    return frozen
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What one optimizer update did.
+
+    Attributes:
+        skipped: fp16 grad scaling found inf/NaN gradients and skipped the update.
+        max_norm: max-norm regularisation result, when ``scale_weight_norms`` is set.
+    """
+
+    skipped: bool
+    max_norm: MaxNormResult | None
+
+
+def apply_update(
+    accelerator: Any,
+    optimizer: Any,
+    scheduler: Any,
+    network: Network,
+    params: Iterable[nn.Parameter],
+    *,
+    max_grad_norm: float,
+    scale_weight_norms: float | None,
+) -> UpdateResult:
+    """Clip, step the optimizer and scheduler, clear gradients, then max-norm (sd-scripts' order).
+
+    The scheduler does not step when fp16 scaling skipped the update (as accelerate does).
+    """
+    params = list(params)
+    if max_grad_norm and params:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    skipped = bool(getattr(optimizer, "step_was_skipped", False))
+    if not skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    max_norm = network.apply_max_norm(scale_weight_norms) if scale_weight_norms else None
+    return UpdateResult(skipped, max_norm)
+
+
+def group_learning_rates(optimizer: Any, scheduler: Any) -> dict[str, float]:
+    """Current learning rate of each named parameter group (``unet``, ``textencoder``, …).
+
+    Taken from the scheduler (Adafactor's relative-step schedule computes them); adaptive
+    optimizers (D-Adaptation, Prodigy) report ``d * lr``, their effective step size.
+    """
+    groups = optimizer.param_groups
+    last = list(scheduler.get_last_lr()) if hasattr(scheduler, "get_last_lr") else []
+    if len(last) != len(groups):
+        last = [group.get("lr") or 0.0 for group in groups]
+    rates: dict[str, float] = {}
+    for index, (group, lr) in enumerate(zip(groups, last, strict=True)):
+        name = str(group.get("name", f"group{index}"))
+        rates[name] = float(lr or 0.0) * float(group.get("d", 1.0))
+    return rates

@@ -1,0 +1,89 @@
+"""Fixtures for the LyCORIS backend tests: configs, tiny SD1/SDXL models, one torch thread."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from loraforge.recipe.types import NetworkConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The schema's network defaults, with a small rank for tiny models.
+_DEFAULTS = NetworkConfig(
+    backend="lycoris",
+    algorithm="lora",
+    dim=4,
+    alpha=2,
+    conv_dim=None,
+    conv_alpha=None,
+    dropout=None,
+    rank_dropout=None,
+    module_dropout=None,
+    args={},
+    block_dims=None,
+    block_alphas=None,
+    conv_block_dims=None,
+    conv_block_alphas=None,
+    down_lr_weight=None,
+    mid_lr_weight=None,
+    up_lr_weight=None,
+    loraplus_lr_ratio=None,
+    train_unet=True,
+    train_text_encoder=True,
+    weights=None,
+    multiplier=1.0,
+)
+
+
+@pytest.fixture
+def lyco_config() -> Callable[..., NetworkConfig]:
+    """``make(**overrides)``: a lycoris NetworkConfig (dim 4, alpha 2) with fields changed."""
+
+    def make(**overrides: Any) -> NetworkConfig:
+        return replace(_DEFAULTS, **overrides)
+
+    return make
+
+
+@dataclass
+class TinyModels:
+    """A tiny model's UNet and text encoders (random weights, seeded)."""
+
+    family: str
+    unet: Any
+    text_encoders: list[Any]
+
+
+_CACHE: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture
+def tiny_models() -> Callable[[str], TinyModels]:
+    """``build(family)``: a fresh copy of the tiny ``sd1``/``sdxl`` model (same weights each time)."""
+    from loraforge.models.tiny import build_tiny_components
+
+    def build(family: str) -> TinyModels:
+        if family not in _CACHE:
+            _CACHE[family] = build_tiny_components(family, seed=0)
+        parts = copy.deepcopy(_CACHE[family])
+        encoders = [parts[k] for k in ("text_encoder", "text_encoder_2") if k in parts]
+        return TinyModels(family, parts["unet"], encoders)
+
+    return build
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine run several times faster on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
