@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from loraforge.backends.base import LoadResult, MaxNormResult, Network
 from loraforge.backends.lycoris_config import check_config, network_metadata, resolve_options
@@ -211,6 +212,21 @@ class LycorisAdapterNetwork(Network):
                 "algorithm, preset, train_norm and train_unet/train_text_encoder",
             )
         return result
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` for what ``state_dict()`` gives (the file format).
+
+        Routed through :meth:`load_weights`, because lycoris-lora's modules save a different
+        set of tensors than they hold (DyLoRA's blocks, Full's diff, a folded scalar), so torch's
+        own per-parameter copy cannot read them back. Returns torch's ``(missing_keys,
+        unexpected_keys)`` pair; ``assign`` is not supported.
+        """
+        if assign:
+            raise NotImplementedError("assign=True: the tensors are copied into the modules")
+        result = self.load_weights(state_dict, strict=strict)
+        return _IncompatibleKeys(list(result.missing), list(result.unexpected))
 
     # ---- merging and regularisation ------------------------------------------------------------
     @torch.no_grad()

@@ -43,6 +43,7 @@ from lycoris.modules import (
 )
 from lycoris.modules.base import LycorisBaseModule
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from loraforge.backends.lycoris_config import LycorisOptions
 from loraforge.backends.lycoris_targets import Target
@@ -85,7 +86,7 @@ class LoraforgeDyLoraModule(DyLoraModule):
             up_block.copy_(up[:, i * size : (i + 1) * size])
         if "alpha" in state_dict:
             self.alpha.copy_(state_dict["alpha"])
-        return nn.modules.module._IncompatibleKeys([], [])
+        return _IncompatibleKeys([], [])
 
 
 class _ScaleOnceMixin:

@@ -1,8 +1,147 @@
+"""`loraforge train`: train the recipe's LoRA (or, with --dry-run, show what training would do)."""
+
 from __future__ import annotations
 
-from loraforge.commands._pending import pending
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, RecipeArg
+from loraforge.console import err, info, out, print_json
+
+_MAX_FILES_SHOWN = 12
 
 
-def command() -> None:
-    """Not available yet."""
-    pending("train", "issue 5, training")
+def command(
+    recipe_path: RecipeArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Resolve and print the plan; train nothing.")
+    ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="DIR|auto",
+            help="Continue from a saved state folder, or `auto` for the run's latest state.",
+        ),
+    ] = None,
+    force: ForceOpt = False,
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Train the recipe's LoRA and write kohya-compatible .safetensors files.
+
+    Ctrl-C stops after the current step and saves a resumable state (a second Ctrl-C aborts);
+    continue with --resume auto. Existing outputs are not overwritten without --force.
+    For several GPUs or machines, start it with accelerate.
+
+    Example:
+
+        loraforge train recipe.yaml --dry-run
+        loraforge train recipe.yaml
+        loraforge train recipe.yaml --resume auto
+        accelerate launch --num_processes 2 -m loraforge train recipe.yaml
+    """
+    from loraforge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    if dry_run:
+        with err.status("resolving the plan…"):
+            from loraforge.training.plan import build_plan
+
+            plan = build_plan(recipe, resume=resume)
+        if fmt == OutputFormat.json:
+            print_json(plan.to_dict())
+        else:
+            render_plan(plan, force=force)
+        return
+    with err.status("loading torch…"):
+        from loraforge.training.run import run_training
+    result = run_training(recipe, resume=resume, force=force)
+    if result.interrupted:
+        info(
+            f"interrupted at step {result.progress.global_step}; state saved to "
+            f"{result.final_path}\n  continue with: loraforge train {recipe_path} --resume auto"
+        )
+        raise typer.Exit(130)
+    info(f"done: {result.final_path} ({result.progress.global_step} steps)")
+
+
+def render_plan(plan: Any, *, force: bool) -> None:
+    """The dry-run plan as tables on stdout; what would block the run goes to stderr."""
+    length = plan.length
+    summary = Table(title=f"training plan: {plan.recipe}", show_header=False)
+    summary.add_column("what", style="bold")
+    summary.add_column("value")
+    rows = [
+        (
+            "model",
+            f"{plan.family}{' (v-prediction)' if plan.v_prediction else ''} — {plan.architecture}",
+        ),
+        (
+            "dataset",
+            f"{plan.images} images, {plan.reg_images} regularization, "
+            f"{plan.samples_per_epoch} samples per epoch (repeats included)",
+        ),
+        (
+            "length",
+            f"{length.max_train_steps} steps = {length.num_epochs} epochs x "
+            f"{length.steps_per_epoch} steps ({length.batches_per_epoch} batches per epoch "
+            f"per process)",
+        ),
+        ("batch", f"total {plan.total_batch_size} ({plan.num_processes} process(es))"),
+        (
+            "network",
+            f"{plan.network.backend}/{plan.network.algorithm} dim {plan.network.dim} "
+            f"alpha {plan.network.alpha:g}: {plan.network.unet_modules} UNet + "
+            f"{plan.network.text_encoder_modules} text-encoder modules",
+        ),
+        ("trainable parameters", f"{plan.network.trainable_parameters:,}"),
+        ("learning rates", ", ".join(f"{k} {v:g}" for k, v in plan.network.groups.items())),
+        ("optimizer", plan.optimizer),
+        ("scheduler", f"{plan.scheduler}, {plan.warmup_steps} warmup steps"),
+        ("precision", ", ".join(f"{k} {v}" for k, v in plan.precision.items())),
+        ("caches", ", ".join(f"{k} {v}" for k, v in plan.caches.items())),
+        ("VRAM", "not estimated" if plan.vram is None else str(plan.vram)),
+    ]
+    if plan.resume_from is not None:
+        rows.append(("resume", f"from {plan.resume_from} at step {plan.resume_step}"))
+    for row in rows:
+        summary.add_row(*row)
+    out.print(summary)
+    out.print(_bucket_table(plan))
+    out.print(_files_table(plan))
+    for path, reason in plan.skipped:
+        err.print(f"[yellow]skipped:[/] {path}: {reason}")
+    for warning in plan.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    if plan.existing and not force:
+        err.print(
+            f"[yellow]note:[/] {len(plan.existing)} output(s) exist already; "
+            "training needs --force to overwrite them"
+        )
+
+
+def _bucket_table(plan: Any) -> Table:
+    table = Table(title="buckets")
+    for column in ("resolution", "images", "samples", "batches"):
+        table.add_column(column, justify="left" if column == "resolution" else "right")
+    for b in plan.buckets:
+        table.add_row(f"{b.width}x{b.height}", str(b.images), str(b.samples), str(b.batches))
+    return table
+
+
+def _files_table(plan: Any) -> Table:
+    existing = {Path(p) for p in plan.existing}
+    table = Table(title="files it would write")
+    for column in ("step", "kind", "path", ""):
+        table.add_column(column, justify="right" if column == "step" else "left")
+    files = plan.files
+    shown = files if len(files) <= _MAX_FILES_SHOWN else files[: _MAX_FILES_SHOWN - 2] + files[-2:]
+    for f in shown:
+        mark = "exists" if f.path in existing else ""
+        table.add_row(str(f.step), f.kind, str(f.path), mark)
+    if len(files) > len(shown):
+        table.caption = f"{len(files) - len(shown)} more not shown (--format json lists all)"
+    return table

@@ -7,7 +7,8 @@ which estimates memory with the same rules):
   ``mixed_precision: no``); ``fp8_base`` stores their Linear and Conv2d weights in float8 (e4m3)
   and computes in the mixed-precision dtype through autocast (norms and embeddings keep the
   mixed-precision dtype: torch cannot normalise in float8);
-* the VAE runs in the weight dtype, except SDXL's under fp16, which overflows there (fp32);
+* the VAE runs in the dtype ``loraforge cache`` encodes with
+  (:func:`loraforge.data.cache_setup.vae_dtype`), so cached latents stay valid;
 * the network's parameters are fp32 unless ``full_fp16`` / ``full_bf16``.
 """
 
@@ -37,7 +38,6 @@ class Precision:
         mixed_precision: ``no`` | ``fp16`` | ``bf16`` (accelerate's autocast and grad scaling).
         weight_dtype: dtype of the frozen UNet / text-encoder weights and of their inputs.
         fp8_base: Linear/Conv2d weights of the UNet and text encoders stored as float8 e4m3.
-        vae_dtype: dtype the VAE runs in.
         network_dtype: dtype of the trainable parameters (and their gradients).
         save_dtype: dtype of the saved LoRA tensors.
     """
@@ -45,27 +45,23 @@ class Precision:
     mixed_precision: str
     weight_dtype: torch.dtype
     fp8_base: bool
-    vae_dtype: torch.dtype
     network_dtype: torch.dtype
     save_dtype: torch.dtype
 
 
-def resolve_precision(training: TrainingConfig, family: str, save_precision: str) -> Precision:
-    """Read the precision fields of ``training`` for a model ``family``.
+def resolve_precision(training: TrainingConfig, save_precision: str) -> Precision:
+    """Read the precision fields of ``training``.
 
     Args:
         training: the recipe's training section.
-        family: the resolved model family.
         save_precision: ``output.save_precision`` (``fp16`` | ``bf16`` | ``fp32``).
     """
     weight = _MIXED[training.mixed_precision]
-    vae = torch.float32 if family == "sdxl" and weight == torch.float16 else weight
     network = weight if (training.full_fp16 or training.full_bf16) else torch.float32
     return Precision(
         mixed_precision=training.mixed_precision,
         weight_dtype=weight,
         fp8_base=training.fp8_base,
-        vae_dtype=vae,
         network_dtype=network,
         save_dtype=DTYPES[save_precision],
     )
@@ -122,15 +118,49 @@ def store_fp8(module: nn.Module) -> int:
     return count
 
 
-def cast_frozen_models(
-    unet: nn.Module, text_encoders: Sequence[nn.Module], vae: nn.Module, precision: Precision
+def move_module(
+    module: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> None:
-    """Put the frozen models in their training dtypes (see the module docstring), in place."""
-    for module in (unet, *text_encoders):
-        module.to(dtype=precision.weight_dtype)
+    """``module.to(device, dtype)`` without diffusers' warning about casting after loading
+    (loraforge keeps no module in float32 on purpose, so the warning has nothing to say)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    kwargs: dict[str, Any] = {} if device is None else {"device": device}
+    first = next(module.parameters(), None)
+    if dtype is not None and (first is None or first.dtype != dtype):
+        kwargs["dtype"] = dtype
+    if not kwargs:
+        return
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(**kwargs)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def cast_frozen_models(
+    modules: Sequence[nn.Module], precision: Precision, device: torch.device
+) -> None:
+    """Move the UNet / text encoders to ``device`` in their training dtypes, in place."""
+    for module in modules:
+        move_module(module, device, precision.weight_dtype)
         if precision.fp8_base:
             store_fp8(module)
-    vae.to(dtype=precision.vae_dtype)
+
+
+def allow_fp16_gradients(accelerator: Any) -> None:
+    """Let accelerate's grad scaler unscale fp16 gradients (``full_fp16``), as sd-scripts'
+    ``patch_accelerator_for_fp16_training`` does; torch refuses them by default."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer: Any, inv_scale: Any, found_inf: Any, allow_fp16: bool) -> Any:
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale
 
 
 def configure_attention(unet: Any, text_encoders: Sequence[Any], attention: str) -> None:

@@ -80,30 +80,39 @@ def sample_file_name(name: str, kind: SaveKind, number: int, index: int, seed: i
 def planned_outputs(
     output: OutputSettings, sample: SampleSettings, length: TrainingLength
 ) -> list[PlannedFile]:
-    """Every file the run writes, in order of the step that writes it.
-
-    The final ``<name>-state`` folder is listed even without ``save_state``: Ctrl-C writes it.
-    """
+    """Every file the run writes, in order of the step that writes it (see also
+    :func:`interrupt_state`, which Ctrl-C writes)."""
     files: list[PlannedFile] = []
     for epoch in range(1, length.num_epochs + 1):
         step = epoch_end_step(epoch, length)
         if is_epoch_save(epoch, output, length):
             files += _save_files(output, step, epoch_ckpt_name(output.name, epoch))
             if output.save_state:
-                files.append(PlannedFile(step, output.dir / epoch_state_name(output.name, epoch), "state"))
+                files.append(
+                    PlannedFile(step, output.dir / epoch_state_name(output.name, epoch), "state")
+                )
         if is_epoch_sample(epoch, sample):
             files += _sample_files(output, sample, step, "epoch", epoch)
     for step in range(1, length.max_train_steps + 1):
         if is_step_save(step, output, length):
             files += _save_files(output, step, step_ckpt_name(output.name, step))
             if output.save_state:
-                files.append(PlannedFile(step, output.dir / step_state_name(output.name, step), "state"))
+                files.append(
+                    PlannedFile(step, output.dir / step_state_name(output.name, step), "state")
+                )
         if is_step_sample(step, sample):
             files += _sample_files(output, sample, step, "step", step)
     final = length.max_train_steps
     files += _save_files(output, final, last_ckpt_name(output.name))
-    files.append(PlannedFile(final, output.dir / last_state_name(output.name), "state"))
+    if output.save_state:
+        files.append(interrupt_state(output, length))
     return sorted(files, key=lambda f: f.step)
+
+
+def interrupt_state(output: OutputSettings, length: TrainingLength) -> PlannedFile:
+    """The ``<name>-state`` folder: written on Ctrl-C (at any step), and at the end with
+    ``save_state``. An existing one belongs to an earlier run, so it counts as an output."""
+    return PlannedFile(length.max_train_steps, output.dir / last_state_name(output.name), "state")
 
 
 def _save_files(output: OutputSettings, step: int, file_name: str) -> list[PlannedFile]:
@@ -146,7 +155,9 @@ def refuse_existing(paths: list[Path], *, force: bool) -> None:
     """
     if not paths or force:
         return
-    shown = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    shown = ", ".join(str(p) for p in paths[:3]) + (
+        f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+    )
     raise OutputExistsError(
         f"training would overwrite existing outputs: {shown}",
         hint="pass --force to overwrite them, change output.name or output.dir, "
@@ -183,7 +194,9 @@ class Checkpointer:
         self.recipe = recipe
         self.is_main = is_main
 
-    def write_lora(self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress) -> Path:
+    def write_lora(
+        self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress
+    ) -> Path:
         """Write the network as ``output.dir / file_name`` (schedule-free optimizers in eval)."""
         from loraforge.ops.lora_file import write_lora_file
         from loraforge.training.optim import set_eval_mode, set_train_mode
@@ -240,7 +253,9 @@ class Checkpointer:
         ckpt = epoch_ckpt_name(name, number) if kind == "epoch" else step_ckpt_name(name, number)
         path = self.write_lora(ckpt, network, optimizer, progress)
         if self.output.save_state:
-            state = epoch_state_name(name, number) if kind == "epoch" else step_state_name(name, number)
+            state = (
+                epoch_state_name(name, number) if kind == "epoch" else step_state_name(name, number)
+            )
             self.write_state(state, network, optimizer, scheduler, progress, extra)
         if self.is_main:
             rotate(self.output.dir, name, kind, self.output.save_last_n)
@@ -249,7 +264,12 @@ class Checkpointer:
         return path
 
     def final(
-        self, network: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress, extra: Mapping[str, Any]
+        self,
+        network: Any,
+        optimizer: Any,
+        scheduler: Any,
+        progress: TrainingProgress,
+        extra: Mapping[str, Any],
     ) -> Path:
         """The final ``name.safetensors`` (and ``name-state`` with ``save_state``)."""
         path = self.write_lora(last_ckpt_name(self.output.name), network, optimizer, progress)
@@ -258,7 +278,12 @@ class Checkpointer:
         return path
 
     def interrupted_state(
-        self, network: Any, optimizer: Any, scheduler: Any, progress: TrainingProgress, extra: Mapping[str, Any]
+        self,
+        network: Any,
+        optimizer: Any,
+        scheduler: Any,
+        progress: TrainingProgress,
+        extra: Mapping[str, Any],
     ) -> Path:
         """The ``name-state`` folder (written on Ctrl-C, and at the end with ``save_state``)."""
         return self.write_state(

@@ -89,9 +89,9 @@ class CudaFp32Policy(TorchFunctionMode):
 def autocast(dtype: torch.dtype | None, device: str) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` to ``dtype`` on ``device`` (``None``: no autocast).
 
-    On the CPU, run the whole step inside :func:`cuda_policy` too, so that CUDA's float32
-    policy also applies when gradient checkpointing recomputes a forward during backward
-    (checkpointing restores the autocast state, not Python modes).
+    On the CPU, run the step inside :func:`cuda_policy` too, and checkpoint with
+    :func:`checkpoint_contexts` (backward does not keep Python modes, so a recomputed forward
+    needs the policy entered again).
     """
     if dtype is None:
         return contextlib.nullcontext()
@@ -106,3 +106,10 @@ def cuda_policy(device: str) -> Iterator[None]:
         return
     with CudaFp32Policy():
         yield
+
+
+def checkpoint_contexts(device: str) -> tuple[Any, Any]:
+    """``context_fn`` result for ``torch.utils.checkpoint``: the policy again in recomputation."""
+    if device.startswith("cuda"):
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), CudaFp32Policy()

@@ -15,6 +15,7 @@ steady-state one (the first step of a run has no state yet and peaks lower).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.recipe.types import Recipe
-from loraforge.vram.amp import autocast, cuda_policy
+from loraforge.vram.amp import autocast, checkpoint_contexts, cuda_policy
 from loraforge.vram.arch import Architecture
 from loraforge.vram.optimizers import trace_optimizer
 from loraforge.vram.settings import TOKENS_PER_CHUNK, MemorySettings
@@ -96,7 +97,19 @@ def cast_parameters(module: nn.Module, dtype: torch.dtype, *, skip: tuple[type, 
             sub._parameters[name] = new
 
 
-def _build_unet(config: Mapping[str, Any], settings: MemorySettings) -> nn.Module:
+def _checkpoint_function(device: str) -> Any:
+    """diffusers' default checkpointing (non-reentrant), with the CPU autocast policy kept."""
+    contexts = functools.partial(checkpoint_contexts, device)
+
+    def checkpointed(module: nn.Module, *args: Any) -> Any:
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, context_fn=contexts
+        )
+
+    return checkpointed
+
+
+def _build_unet(config: Mapping[str, Any], settings: MemorySettings, device: str) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     stored = TORCH_DTYPES[settings.unet_dtype]
@@ -110,12 +123,14 @@ def _build_unet(config: Mapping[str, Any], settings: MemorySettings) -> nn.Modul
 
         unet.set_attn_processor(AttnProcessor())
     if settings.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing(_checkpoint_function(device))
     unet.requires_grad_(False)
     return unet
 
 
-def _build_text_encoder(name: str, config: Mapping[str, Any], settings: MemorySettings) -> nn.Module:
+def _build_text_encoder(
+    name: str, config: Mapping[str, Any], settings: MemorySettings, device: str
+) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     stored = TORCH_DTYPES[settings.text_encoder_dtype]
@@ -127,7 +142,8 @@ def _build_text_encoder(name: str, config: Mapping[str, Any], settings: MemorySe
         # sd-scripts keeps the embeddings in the compute dtype: lookups are not autocast
         cast_parameters(encoder, stored, skip=(nn.Embedding,))
     if settings.gradient_checkpointing and settings.train_text_encoder:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False, "context_fn": functools.partial(checkpoint_contexts, device)}
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     encoder.requires_grad_(False)
     return encoder
 
@@ -148,7 +164,9 @@ def _learning_rates(recipe: Recipe) -> tuple[float, float]:
     return unet_lr, te_lr
 
 
-def build_step_models(recipe: Recipe, arch: Architecture, settings: MemorySettings) -> StepModels:
+def build_step_models(
+    recipe: Recipe, arch: Architecture, settings: MemorySettings, device: str = "cpu"
+) -> StepModels:
     """Build every module one step needs, in the current mode (real or fake).
 
     Raises:
@@ -157,11 +175,12 @@ def build_step_models(recipe: Recipe, arch: Architecture, settings: MemorySettin
     """
     from loraforge.backends import create_network
 
-    unet = _build_unet(arch.configs["unet"], settings)
+    unet = _build_unet(arch.configs["unet"], settings, device)
     # The network hooks the text encoders only when they are trained; otherwise they may be
     # off the GPU entirely (cached outputs) and are built only when they run.
     encoders = [
-        _build_text_encoder(name, arch.configs[name], settings) for name in arch.text_encoder_names
+        _build_text_encoder(name, arch.configs[name], settings, device)
+        for name in arch.text_encoder_names
     ] if settings.text_encoders_on_gpu else []
     vae = _build_vae(arch.configs["vae"], settings) if settings.vae_on_gpu else None
     network = create_network(recipe.network, settings.family, unet, encoders)
@@ -267,7 +286,7 @@ def run_training_step(
 
     Call it under ``FakeTensorMode`` for a trace, or plainly for a real (small) CPU run.
     """
-    models = build_step_models(recipe, arch, settings)
+    models = build_step_models(recipe, arch, settings, device)
     _register_resident(models, tracker)
     with cuda_policy(device), tracker:
         tracker.phase("optimizer state")

@@ -1,0 +1,230 @@
+"""The training loop, top to bottom: epochs -> batches -> loss -> update -> saves and samples.
+
+Everything it uses was built by :func:`loraforge.training.setup.setup_run`; it never reads the
+recipe. The loss of a batch, the update, checkpoint rotation, sampling and logging are named
+functions in their own modules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraforge.errors import TrainingError
+from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
+from loraforge.training.distributed import synchronise_step
+from loraforge.training.sampling import SampleRequest, sample_during_training
+from loraforge.training.saving import (
+    SaveKind,
+    is_epoch_sample,
+    is_epoch_save,
+    is_step_sample,
+    is_step_save,
+)
+from loraforge.training.setup import TrainingRun
+from loraforge.training.state import TrainingProgress
+from loraforge.training.step import (
+    apply_update,
+    batch_loss,
+    batch_seed,
+    group_learning_rates,
+    seed_batch,
+    stop_text_encoder,
+    text_encoder_trains,
+    trainable_parameters,
+)
+
+
+class StopFlag:
+    """Set (by the Ctrl-C handler) to stop at the next optimizer step with a saved state."""
+
+    requested: bool = False
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a run ended.
+
+    Attributes:
+        final_path: the final LoRA file, or the state folder of an interrupted run.
+        progress: where training stands.
+        interrupted: stopped by Ctrl-C (a resumable state was saved).
+        losses: the loss of every optimizer step of this session.
+    """
+
+    final_path: Path
+    progress: TrainingProgress
+    interrupted: bool
+    losses: tuple[float, ...]
+
+
+def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainResult:
+    """Train until ``max_train_steps``, Ctrl-C, or a non-finite loss.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite (the files saved so far are kept).
+    """
+    s = run.settings
+    length = s.length
+    progress = run.start
+    window = LossWindow(length.steps_per_epoch, run.loss_history)
+    losses: list[float] = []
+    te_trains = text_encoder_trains(run.optimizer)
+    run.network.train()
+    for epoch in range(progress.epoch, length.num_epochs):
+        first = progress.step_in_epoch if epoch == progress.epoch else 0
+        run.data.sampler.set_epoch(epoch)
+        run.data.sampler.skip_batches(first)
+        pending: list[torch.Tensor] = []
+        for index, batch in enumerate(run.loader, start=first):
+            seed_batch(run.generator, batch_seed(s.seed, run.rank, progress.global_step, index))
+            loss = batch_loss(
+                run.loss_setup,
+                batch,
+                run.generator,
+                train_text_encoder=te_trains,
+                autocast=run.accelerator.autocast,
+            )
+            run.accelerator.backward(loss / s.accumulation)
+            pending.append(loss.detach())
+            if not is_update_batch(index, s.accumulation, length.batches_per_epoch):
+                continue
+            params = trainable_parameters(run.optimizer)
+            step_loss = float(torch.stack(pending).mean())
+            agreed = synchronise_step(params, step_loss, stop.requested, run.num_processes)
+            pending = []
+            check_finite(agreed.loss, progress.global_step + 1, run)
+            update = apply_update(
+                run.accelerator,
+                run.optimizer,
+                run.scheduler,
+                run.network,
+                params,
+                max_grad_norm=s.max_grad_norm,
+                scale_weight_norms=s.scale_weight_norms,
+            )
+            progress = TrainingProgress(progress.global_step + 1, epoch, index + 1)
+            losses.append(agreed.loss)
+            display.step(
+                StepReport(
+                    step=progress.global_step,
+                    epoch=epoch + 1,
+                    loss=agreed.loss,
+                    average=window.add(agreed.loss),
+                    lrs=group_learning_rates(run.optimizer, run.scheduler),
+                    max_norm=update.max_norm,
+                )
+            )
+            if te_trains and s.stop_text_encoder_step == progress.global_step:
+                stop_text_encoder(run.optimizer)
+                te_trains = False
+                display.message(f"step {progress.global_step}: the text encoder stops training")
+            after_step(run, progress, display, window)
+            if agreed.stop:
+                state = run.checkpointer.interrupted_state(
+                    run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+                )
+                return TrainResult(state, progress, True, tuple(losses))
+            if progress.global_step >= length.max_train_steps:
+                break
+        progress = TrainingProgress(progress.global_step, epoch + 1, 0)
+        after_epoch(run, progress, display, window)
+        if progress.global_step >= length.max_train_steps:
+            break
+    final = run.checkpointer.final(
+        run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+    )
+    return TrainResult(final, progress, False, tuple(losses))
+
+
+def is_update_batch(index: int, accumulation: int, batches_per_epoch: int) -> bool:
+    """Whether batch ``index`` (0-based in its epoch) ends an optimizer step: every
+    ``accumulation`` batches, and at the epoch's last batch."""
+    return (index + 1) % accumulation == 0 or index + 1 == batches_per_epoch
+
+
+def check_finite(loss: float, step: int, run: TrainingRun) -> None:
+    """Stop with a clear error before a non-finite loss reaches the weights.
+
+    Raises:
+        TrainingError: naming the step and what was kept.
+    """
+    if math.isfinite(loss):
+        return
+    raise TrainingError(
+        f"the loss became {loss} at step {step}; training stopped before updating the weights "
+        f"(files already saved in {run.settings.output.dir} are kept)",
+        hint="lower the learning rate, use bf16 instead of fp16, or set max_grad_norm; "
+        "continue from the last saved state with --resume",
+    )
+
+
+def state_extra(run: TrainingRun, window: LossWindow) -> dict[str, Any]:
+    """The loop's own data saved with a state: the loss window and the fp16 grad scaler."""
+    extra: dict[str, Any] = {"loss_window": list(window.values)}
+    if run.scaler is not None:
+        extra["scaler"] = run.scaler.state_dict()
+    return extra
+
+
+def after_step(
+    run: TrainingRun, progress: TrainingProgress, display: TrainingDisplay, window: LossWindow
+) -> None:
+    """Step-based saves and samples (``save_every_n_steps``, ``sample.every_n_steps``)."""
+    s, step = run.settings, progress.global_step
+    if is_step_save(step, s.output, s.length):
+        save_checkpoint(run, "step", step, progress, display, window)
+    if is_step_sample(step, s.sample):
+        take_samples(run, "step", step, step, display)
+
+
+def after_epoch(
+    run: TrainingRun, progress: TrainingProgress, display: TrainingDisplay, window: LossWindow
+) -> None:
+    """Epoch-end logging, saves and samples (``save_every_n_epochs``, ``sample.every_n_epochs``)."""
+    s, done = run.settings, progress.epoch
+    display.epoch_done(done, window.average)
+    if is_epoch_save(done, s.output, s.length):
+        save_checkpoint(run, "epoch", done, progress, display, window)
+    if is_epoch_sample(done, s.sample):
+        take_samples(run, "epoch", done, progress.global_step, display)
+
+
+def save_checkpoint(
+    run: TrainingRun,
+    kind: SaveKind,
+    number: int,
+    progress: TrainingProgress,
+    display: TrainingDisplay,
+    window: LossWindow,
+) -> None:
+    path = run.checkpointer.checkpoint(
+        kind, number, run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+    )
+    display.message(f"saved {path}")
+
+
+def take_samples(
+    run: TrainingRun, kind: SaveKind, number: int, step: int, display: TrainingDisplay
+) -> None:
+    """Render the recipe's prompts on the main process and write them as PNGs."""
+    if not run.is_main:
+        return
+    s = run.settings
+    request = SampleRequest(s.output.sample_dir, s.output.name, kind, number)
+    written = sample_during_training(
+        run.sample_models,
+        run.network,
+        run.optimizer,
+        s.sample.prompts,
+        s.sample.sampler,
+        request,
+        device=run.device,
+        autocast=run.accelerator.autocast,
+    )
+    display.images(step, [(f"samples/{i:02d}", image) for i, (_, image) in enumerate(written)])
+    display.message(f"wrote {len(written)} sample image(s) to {s.output.sample_dir}")

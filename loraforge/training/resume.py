@@ -1,0 +1,102 @@
+"""``--resume``: find the state to continue from and put a freshly built run back into it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraforge.console import info
+from loraforge.errors import TrainingError
+from loraforge.training.settings import OutputSettings
+from loraforge.training.state import (
+    TrainingProgress,
+    check_recipe_compatible,
+    find_latest_state,
+    load_training_state,
+    read_state_document,
+)
+
+AUTO = "auto"
+
+
+def resolve_resume(
+    resume: str | Path | None, output: OutputSettings, recipe: Mapping[str, Any]
+) -> Path | None:
+    """The state folder ``--resume`` names: a path, or ``auto`` for the latest state of the run.
+
+    ``auto`` without any saved state starts a new run (and says so). The state is checked
+    against ``recipe`` here, before anything heavy is loaded.
+
+    Raises:
+        TrainingError: a path that is not a state folder, or a state of another recipe.
+    """
+    if resume is None:
+        return None
+    if str(resume) == AUTO:
+        path = find_latest_state(output.dir, output.name)
+        if path is None:
+            info(
+                f"--resume auto: no saved state of {output.name!r} in {output.dir}; "
+                "starting a new run"
+            )
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise TrainingError(
+                f"--resume {resume}: no such state folder",
+                hint=f"pass a folder like {output.dir}/{output.name}-state, or --resume auto",
+            )
+    check_recipe_compatible(read_state_document(path), recipe, path)
+    return path
+
+
+def saved_step(state_dir: Path | None) -> int:
+    """The global step a state folder was saved at (0 without one)."""
+    if state_dir is None:
+        return 0
+    return int(read_state_document(state_dir)["progress"]["global_step"])
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a resumed run continues and the loop's own saved data."""
+
+    progress: TrainingProgress
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def restore_run(
+    state_dir: Path | None,
+    *,
+    recipe: Mapping[str, Any],
+    network: Any,
+    optimizer: Any,
+    scheduler: Any,
+    scaler: Any | None,
+) -> Restored:
+    """Load a state into the run's network, optimizer, scheduler and grad scaler (in place).
+
+    Without ``state_dir``, the run starts at step 0.
+
+    Raises:
+        TrainingError: the state belongs to another recipe or does not fit the network.
+    """
+    if state_dir is None:
+        return Restored(TrainingProgress(0, 0, 0))
+    resumed = load_training_state(
+        state_dir, recipe=recipe, optimizer=optimizer, scheduler=scheduler
+    )
+    missing, unexpected = network.load_state_dict(resumed.network_state, strict=False)
+    if missing or unexpected:
+        raise TrainingError(
+            f"{state_dir}: the saved network does not fit this run's network "
+            f"({len(missing)} tensors missing, {len(unexpected)} unexpected)",
+            hint="resume with the recipe that wrote this state",
+        )
+    if scaler is not None and "scaler" in resumed.extra:
+        scaler.load_state_dict(resumed.extra["scaler"])
+    info(f"resuming from {state_dir} at step {resumed.progress.global_step}")
+    return Restored(resumed.progress, resumed.extra)

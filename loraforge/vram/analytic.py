@@ -1,0 +1,197 @@
+"""The analytic estimate: parameter counts from the configs and per-operation activation rules.
+
+Instant and torch-free. The peak is the resident memory (weights, network, optimizer state)
+plus the larger of two phases: the UNet step (text-encoder and UNet activations, gradients) and,
+when latents are not cached, the VAE encode that comes before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loraforge.backends.kohya_config import conv_dim_of
+from loraforge.recipe.types import Recipe
+from loraforge.training.optim import canonical_name, optimizer_state_bytes_per_param
+from loraforge.vram.activations import (
+    ActivationInputs,
+    text_activations,
+    unet_activations,
+    vae_encode_peak,
+)
+from loraforge.vram.arch import Architecture
+from loraforge.vram.network_size import NetworkSize, network_size
+from loraforge.vram.overhead import overhead_rows
+from loraforge.vram.result import VramEstimate, VramRow
+from loraforge.vram.settings import DTYPE_BYTES, TOKENS_PER_CHUNK, MemorySettings
+from loraforge.vram.sizes import format_bytes
+from loraforge.vram.structure import TextStructure, text_structure, unet_structure, vae_params
+
+_EIGHT_BIT = ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M params"
+
+
+def optimizer_bytes_per_param(name: str, network_dtype: str) -> float:
+    """State bytes per trainable parameter; non-8-bit states follow the parameter dtype."""
+    canonical = canonical_name(name)
+    per_param = optimizer_state_bytes_per_param(canonical)
+    if canonical in _EIGHT_BIT:
+        return per_param
+    return per_param * DTYPE_BYTES[network_dtype] / 4
+
+
+def _weight_rows(
+    arch: Architecture, s: MemorySettings, unet_params: int, texts: Sequence[TextStructure]
+) -> list[VramRow]:
+    rows = [
+        VramRow(
+            f"UNet weights ({s.unet_dtype})",
+            unet_params * DTYPE_BYTES[s.unet_dtype],
+            _millions(unet_params),
+        )
+    ]
+    for index, text in enumerate(texts):
+        label = f"text encoder {index + 1} weights ({s.text_encoder_dtype})"
+        if s.text_encoders_on_gpu:
+            rows.append(VramRow(label, text.params * DTYPE_BYTES[s.text_encoder_dtype],
+                                _millions(text.params)))
+        else:
+            rows.append(VramRow(label.split(" (")[0], 0, "outputs cached: kept off the GPU", "info"))
+    vae = vae_params(arch.configs["vae"])
+    if s.vae_on_gpu:
+        rows.append(VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype],
+                            _millions(vae)))
+    else:
+        rows.append(VramRow("VAE weights", 0, "latents cached: kept off the GPU", "info"))
+    return rows
+
+
+def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[VramRow]:
+    net_bytes = DTYPE_BYTES[s.network_dtype]
+    per_param = optimizer_bytes_per_param(s.optimizer, s.network_dtype)
+    network = recipe.network
+    what = f"{network.algorithm} rank {network.dim}"
+    if conv_dim_of(network) is not None and network.backend == "kohya":
+        what += f", conv rank {conv_dim_of(network)}"
+    return [
+        VramRow(
+            f"network weights ({s.network_dtype})",
+            size.total * net_bytes,
+            f"{what}: {_millions(size.total)} in {size.unet_modules + size.text_modules} modules",
+        ),
+        VramRow(
+            f"optimizer state ({canonical_name(s.optimizer)})",
+            int(size.trainable * per_param),
+            f"{per_param:g} B x {_millions(size.trainable)} trainable",
+        ),
+        VramRow(
+            f"gradients ({s.network_dtype})",
+            size.trainable * net_bytes,
+            f"{net_bytes} B x trainable params",
+            "step",
+        ),
+    ]
+
+
+def _activation_inputs(recipe: Recipe, arch: Architecture, s: MemorySettings) -> ActivationInputs:
+    conv = conv_dim_of(recipe.network) if recipe.network.backend == "kohya" else None
+    if recipe.network.backend == "lycoris" and recipe.network.conv_dim:
+        conv = recipe.network.conv_dim
+    return ActivationInputs(
+        compute_bytes=DTYPE_BYTES[s.compute_dtype],
+        checkpointing=s.gradient_checkpointing,
+        eager_attention=s.attention == "eager",
+        unet_lora=s.train_unet,
+        unet_conv_lora=s.train_unet and conv is not None,
+        rank=max(recipe.network.dim, conv or 0),
+        context_tokens=TOKENS_PER_CHUNK * s.token_chunks,
+        context_width=int(arch.configs["unet"]["cross_attention_dim"]),
+        text_grad=s.train_text_encoder,
+    )
+
+
+def _step_rows(
+    recipe: Recipe,
+    arch: Architecture,
+    s: MemorySettings,
+    texts: Sequence[TextStructure],
+    size: NetworkSize,
+) -> list[VramRow]:
+    a = _activation_inputs(recipe, arch, s)
+    latent_w, latent_h = s.latent_size
+    unet = unet_structure(arch.configs["unet"], (latent_w, latent_h))
+    act = unet_activations(unet, a)
+    batch = s.batch_size
+    p = DTYPE_BYTES[s.compute_dtype]
+    autocast_copies = size.trainable * p if p < 4 and s.network_dtype == "fp32" else 0
+    rebuilt = 2 * size.rebuilt_weight_elements * p  # LyCORIS: rebuilt weights and their casts
+    gc = "on" if s.gradient_checkpointing else "off"
+    rows = [
+        VramRow(
+            "UNet activations",
+            int(batch * (act.saved + act.working)) + autocast_copies + rebuilt,
+            f"{s.width}x{s.height}, batch {batch}, checkpointing {gc}, {s.attention} attention",
+            "step",
+        )
+    ]
+    if s.train_text_encoder and texts:
+        tokens = TOKENS_PER_CHUNK * s.token_chunks
+        text_bytes = sum(text_activations(t, a, tokens) for t in texts) * batch
+        rows.append(VramRow("text-encoder activations", int(text_bytes),
+                            f"{len(texts)} encoder(s) trained, {tokens} tokens", "step"))
+    latent_elems = batch * 4 * latent_w * latent_h
+    context = batch * a.context_tokens * a.context_width
+    inputs = latent_elems * (3 * p + 3 * 4) + context * p
+    rows.append(VramRow("inputs and loss", int(inputs), "latents, noise, conditioning", "step"))
+    return rows
+
+
+def _vae_phase(arch: Architecture, s: MemorySettings) -> int:
+    channels = list(arch.configs["vae"].get("block_out_channels", (128,)))
+    per_sample = vae_encode_peak(channels[0], s.width, s.height, DTYPE_BYTES[s.vae_dtype])
+    return int(per_sample * s.batch_size)
+
+
+def analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> VramEstimate:
+    """Estimate ``recipe`` on ``arch`` analytically (no torch)."""
+    texts = [
+        text_structure(arch.configs[name], projection=name == "text_encoder_2")
+        for name in arch.text_encoder_names
+    ]
+    unet_params = unet_structure(arch.configs["unet"], (8, 8)).params
+    size = network_size(recipe.network, s.family, unet_structure(arch.configs["unet"]), texts,
+                        arch.configs["unet"])
+    resident = _weight_rows(arch, s, unet_params, texts) + _network_rows(recipe, s, size)
+    step = _step_rows(recipe, arch, s, texts, size)
+    gradients = [r for r in resident if r.kind == "step"]
+    resident = [r for r in resident if r.kind != "step"]
+    step_total = sum(r.bytes for r in step + gradients)
+    rows = resident + gradients + step
+    if s.vae_on_gpu:
+        vae = _vae_phase(arch, s)
+        if vae > step_total:
+            rows = resident + [VramRow("VAE encode (transient)", vae, "the peak: before the UNet step", "step")]
+            rows += [VramRow(r.component, 0, f"{format_bytes(r.bytes)}, after the VAE encode", "info")
+                     for r in gradients + step]
+        else:
+            rows.append(VramRow("VAE encode (transient)", 0,
+                                f"{format_bytes(vae)} before the UNet step: not at the peak", "info"))
+    tensor_bytes = sum(r.bytes for r in rows)
+    rows += overhead_rows(tensor_bytes)
+    notes = []
+    if recipe.network.backend == "lycoris":
+        notes.append("LyCORIS networks are approximated analytically; --vram-method traced "
+                     "builds the real modules")
+    return VramEstimate(
+        method="analytic",
+        family=s.family,
+        architecture=arch.source,
+        resolution=(s.width, s.height),
+        batch_size=s.batch_size,
+        rows=tuple(rows),
+        total_bytes=sum(r.bytes for r in rows),
+        tensor_bytes=tensor_bytes,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,40 @@
+"""What a GPU needs beyond the live tensors: the CUDA context and the allocator's slack.
+
+Both are constants to calibrate with ``benchmarks/vram_calibration.py`` on real cards:
+
+* the CUDA context (driver state, kernel images of PyTorch/cuDNN/cuBLAS, their handles and
+  default workspaces) takes a few hundred MiB before the first tensor;
+* PyTorch's caching allocator reserves more than it hands out (2 MiB-rounded segments, blocks
+  split and not coalesced, cuDNN/cuBLAS workspaces taken from the same pool), so
+  ``max_memory_reserved`` runs some percent above ``max_memory_allocated``.
+
+The tensor peak both estimators compute is the ``max_memory_allocated`` part.
+"""
+
+from __future__ import annotations
+
+from loraforge.vram.result import VramRow
+from loraforge.vram.sizes import format_bytes
+
+CUDA_CONTEXT_BYTES = 512 * 2**20
+ALLOCATOR_SLACK = 0.10
+
+
+def overhead_rows(tensor_bytes: int) -> list[VramRow]:
+    """The two overhead rows for a tensor peak of ``tensor_bytes``."""
+    slack = int(tensor_bytes * ALLOCATOR_SLACK)
+    return [
+        VramRow(
+            "CUDA context",
+            CUDA_CONTEXT_BYTES,
+            "driver state and kernels of PyTorch, cuBLAS, cuDNN",
+            "overhead",
+        ),
+        VramRow(
+            "allocator reserve",
+            slack,
+            f"{ALLOCATOR_SLACK:.0%} of the {format_bytes(tensor_bytes)} tensor peak: "
+            "fragmentation and library workspaces",
+            "overhead",
+        ),
+    ]

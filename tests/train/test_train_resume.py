@@ -1,0 +1,133 @@
+"""Resume equals uninterrupted: an interrupted run, resumed, ends with bit-identical weights.
+
+The run crosses an epoch boundary, accumulates gradients over two batches, trains the text
+encoder, uses network and rank dropout, caption shuffling and flips: everything random must
+replay exactly after a resume. The interruption goes through the same path as Ctrl-C (the stop
+flag is raised and the loop saves ``<name>-state``); a real SIGINT is tested in the CLI tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.console import err
+from loraforge.recipe import load_recipe
+from loraforge.training.display import TrainingDisplay
+from loraforge.training.loop import StopFlag, train
+from loraforge.training.run import ctrl_c_stops, run_training
+from loraforge.training.setup import setup_run
+
+OVERRIDES = {
+    "dataset": {"subsets": [{"shuffle_caption": True, "flip_aug": True}]},
+    "network": {"dropout": 0.1, "rank_dropout": 0.1},
+    "training": {
+        "max_train_steps": 7,
+        "gradient_accumulation_steps": 2,
+        "text_encoder_lr": 5e-4,
+        "learning_rate": 2e-3,
+        "lr_scheduler": "cosine",
+    },
+    "output": {"save_state": True, "save_every_n_steps": 5},
+}
+
+
+class StopAtStep(StopFlag):
+    """Raises the stop flag when the loop asks at its ``step``-th optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        self.asked = 0
+        self.step = step
+
+    @property
+    def requested(self) -> bool:  # type: ignore[override]
+        self.asked += 1
+        return self.asked >= self.step
+
+
+def _quiet(run) -> TrainingDisplay:
+    length = run.settings.length
+    return TrainingDisplay(
+        err, total_steps=length.max_train_steps, num_epochs=length.num_epochs,
+        start_step=run.start.global_step, device=run.device, enabled=False,
+    )  # fmt: skip
+
+
+def _final_network(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "t-state" / "network.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, make_recipe) -> Path:
+    """The uninterrupted run's output folder."""
+    folder = tmp_path_factory.mktemp("reference")
+    result = run_training(load_recipe(make_recipe(folder, OVERRIDES, out=folder / "ref")))
+    assert result.progress.global_step == 7 and result.progress.epoch == 2
+    return folder / "ref"
+
+
+def test_stop_mid_epoch_then_resume_auto_equals_uninterrupted(
+    reference, write_recipe, tmp_path
+) -> None:
+    cut_out = tmp_path / "cut"
+    recipe = load_recipe(write_recipe(OVERRIDES, name="cut.yaml", out=cut_out))
+    run = setup_run(recipe)
+    stopped = train(run, _quiet(run), StopAtStep(3))
+    assert stopped.interrupted and stopped.progress.global_step == 3
+    assert stopped.progress.step_in_epoch == 6  # mid-epoch: 3 steps x 2 batches
+    assert stopped.final_path == cut_out / "t-state"
+    assert not (cut_out / "t.safetensors").exists()
+
+    resumed = run_training(recipe, resume="auto")
+    assert not resumed.interrupted and resumed.progress.global_step == 7
+    _assert_same(_final_network(reference), _final_network(cut_out))
+    _assert_same(
+        load_file(str(reference / "t.safetensors")), load_file(str(cut_out / "t.safetensors"))
+    )
+    # the step-5 checkpoint written after the resume equals the reference's too
+    _assert_same(
+        load_file(str(reference / "t-step00000005.safetensors")),
+        load_file(str(cut_out / "t-step00000005.safetensors")),
+    )
+
+
+def test_resume_from_a_numbered_state_in_the_second_epoch(
+    reference, write_recipe, tmp_path
+) -> None:
+    cut_out = tmp_path / "cut"
+    cut_out.mkdir()
+    shutil.copytree(reference / "t-step00000005-state", cut_out / "t-step00000005-state")
+    recipe = load_recipe(write_recipe(OVERRIDES, name="cut.yaml", out=cut_out))
+    result = run_training(recipe, resume=str(cut_out / "t-step00000005-state"))
+    assert result.progress.global_step == 7
+    _assert_same(_final_network(reference), _final_network(cut_out))
+
+
+def test_resume_refuses_a_state_of_another_recipe(reference, write_recipe) -> None:
+    from loraforge.errors import TrainingError
+
+    changed = {**OVERRIDES, "network": {"dim": 8, "alpha": 8}}
+    recipe = load_recipe(write_recipe(changed, out=reference))
+    with pytest.raises(TrainingError, match=r"network\.dim"):
+        run_training(recipe, resume=str(reference / "t-step00000005-state"))
+
+
+def test_ctrl_c_handler_sets_the_flag_then_aborts_on_the_second() -> None:
+    flag = StopFlag()
+    with ctrl_c_stops(flag):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
