@@ -40,6 +40,23 @@ def get_backend(name: str) -> NetworkBackend:
     return getattr(importlib.import_module(module_name), class_name)()
 
 
+_CONFIG_CHECKS = {
+    "kohya": "loraforge.backends.kohya_config",
+    "lycoris": "loraforge.backends.lycoris_config",
+}
+
+
+def check_network_config(config: NetworkConfig) -> None:
+    """What the backend itself refuses, without building anything (torch-free; for `check`).
+
+    Raises:
+        RecipeError: naming the field and the fix.
+    """
+    if config.backend not in _CONFIG_CHECKS:
+        get_backend(config.backend)  # raises the unknown-backend error
+    importlib.import_module(_CONFIG_CHECKS[config.backend]).check_config(config)
+
+
 def create_network(
     config: NetworkConfig,
     family: str,

@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
+from loraforge.recipe.rules import ALGORITHM_ARGS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -42,7 +43,7 @@ def check_config(config: NetworkConfig) -> None:
             f"the kohya backend trains {', '.join(NETWORK_MODULES)}",
             hint="set `network.backend: lycoris` to train it with the LyCORIS backend",
         )
-    allowed = {"unit", "block_size"} if config.algorithm == "dylora" else set()
+    allowed = ALGORITHM_ARGS[("kohya", config.algorithm)]
     unknown = sorted(set(config.args) - allowed)
     if unknown:
         raise RecipeError(

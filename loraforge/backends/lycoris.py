@@ -15,7 +15,6 @@ trained whenever the preset enables them), ``lora`` and ``locon`` are the same a
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from loraforge.backends.base import LoadResult, MaxNormResult, Network
 from loraforge.backends.lycoris_config import check_config, network_metadata, resolve_options
+from loraforge.console import warn
 from loraforge.errors import DependencyError, LoraFileError, RecipeError
 
 if TYPE_CHECKING:
@@ -32,17 +32,37 @@ if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
 
 
+# The lycoris-lora versions this backend was written and tested against (it subclasses a few of
+# its module classes, see loraforge.backends.lycoris_modules).
+TESTED_LYCORIS = (4, 1)
+
+
 def require_lycoris() -> None:
-    """Raise unless lycoris-lora is importable.
+    """Import lycoris-lora, or say how to install it; warn on an untested major version.
 
     Raises:
-        DependencyError: the package is not installed.
+        DependencyError: the package is missing, cannot be imported, or is older than 4.1.
     """
-    if importlib.util.find_spec("lycoris") is None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    hint = "pip install 'loraforge[lycoris]' (or pip install 'lycoris-lora>=4.1,<5')"
+    try:
+        import lycoris  # noqa: F401
+
+        installed = version("lycoris-lora")
+    except (ImportError, PackageNotFoundError) as e:
         raise DependencyError(
-            "network.backend: lycoris needs the lycoris-lora package, which is not installed",
-            hint="pip install 'loraforge[lycoris]' (or pip install lycoris-lora)",
+            f"network.backend: lycoris needs the lycoris-lora package, which cannot be imported ({e})",
+            hint=hint,
+        ) from e
+    parts = tuple(int(p) for p in installed.split(".")[:2] if p.isdigit())
+    if parts < TESTED_LYCORIS:
+        raise DependencyError(
+            f"network.backend: lycoris needs lycoris-lora 4.1 or newer, found {installed}",
+            hint=hint,
         )
+    if parts[:1] != TESTED_LYCORIS[:1]:
+        warn(f"lycoris-lora {installed} is untested with loraforge (written for 4.x)")
 
 
 class LycorisBackend:
@@ -110,6 +130,7 @@ class LycorisAdapterNetwork(Network):
             if target.is_unet:
                 self.unet_names.add(target.lora_name)
         self._applied = False
+        self._merged = False
 
     def adapters(self) -> Iterable[nn.Module]:
         """The lycoris-lora modules, in target order (text encoders first)."""
@@ -121,6 +142,8 @@ class LycorisAdapterNetwork(Network):
 
         if self._applied:
             return
+        if self._merged:
+            raise RuntimeError("the network was merged into the base weights; it cannot be applied")
         for module in self.adapters():
             apply_module(module)
         self._applied = True
@@ -238,6 +261,7 @@ class LycorisAdapterNetwork(Network):
         self.restore()
         for module in self.adapters():
             module.merge_to(multiplier)
+        self._merged = True
         self.train(was_training)
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
+from loraforge.recipe.rules import ALGORITHM_ARGS as RECIPE_ALGORITHM_ARGS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -26,20 +27,12 @@ if TYPE_CHECKING:
 NETWORK_MODULE = "lycoris.kohya"
 DEFAULT_PRESET = "full"
 
-_COMMON = frozenset({"preset", "train_norm"})
-_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
-# network.args each LyCORIS algorithm takes (besides the top-level dim/alpha/conv/dropout fields)
+# network.args each LyCORIS algorithm takes (besides the top-level dim/alpha/conv/dropout fields);
+# the table lives with the recipe rules so `loraforge check` and the backend agree.
 ALGORITHM_ARGS: dict[str, frozenset[str]] = {
-    "lora": _COMMON | _LORA,
-    "locon": _COMMON | _LORA,
-    "loha": _COMMON | _LORA,
-    "lokr": _COMMON | _LORA | {"factor", "decompose_both", "full_matrix"},
-    "ia3": _COMMON,
-    "dylora": _COMMON | {"block_size", "unit"},
-    "diag-oft": _COMMON | {"constraint", "rescaled"},
-    "boft": _COMMON | {"constraint", "rescaled"},
-    "full": _COMMON,
-    "glora": _COMMON | {"use_scalar"},
+    algorithm: args
+    for (backend, algorithm), args in RECIPE_ALGORITHM_ARGS.items()
+    if backend == "lycoris"
 }
 ALGORITHMS = tuple(ALGORITHM_ARGS)
 

@@ -181,10 +181,19 @@ MODULE_CLASSES: dict[str, type[LycorisBaseModule]] = {
 def build_module(target: Target, options: LycorisOptions, multiplier: float) -> LycorisBaseModule:
     """The lycoris-lora module for one target, with the arguments its kohya wrapper would pass.
 
+    A target on the ``meta`` device (a dry run counting parameters) gets a module on ``meta``.
+
     Raises:
         RecipeError: lycoris-lora refuses the layer with these settings (e.g. a BOFT block size
             that does not divide the layer's width).
     """
+    weight = getattr(target.module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        return _build_on_meta(target, options, multiplier)
+    return _build(target, options, multiplier)
+
+
+def _build(target: Target, options: LycorisOptions, multiplier: float) -> LycorisBaseModule:
     algorithm = str(target.options.get("algo", options.algorithm))
     try:
         if target.kind == "norm":
@@ -215,6 +224,42 @@ def build_module(target: Target, options: LycorisOptions, multiplier: float) -> 
             f"network: lycoris-lora cannot build {algorithm} on {target.lora_name}: {e}",
             hint="change network.dim / conv_dim (for OFT/BOFT: the block size) or the preset",
         ) from e
+
+
+def _build_on_meta(target: Target, options: LycorisOptions, multiplier: float) -> LycorisBaseModule:
+    """Build against an uninitialised CPU copy of the layer (DoRA and Full read the base weight
+    on the CPU, which a meta tensor cannot give), move the module to ``meta`` and point it back
+    at the real layer, so at most one layer's worth of CPU memory is used at a time."""
+    layer = target.module
+    stand_in = layer
+    if isinstance(layer, nn.Linear):
+        stand_in = nn.utils.skip_init(
+            nn.Linear, layer.in_features, layer.out_features, bias=layer.bias is not None
+        )
+    elif isinstance(layer, nn.Conv2d):
+        stand_in = nn.utils.skip_init(
+            nn.Conv2d,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+        )
+    module = _build(
+        Target(target.lora_name, stand_in, target.is_unet, target.kind, target.options),
+        options,
+        multiplier,
+    )
+    module.to("meta")
+    module.org_module = [layer]
+    module.org_forward = layer.forward
+    if isinstance(module, FullModule):
+        module._org_weight = [layer.weight.detach()]
+        module.org_bias = None if layer.bias is None else [layer.bias.detach()]
+    return module
 
 
 @contextlib.contextmanager

@@ -74,8 +74,21 @@ def check_recipe(path: Path) -> FileReport:
     validation = validate_recipe_file(path)
     problems = list(validation.problems)
     if validation.recipe is not None:
+        problems += backend_problems(validation.recipe, str(path))
         problems += filesystem_problems(validation.recipe, str(path))
     return FileReport(str(path), tuple(problems))
+
+
+def backend_problems(recipe: Recipe, source: str) -> list[Problem]:
+    """What the chosen network backend refuses (checked without torch)."""
+    from loraforge.backends import check_network_config
+    from loraforge.errors import RecipeError
+
+    try:
+        check_network_config(recipe.network)
+    except RecipeError as e:
+        return [Problem("error", e.message, "network", source, hint=e.hint)]
+    return []
 
 
 def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:

@@ -41,7 +41,7 @@ def command(
         loraforge train recipe.yaml --dry-run
         loraforge train recipe.yaml
         loraforge train recipe.yaml --resume auto
-        accelerate launch --num_processes 2 -m loraforge train recipe.yaml
+        accelerate launch --multi_gpu --num_processes 2 -m loraforge train recipe.yaml
     """
     from loraforge.recipe import load_recipe
 
@@ -60,12 +60,14 @@ def command(
         from loraforge.training.run import run_training
     result = run_training(recipe, resume=resume, force=force)
     if result.interrupted:
-        info(
-            f"interrupted at step {result.progress.global_step}; state saved to "
-            f"{result.final_path}\n  continue with: loraforge train {recipe_path} --resume auto"
-        )
+        if result.main_process:
+            info(
+                f"interrupted at step {result.progress.global_step}; state saved to "
+                f"{result.final_path}\n  continue with: loraforge train {recipe_path} --resume auto"
+            )
         raise typer.Exit(130)
-    info(f"done: {result.final_path} ({result.progress.global_step} steps)")
+    if result.main_process:
+        info(f"done: {result.final_path} ({result.progress.global_step} steps)")
 
 
 def render_plan(plan: Any, *, force: bool) -> None:
@@ -134,14 +136,16 @@ def _bucket_table(plan: Any) -> Table:
 
 def _files_table(plan: Any) -> Table:
     existing = {Path(p) for p in plan.existing}
-    table = Table(title="files it would write")
+    root = plan.output_dir
+    table = Table(title=f"files it would write in {root}")
     for column in ("step", "kind", "path", ""):
-        table.add_column(column, justify="right" if column == "step" else "left")
+        table.add_column(column, justify="right" if column == "step" else "left", overflow="fold")
     files = plan.files
     shown = files if len(files) <= _MAX_FILES_SHOWN else files[: _MAX_FILES_SHOWN - 2] + files[-2:]
     for f in shown:
         mark = "exists" if f.path in existing else ""
-        table.add_row(str(f.step), f.kind, str(f.path), mark)
+        path = f.path.relative_to(root) if f.path.is_relative_to(root) else f.path
+        table.add_row(str(f.step), f.kind, str(path), mark)
     if len(files) > len(shown):
         table.caption = f"{len(files) - len(shown)} more not shown (--format json lists all)"
     return table

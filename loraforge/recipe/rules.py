@@ -28,35 +28,28 @@ LYCORIS_ALGORITHMS = (
 )
 ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
 
-_COMMON_LYCORIS_ARGS = {"preset", "train_norm"}
-# Which network.args each algorithm takes (lycoris-lora's own keyword arguments, by algorithm).
-ALGORITHM_ARGS: dict[tuple[str, str], set[str]] = {
-    ("kohya", "lora"): set(),
-    ("kohya", "locon"): set(),
-    ("kohya", "lora-fa"): set(),
-    ("kohya", "dylora"): {"unit"},
-    ("lycoris", "lora"): _COMMON_LYCORIS_ARGS
-    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
-    ("lycoris", "locon"): _COMMON_LYCORIS_ARGS
-    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "rescaled"},
-    ("lycoris", "loha"): _COMMON_LYCORIS_ARGS
-    | {"use_tucker", "use_scalar", "dora_wd", "weight_decompose"},
-    ("lycoris", "lokr"): _COMMON_LYCORIS_ARGS
-    | {
-        "factor",
-        "decompose_both",
-        "full_matrix",
-        "use_tucker",
-        "use_scalar",
-        "dora_wd",
-        "weight_decompose",
-    },
-    ("lycoris", "ia3"): _COMMON_LYCORIS_ARGS,
-    ("lycoris", "dylora"): _COMMON_LYCORIS_ARGS | {"block_size", "unit"},
-    ("lycoris", "diag-oft"): _COMMON_LYCORIS_ARGS | {"constraint", "rescaled", "block_size"},
-    ("lycoris", "boft"): _COMMON_LYCORIS_ARGS | {"constraint", "rescaled", "block_size"},
-    ("lycoris", "full"): _COMMON_LYCORIS_ARGS,
-    ("lycoris", "glora"): _COMMON_LYCORIS_ARGS | {"use_tucker"},
+_LYCORIS_COMMON = frozenset({"preset", "train_norm"})
+_LYCORIS_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
+# Which network.args each algorithm takes: what lycoris-lora 4.x's module classes actually use
+# (arguments a class accepts but ignores are left out, so a recipe cannot set something inert).
+# The backends read their accepted sets from here too.
+ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {
+    ("kohya", "lora"): frozenset(),
+    ("kohya", "locon"): frozenset(),
+    ("kohya", "lora-fa"): frozenset(),
+    ("kohya", "dylora"): frozenset({"unit", "block_size"}),
+    ("lycoris", "lora"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "locon"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "loha"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "lokr"): _LYCORIS_COMMON
+    | _LYCORIS_LORA
+    | {"factor", "decompose_both", "full_matrix"},
+    ("lycoris", "ia3"): _LYCORIS_COMMON,
+    ("lycoris", "dylora"): _LYCORIS_COMMON | {"block_size", "unit"},
+    ("lycoris", "diag-oft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
+    ("lycoris", "boft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
+    ("lycoris", "full"): _LYCORIS_COMMON,
+    ("lycoris", "glora"): _LYCORIS_COMMON | {"use_scalar"},
 }
 BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sd2-v": 25, "sdxl": 23}
 

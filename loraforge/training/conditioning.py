@@ -67,19 +67,26 @@ class Conditioning:
         return latents.to(self.device, torch.float32, non_blocking=True)
 
     def text(self, captions: Sequence[str], *, with_grad: bool) -> PromptEmbeds:
-        """Prompt embeddings of ``captions``; ``with_grad`` when text-encoder adapters train."""
+        """Prompt embeddings of training ``captions`` (from the cache when there is one);
+        ``with_grad`` when text-encoder adapters train."""
         if self.text_cache is not None and not with_grad:
             embeds = self.text_cache.batch(captions)
-        else:
-            with torch.set_grad_enabled(with_grad):
-                embeds = encode_prompts(
-                    self.text_encoders,
-                    self.tokenizers,
-                    self.encoding.family,
-                    list(captions),
-                    clip_skip=self.encoding.clip_skip,
-                    max_token_length=self.encoding.max_token_length,
-                )
+            pooled = None if embeds.pooled is None else embeds.pooled.to(self.device)
+            return PromptEmbeds(embeds.hidden.to(self.device), pooled)
+        return self.encode(captions, with_grad=with_grad)
+
+    def encode(self, prompts: Sequence[str], *, with_grad: bool = False) -> PromptEmbeds:
+        """Encode ``prompts`` with the text encoders, wherever they are (sample prompts are
+        never in the cache); the result is on :attr:`device`."""
+        with torch.set_grad_enabled(with_grad):
+            embeds = encode_prompts(
+                self.text_encoders,
+                self.tokenizers,
+                self.encoding.family,
+                list(prompts),
+                clip_skip=self.encoding.clip_skip,
+                max_token_length=self.encoding.max_token_length,
+            )
         pooled = None if embeds.pooled is None else embeds.pooled.to(self.device)
         return PromptEmbeds(embeds.hidden.to(self.device), pooled)
 

@@ -54,12 +54,14 @@ class TrainResult:
         progress: where training stands.
         interrupted: stopped by Ctrl-C (a resumable state was saved).
         losses: the loss of every optimizer step of this session.
+        main_process: this process is the one that writes files and reports.
     """
 
     final_path: Path
     progress: TrainingProgress
     interrupted: bool
     losses: tuple[float, ...]
+    main_process: bool = True
 
 
 def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainResult:
@@ -128,7 +130,7 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
                 state = run.checkpointer.interrupted_state(
                     run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
                 )
-                return TrainResult(state, progress, True, tuple(losses))
+                return TrainResult(state, progress, True, tuple(losses), run.is_main)
             if progress.global_step >= length.max_train_steps:
                 break
         progress = TrainingProgress(progress.global_step, epoch + 1, 0)
@@ -138,7 +140,7 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
     final = run.checkpointer.final(
         run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
     )
-    return TrainResult(final, progress, False, tuple(losses))
+    return TrainResult(final, progress, False, tuple(losses), run.is_main)
 
 
 def is_update_batch(index: int, accumulation: int, batches_per_epoch: int) -> bool:

@@ -68,6 +68,7 @@ class TrainingPlan:
         precision: mixed precision and related switches.
         caches: ``latents``/``text_encoder_outputs`` modes and the cache folder.
         network: modules, ranks, trainable parameters, learning rate per group.
+        output_dir: ``output.dir``.
         files: every file the run writes.
         existing: planned files that exist already (need ``--force``).
         resume_from, resume_step: the state a ``--resume`` would continue from.
@@ -94,6 +95,7 @@ class TrainingPlan:
     precision: dict[str, Any]
     caches: dict[str, str]
     network: NetworkSummary
+    output_dir: Path
     files: list[PlannedFile]
     existing: list[Path]
     resume_from: Path | None = None
@@ -105,6 +107,7 @@ class TrainingPlan:
         data = asdict(self)
         data["files"] = [{"step": f.step, "path": str(f.path), "kind": f.kind} for f in self.files]
         data["existing"] = [str(p) for p in self.existing]
+        data["output_dir"] = str(self.output_dir)
         data["resume_from"] = None if self.resume_from is None else str(self.resume_from)
         return data
 
@@ -234,6 +237,7 @@ def build_plan(
             "dir": recipe.cache.dir or str(Path(recipe.output.dir) / "cache"),
         },
         network=meta_network(recipe, arch, settings),
+        output_dir=settings.output.dir,
         files=[f for f in files if f.step > after],
         existing=existing_outputs(checked, after_step=after, resumed_from=state_dir),
         resume_from=state_dir,

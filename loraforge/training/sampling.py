@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from loraforge.errors import DependencyError
 from loraforge.fileio import atomic_path
-from loraforge.models.prompts import PromptEmbeds
 from loraforge.training.conditioning import Conditioning, unet_conditioning
 from loraforge.training.settings import SampleSpec
 
@@ -39,17 +39,25 @@ def make_scheduler(sampler: str, base_config: Any, v_prediction: bool) -> Any:
 
     Raises:
         ValueError: unknown sampler name.
+        DependencyError: the scheduler needs a package that is missing (``lms`` needs scipy).
     """
     import diffusers
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     class_name, extra = SAMPLERS[sampler]
-    config = dict(base_config)
-    config.update(extra)
-    config["prediction_type"] = "v_prediction" if v_prediction else "epsilon"
+    config = {k: v for k, v in dict(base_config).items() if k != "_use_default_values"}
     config.setdefault("steps_offset", 1)
-    return getattr(diffusers, class_name).from_config(config)
+    # keyword overrides win over the config (and over its "defaults in use" list)
+    prediction = "v_prediction" if v_prediction else "epsilon"
+    try:
+        cls = getattr(diffusers, class_name)
+        return cls.from_config(config, prediction_type=prediction, **extra)
+    except ImportError as e:
+        raise DependencyError(
+            f"sample.sampler {sampler}: {' '.join(str(e).split())}",
+            hint="install the package it names, or choose another sampler (e.g. euler_a)",
+        ) from e
 
 
 @dataclass(frozen=True)
@@ -81,14 +89,11 @@ def _guided(
 
 
 def _conditioning(models: SampleModels, spec: SampleSpec, device: torch.device) -> dict[str, Any]:
-    embeds = models.conditioning.text([spec.negative, spec.prompt], with_grad=False)
+    embeds = models.conditioning.encode([spec.negative, spec.prompt])
     size_ids = None
     if models.is_sdxl:
         ids = [spec.height, spec.width, 0, 0, spec.height, spec.width]
         size_ids = torch.tensor([ids, ids], dtype=torch.float32, device=device)
-    embeds = PromptEmbeds(
-        embeds.hidden.to(device), None if embeds.pooled is None else embeds.pooled.to(device)
-    )
     return unet_conditioning(embeds, size_ids, models.weight_dtype)
 
 

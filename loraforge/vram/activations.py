@@ -64,11 +64,12 @@ def _resnet_saved(b: Block, a: ActivationInputs, grad_in: bool) -> float:
     p, locon = a.compute_bytes, a.unet_conv_lora
     copy = p if a.low_precision else 0  # a LoRA's own cast of its input
     half = 2 * F32 + p  # norm's float32 copy, SiLU's float32 input, the conv's cast input
-    saved = (half * b.c_in if grad_in else 0) + (copy + a.rank * p) * b.c_in * locon
+    lora = a.rank * p * locon  # a conv LoRA's rank-sized down output
+    saved = (half * b.c_in if grad_in else 0) + (copy * b.c_in + lora) * locon
     if grad_in or locon:
-        saved += half * b.c_out + (copy + a.rank * p) * b.c_out * locon
+        saved += half * b.c_out + (copy * b.c_out + lora) * locon
     if b.c_in != b.c_out:
-        saved += (p * grad_in + copy * locon) * b.c_in
+        saved += (p * grad_in + copy * locon) * b.c_in + lora
     return saved * b.tokens
 
 
@@ -110,7 +111,8 @@ def _transformer_outer_saved(b: Block, a: ActivationInputs, grad_in: bool) -> fl
 def _sampler_saved(b: Block, a: ActivationInputs, grad_in: bool) -> float:
     p = a.compute_bytes
     copy = p if a.low_precision else 0
-    return (p * grad_in + (copy + a.rank * p) * a.unet_conv_lora) * b.c_in * b.tokens
+    locon = a.unet_conv_lora
+    return ((p * grad_in + copy * locon) * b.c_in + a.rank * p * locon) * b.tokens
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def unet_activations(structure: UNetStructure, a: ActivationInputs) -> UNetActiv
     saved = 0.0
     largest_block = 0.0
     largest_map = 0.0
+    largest_attention = 0  # heads x tokens^2 of the largest self-attention
     p = a.compute_bytes
     for b in structure.blocks:
         largest_map = max(largest_map, b.c_out * b.tokens)
@@ -147,6 +150,7 @@ def unet_activations(structure: UNetStructure, a: ActivationInputs) -> UNetActiv
             full = outer + b.layers * layer
             kept = outer + b.layers * p * b.c_in * b.tokens if trains else 0.0
             largest_block = max(largest_block, layer)
+            largest_attention = max(largest_attention, b.heads * b.tokens**2 * trains)
             grad = grad or trains
         else:
             full = kept = _sampler_saved(b, a, grad)
@@ -162,6 +166,8 @@ def unet_activations(structure: UNetStructure, a: ActivationInputs) -> UNetActiv
     working = 2 * F32 * largest_map
     if a.checkpointing:
         working += largest_block
+    if a.eager_attention:  # softmax backward: the probabilities' gradient, fp32 and cast
+        working += largest_attention * (F32 + p)
     return UNetActivations(saved, working)
 
 

@@ -1,8 +1,9 @@
 """The analytic estimate: parameter counts from the configs and per-operation activation rules.
 
 Instant and torch-free. The peak is the resident memory (weights, network, optimizer state)
-plus the larger of two phases: the UNet step (text-encoder and UNet activations, gradients) and,
-when latents are not cached, the VAE encode that comes before it.
+plus the largest of the step's phases: the UNet forward/backward (text-encoder and UNet
+activations), the optimizer update (gradients and update buffers) and, when latents are not
+cached, the VAE encode that comes before them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ from loraforge.vram.overhead import overhead_rows
 from loraforge.vram.result import VramEstimate, VramRow
 from loraforge.vram.settings import DTYPE_BYTES, TOKENS_PER_CHUNK, MemorySettings
 from loraforge.vram.sizes import format_bytes
-from loraforge.vram.structure import TextStructure, text_structure, unet_structure, vae_params
+from loraforge.vram.structure import (
+    TextStructure,
+    UNetStructure,
+    text_structure,
+    unet_structure,
+    vae_params,
+)
 
 _EIGHT_BIT = ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")
 
@@ -42,27 +49,39 @@ def optimizer_bytes_per_param(name: str, network_dtype: str) -> float:
     return per_param * DTYPE_BYTES[network_dtype] / 4
 
 
+def _stored_bytes(params: int, layer_params: int, dtype: str, compute: str) -> int:
+    """fp8_base stores Linear/Conv2d weights in float8; norms and embeddings keep ``compute``."""
+    if dtype != "fp8":
+        return params * DTYPE_BYTES[dtype]
+    return layer_params + (params - layer_params) * DTYPE_BYTES[compute]
+
+
 def _weight_rows(
-    arch: Architecture, s: MemorySettings, unet_params: int, texts: Sequence[TextStructure]
+    arch: Architecture, s: MemorySettings, unet: UNetStructure, texts: Sequence[TextStructure]
 ) -> list[VramRow]:
     rows = [
         VramRow(
             f"UNet weights ({s.unet_dtype})",
-            unet_params * DTYPE_BYTES[s.unet_dtype],
-            _millions(unet_params),
+            _stored_bytes(unet.params, unet.layer_params, s.unet_dtype, s.compute_dtype),
+            _millions(unet.params),
         )
     ]
     for index, text in enumerate(texts):
         label = f"text encoder {index + 1} weights ({s.text_encoder_dtype})"
         if s.text_encoders_on_gpu:
-            rows.append(VramRow(label, text.params * DTYPE_BYTES[s.text_encoder_dtype],
-                                _millions(text.params)))
+            stored = _stored_bytes(
+                text.params, text.layer_params, s.text_encoder_dtype, s.compute_dtype
+            )
+            rows.append(VramRow(label, stored, _millions(text.params)))
         else:
-            rows.append(VramRow(label.split(" (")[0], 0, "outputs cached: kept off the GPU", "info"))
+            rows.append(
+                VramRow(label.split(" (")[0], 0, "outputs cached: kept off the GPU", "info")
+            )
     vae = vae_params(arch.configs["vae"])
     if s.vae_on_gpu:
-        rows.append(VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype],
-                            _millions(vae)))
+        rows.append(
+            VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype], _millions(vae))
+        )
     else:
         rows.append(VramRow("VAE weights", 0, "latents cached: kept off the GPU", "info"))
     return rows
@@ -86,12 +105,21 @@ def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[
             int(size.trainable * per_param),
             f"{per_param:g} B x {_millions(size.trainable)} trainable",
         ),
+    ]
+
+
+def _optimizer_phase(s: MemorySettings, size: NetworkSize) -> list[VramRow]:
+    """After backward: the gradients and the optimizer's temporaries (unfused optimizers)."""
+    net_bytes = DTYPE_BYTES[s.network_dtype]
+    temporaries = 0 if canonical_name(s.optimizer) in _EIGHT_BIT else size.trainable * net_bytes
+    return [
         VramRow(
             f"gradients ({s.network_dtype})",
             size.trainable * net_bytes,
             f"{net_bytes} B x trainable params",
             "step",
         ),
+        VramRow("optimizer step temporaries", temporaries, "unfused update buffers", "step"),
     ]
 
 
@@ -125,7 +153,10 @@ def _step_rows(
     act = unet_activations(unet, a)
     batch = s.batch_size
     p = DTYPE_BYTES[s.compute_dtype]
-    autocast_copies = size.trainable * p if p < 4 and s.network_dtype == "fp32" else 0
+    # autocast's low-precision copies of the network's weights, kept for backward (without
+    # checkpointing; with it they are remade in the recomputation)
+    keeps_copies = p < 4 and s.network_dtype == "fp32" and not s.gradient_checkpointing
+    autocast_copies = size.trainable * p if keeps_copies else 0
     rebuilt = 2 * size.rebuilt_weight_elements * p  # LyCORIS: rebuilt weights and their casts
     gc = "on" if s.gradient_checkpointing else "off"
     rows = [
@@ -139,8 +170,14 @@ def _step_rows(
     if s.train_text_encoder and texts:
         tokens = TOKENS_PER_CHUNK * s.token_chunks
         text_bytes = sum(text_activations(t, a, tokens) for t in texts) * batch
-        rows.append(VramRow("text-encoder activations", int(text_bytes),
-                            f"{len(texts)} encoder(s) trained, {tokens} tokens", "step"))
+        rows.append(
+            VramRow(
+                "text-encoder activations",
+                int(text_bytes),
+                f"{len(texts)} encoder(s) trained, {tokens} tokens",
+                "step",
+            )
+        )
     latent_elems = batch * 4 * latent_w * latent_h
     context = batch * a.context_tokens * a.context_width
     inputs = latent_elems * (3 * p + 3 * 4) + context * p
@@ -154,36 +191,50 @@ def _vae_phase(arch: Architecture, s: MemorySettings) -> int:
     return int(per_sample * s.batch_size)
 
 
+def _peak_phase(phases: dict[str, list[VramRow]]) -> list[VramRow]:
+    """The rows of the phase with the most bytes; the others become ``info`` rows."""
+    peak = max(phases, key=lambda name: sum(r.bytes for r in phases[name]))
+    rows = list(phases[peak])
+    for name, others in phases.items():
+        if name == peak:
+            continue
+        rows += [
+            VramRow(
+                r.component, 0, f"{format_bytes(r.bytes)} during {name}: not at the peak", "info"
+            )
+            for r in others
+            if r.bytes
+        ]
+    return rows
+
+
 def analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> VramEstimate:
     """Estimate ``recipe`` on ``arch`` analytically (no torch)."""
     texts = [
         text_structure(arch.configs[name], projection=name == "text_encoder_2")
         for name in arch.text_encoder_names
     ]
-    unet_params = unet_structure(arch.configs["unet"], (8, 8)).params
-    size = network_size(recipe.network, s.family, unet_structure(arch.configs["unet"]), texts,
-                        arch.configs["unet"])
-    resident = _weight_rows(arch, s, unet_params, texts) + _network_rows(recipe, s, size)
-    step = _step_rows(recipe, arch, s, texts, size)
-    gradients = [r for r in resident if r.kind == "step"]
-    resident = [r for r in resident if r.kind != "step"]
-    step_total = sum(r.bytes for r in step + gradients)
-    rows = resident + gradients + step
+    unet = unet_structure(arch.configs["unet"])
+    size = network_size(recipe.network, s.family, unet, texts, arch.configs["unet"])
+    resident = _weight_rows(arch, s, unet, texts) + _network_rows(recipe, s, size)
+    phases = {
+        "the UNet step": _step_rows(recipe, arch, s, texts, size),
+        "the optimizer step": _optimizer_phase(s, size),
+    }
     if s.vae_on_gpu:
-        vae = _vae_phase(arch, s)
-        if vae > step_total:
-            rows = resident + [VramRow("VAE encode (transient)", vae, "the peak: before the UNet step", "step")]
-            rows += [VramRow(r.component, 0, f"{format_bytes(r.bytes)}, after the VAE encode", "info")
-                     for r in gradients + step]
-        else:
-            rows.append(VramRow("VAE encode (transient)", 0,
-                                f"{format_bytes(vae)} before the UNet step: not at the peak", "info"))
+        note = "no-grad encode of the batch before the UNet step"
+        phases["the VAE encode"] = [
+            VramRow("VAE encode (transient)", _vae_phase(arch, s), note, "step")
+        ]
+    rows = resident + _peak_phase(phases)
     tensor_bytes = sum(r.bytes for r in rows)
     rows += overhead_rows(tensor_bytes)
     notes = []
     if recipe.network.backend == "lycoris":
-        notes.append("LyCORIS networks are approximated analytically; --vram-method traced "
-                     "builds the real modules")
+        notes.append(
+            "LyCORIS networks are approximated analytically; --vram-method traced "
+            "builds the real modules"
+        )
     return VramEstimate(
         method="analytic",
         family=s.family,

@@ -73,20 +73,26 @@ def trace_optimizer(
     canonical = canonical_name(name)
     args = dict(args or {})
     if canonical == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, amsgrad=bool(args.get("amsgrad", False)),
-                                 foreach=True)
+        return torch.optim.AdamW(
+            groups, lr=lr, amsgrad=bool(args.get("amsgrad", False)), foreach=True
+        )
     if canonical == "SGDNesterov":
         momentum = float(args.get("momentum", 0.9))
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                               foreach=True)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True
+        )
     if canonical == "Adafactor":
         from transformers.optimization import Adafactor
 
         relative = bool(args.get("relative_step", True)) or bool(args.get("warmup_init", False))
         plain = [{"params": g["params"]} for g in groups] if relative else groups
-        return Adafactor(plain, lr=None if relative else lr, relative_step=relative,
-                         scale_parameter=bool(args.get("scale_parameter", True)),
-                         warmup_init=bool(args.get("warmup_init", False)),
-                         beta1=args.get("beta1"))
+        return Adafactor(
+            plain,
+            lr=None if relative else lr,
+            relative_step=relative,
+            scale_parameter=bool(args.get("scale_parameter", True)),
+            warmup_init=bool(args.get("warmup_init", False)),
+            beta1=args.get("beta1"),
+        )
     dtype = next((p.dtype for g in groups for p in g["params"]), torch.float32)
     return StateOnlyOptimizer(groups, lr, state_bytes_for(canonical, dtype))

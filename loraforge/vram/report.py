@@ -26,8 +26,10 @@ def _verdict(estimate: VramEstimate) -> Text:
 
 def _breakdown(estimate: VramEstimate) -> Table:
     w, h = estimate.resolution
-    title = (f"VRAM estimate ({estimate.method}): {estimate.family}, {w}x{h}, "
-             f"batch {estimate.batch_size}")
+    title = (
+        f"VRAM estimate ({estimate.method}): {estimate.family}, {w}x{h}, "
+        f"batch {estimate.batch_size}"
+    )
     table = Table(title=title, title_justify="left", show_footer=True)
     table.add_column("component", footer="total")
     table.add_column("memory", justify="right", footer=format_bytes(estimate.total_bytes))
@@ -49,8 +51,13 @@ def _suggestions(estimate: VramEstimate) -> Table:
     for s in estimate.suggestions:
         mark = "[green]fits[/]" if s.fits else "[yellow]not enough[/]"
         settings = ", ".join(f"{k}: {_yaml(v)}" for k, v in s.settings.items())
-        table.add_row(s.change, format_bytes(s.saving_bytes),
-                      f"{format_bytes(s.total_bytes)} {mark}", settings, s.cost)
+        table.add_row(
+            s.change,
+            format_bytes(s.saving_bytes),
+            f"{format_bytes(s.total_bytes)} {mark}",
+            settings,
+            s.cost,
+        )
     return table
 
 

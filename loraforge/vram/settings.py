@@ -104,7 +104,9 @@ def _text_encoder_trained(recipe: Recipe) -> bool:
     network, training = recipe.network, recipe.training
     if not network.train_text_encoder:
         return False
-    lr = training.text_encoder_lr if training.text_encoder_lr is not None else training.learning_rate
+    lr = (
+        training.text_encoder_lr if training.text_encoder_lr is not None else training.learning_rate
+    )
     return lr != 0
 
 

@@ -46,7 +46,7 @@ def parse_size(text: str | int | float) -> int:
             f"not a memory size: {text!r}",
             hint="write a number with a unit, e.g. 12GB, 11.5GiB or 8000MB",
         )
-    return int(round(float(match.group(1)) * _UNITS[unit]))
+    return round(float(match.group(1)) * _UNITS[unit])
 
 
 def format_bytes(n: float) -> str:

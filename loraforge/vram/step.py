@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +70,12 @@ class StepMeasurement:
     network_params: int
 
 
+_NOT_ARCHITECTURE = ("architectures", "torch_dtype", "dtype")
+
+
 def _kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+    """Config keys that describe the architecture (a stored dtype would override ours)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
 
 
 @contextlib.contextmanager
@@ -85,10 +89,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def cast_parameters(module: nn.Module, dtype: torch.dtype, *, skip: tuple[type, ...] = ()) -> None:
-    """Replace floating parameters by ``dtype`` copies, module by module (works on fake tensors)."""
+def cast_parameters(module: nn.Module, dtype: torch.dtype, *, only: tuple[type, ...] = ()) -> None:
+    """Replace floating parameters by ``dtype`` copies, module by module (works on fake tensors).
+
+    Args:
+        module: the module tree.
+        dtype: the new dtype.
+        only: cast only the parameters of modules of these classes (default: all).
+    """
     for sub in module.modules():
-        if skip and isinstance(sub, skip):
+        if only and not isinstance(sub, only):
             continue
         for name, param in list(sub._parameters.items()):
             if param is None or not param.is_floating_point() or param.dtype == dtype:
@@ -116,8 +126,8 @@ def _build_unet(config: Mapping[str, Any], settings: MemorySettings, device: str
     build = TORCH_DTYPES[settings.compute_dtype] if stored == torch.float8_e4m3fn else stored
     with _default_dtype(build):
         unet = UNet2DConditionModel.from_config(_kwargs(config))
-    if stored != build:
-        cast_parameters(unet, stored)
+    if stored != build:  # fp8_base: Linear and Conv2d weights only (training.precision)
+        cast_parameters(unet, stored, only=(nn.Linear, nn.Conv2d))
     if settings.attention == "eager":
         from diffusers.models.attention_processor import AttnProcessor
 
@@ -138,12 +148,20 @@ def _build_text_encoder(
     cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
     with _default_dtype(build):
         encoder = cls(CLIPTextConfig(**_kwargs(config)))
-    if stored != build:
-        # sd-scripts keeps the embeddings in the compute dtype: lookups are not autocast
-        cast_parameters(encoder, stored, skip=(nn.Embedding,))
+    cast_parameters(encoder, build)  # no-op unless transformers chose a dtype of its own
+    if stored != build:  # fp8_base: Linear weights only; norms and embeddings keep the dtype
+        cast_parameters(encoder, stored, only=(nn.Linear, nn.Conv2d))
+    if settings.attention == "eager" and hasattr(encoder, "set_attn_implementation"):
+        encoder.set_attn_implementation("eager")
     if settings.gradient_checkpointing and settings.train_text_encoder:
-        kwargs = {"use_reentrant": False, "context_fn": functools.partial(checkpoint_contexts, device)}
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        kwargs = {
+            "use_reentrant": False,
+            "context_fn": functools.partial(checkpoint_contexts, device),
+        }
+        if hasattr(encoder, "activation_checkpointing_enable"):
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     encoder.requires_grad_(False)
     return encoder
 
@@ -178,21 +196,27 @@ def build_step_models(
     unet = _build_unet(arch.configs["unet"], settings, device)
     # The network hooks the text encoders only when they are trained; otherwise they may be
     # off the GPU entirely (cached outputs) and are built only when they run.
-    encoders = [
-        _build_text_encoder(name, arch.configs[name], settings, device)
-        for name in arch.text_encoder_names
-    ] if settings.text_encoders_on_gpu else []
+    encoders = (
+        [
+            _build_text_encoder(name, arch.configs[name], settings, device)
+            for name in arch.text_encoder_names
+        ]
+        if settings.text_encoders_on_gpu
+        else []
+    )
     vae = _build_vae(arch.configs["vae"], settings) if settings.vae_on_gpu else None
     network = create_network(recipe.network, settings.family, unet, encoders)
     cast_parameters(network, TORCH_DTYPES[settings.network_dtype])
     network.apply_to()
     network.train()
     unet_lr, te_lr = _learning_rates(recipe)
-    groups = network.param_groups(unet_lr if settings.train_unet else 0.0,
-                                  te_lr if settings.train_text_encoder else 0.0)
+    groups = network.param_groups(
+        unet_lr if settings.train_unet else 0.0, te_lr if settings.train_text_encoder else 0.0
+    )
     trainable = [p for g in groups for p in g["params"]]
-    optimizer = trace_optimizer(settings.optimizer, groups, recipe.training.learning_rate,
-                                recipe.training.optimizer_args)
+    optimizer = trace_optimizer(
+        settings.optimizer, groups, recipe.training.learning_rate, recipe.training.optimizer_args
+    )
     return StepModels(unet, encoders, vae, network, optimizer, trainable)
 
 
@@ -281,10 +305,16 @@ def run_training_step(
     tracker: LiveBytesTracker,
     *,
     device: str = "cpu",
+    before_step: Callable[[], None] | None = None,
 ) -> StepMeasurement:
     """Build the models, then measure one steady-state training step with ``tracker``.
 
-    Call it under ``FakeTensorMode`` for a trace, or plainly for a real (small) CPU run.
+    Call it under ``FakeTensorMode`` for a trace, or plainly for a real (small) CPU run; on a
+    GPU build the models under ``with torch.device("cuda")`` and pass ``device="cuda"``.
+
+    Args:
+        before_step: called once the optimizer state exists, right before the measured step
+            (e.g. ``torch.cuda.reset_peak_memory_stats``).
     """
     models = build_step_models(recipe, arch, settings, device)
     _register_resident(models, tracker)
@@ -292,6 +322,8 @@ def run_training_step(
         tracker.phase("optimizer state")
         _initialise_optimizer_state(models)
         tracker.reset_peak()
+        if before_step is not None:
+            before_step()
         tracker.phase("inputs" if models.vae is None else "vae encode")
         latents = _latents(models, settings, device)
         tracker.phase("text encoder activations")

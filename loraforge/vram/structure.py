@@ -124,6 +124,11 @@ class UNetStructure:
     params: int
     time_embed_dim: int
 
+    @property
+    def layer_params(self) -> int:
+        """Parameters of Linear and Conv2d layers (what ``fp8_base`` stores in float8)."""
+        return sum(layer.params for layer in self.layers)
+
 
 def _shrink(size: tuple[int, int]) -> tuple[int, int]:
     # a stride-2, padding-1, 3x3 convolution: ceil(n / 2)
@@ -208,7 +213,9 @@ def _walk_up(w: _UNetWalker, sizes: Sequence[tuple[int, int]]) -> None:
             w.sampler("up", f"up_blocks.{i}.upsamplers.0", c_out, up_size[0] * up_size[1])
 
 
-def unet_structure(config: Mapping[str, Any], latent_size: tuple[int, int] = (64, 64)) -> UNetStructure:
+def unet_structure(
+    config: Mapping[str, Any], latent_size: tuple[int, int] = (64, 64)
+) -> UNetStructure:
     """Walk a ``UNet2DConditionModel`` config (see the module docstring for what is supported).
 
     Args:
@@ -331,6 +338,12 @@ class TextStructure:
     intermediate: int
     depth: int
     heads: int
+    projection: int = 0
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of Linear layers, the projection included (stored in float8 by fp8_base)."""
+        return sum(layer.params for layer in self.layers) + self.projection
 
 
 def text_structure(config: Mapping[str, Any], *, projection: bool) -> TextStructure:
@@ -352,11 +365,11 @@ def text_structure(config: Mapping[str, Any], *, projection: bool) -> TextStruct
         layers.append(Layer(f"{base}.mlp.fc1", hidden, inner, 0, True, "text"))
         layers.append(Layer(f"{base}.mlp.fc2", inner, hidden, 0, True, "text"))
     norms = depth * 2 * 2 * hidden + 2 * hidden
+    projection_params = hidden * int(config.get("projection_dim", hidden)) if projection else 0
     params = sum(layer.params for layer in layers) + norms + (vocab + positions) * hidden
-    if projection:
-        params += hidden * int(config.get("projection_dim", hidden))
+    params += projection_params
     heads = int(config.get("num_attention_heads", 12))
-    return TextStructure(tuple(layers), params, hidden, inner, depth, heads)
+    return TextStructure(tuple(layers), params, hidden, inner, depth, heads, projection_params)
 
 
 def iter_unet_targets(structure: UNetStructure, *, conv: bool) -> Iterator[Layer]:

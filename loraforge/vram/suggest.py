@@ -35,8 +35,11 @@ def _cache_latents(r: Recipe) -> Recipe | None:
 
 def _cache_text(r: Recipe) -> Recipe | None:
     varying = any(
-        s.shuffle_caption or s.enable_wildcard or s.caption_dropout_rate
-        or s.caption_tag_dropout_rate or s.caption_dropout_every_n_epochs
+        s.shuffle_caption
+        or s.enable_wildcard
+        or s.caption_dropout_rate
+        or s.caption_tag_dropout_rate
+        or s.caption_dropout_every_n_epochs
         for s in r.dataset.subsets
     )
     if r.cache.text_encoder_outputs != "none" or r.network.train_text_encoder or varying:
@@ -72,8 +75,12 @@ def _half_batch(r: Recipe) -> Recipe | None:
     t = r.training
     if t.batch_size < 2:
         return None
-    return _section(r, "training", batch_size=t.batch_size // 2,
-                    gradient_accumulation_steps=t.gradient_accumulation_steps * 2)
+    return _section(
+        r,
+        "training",
+        batch_size=t.batch_size // 2,
+        gradient_accumulation_steps=t.gradient_accumulation_steps * 2,
+    )
 
 
 def _lower_resolution(r: Recipe) -> Recipe | None:
@@ -94,24 +101,57 @@ def _no_text_encoder(r: Recipe) -> Recipe | None:
 
 CANDIDATES: tuple[_Candidate, ...] = (
     _Candidate("switch to SDPA attention", "none", _sdpa, lambda r: {"training.attention": "sdpa"}),
-    _Candidate("cache the latents", "no color_aug / random_crop", _cache_latents,
-               lambda r: {"cache.latents": "disk"}),
-    _Candidate("cache the text-encoder outputs", "captions can no longer vary per step",
-               _cache_text, lambda r: {"cache.text_encoder_outputs": "disk"}),
-    _Candidate("use an 8-bit optimizer", "needs bitsandbytes and an NVIDIA GPU", _eight_bit,
-               lambda r: {"training.optimizer": _EIGHT_BIT.get(r.training.optimizer)}),
-    _Candidate("turn on gradient checkpointing", "about 20-30% slower steps", _checkpointing,
-               lambda r: {"training.gradient_checkpointing": True}),
-    _Candidate("halve the batch (double gradient accumulation)", "slower epochs", _half_batch,
-               lambda r: {"training.batch_size": r.training.batch_size // 2,
-                          "training.gradient_accumulation_steps":
-                              r.training.gradient_accumulation_steps * 2}),
-    _Candidate("store the base model in fp8 (fp8_base)", "slightly lower quality", _fp8,
-               lambda r: {"training.fp8_base": True}),
-    _Candidate("train the UNet only", "weaker concept binding for characters",
-               _no_text_encoder, lambda r: {"network.train_text_encoder": False}),
-    _Candidate("lower the resolution one bucket step", "less detail", _lower_resolution,
-               lambda r: {"dataset.resolution": list(_lower_resolution(r).dataset.resolution)}),
+    _Candidate(
+        "cache the latents",
+        "no color_aug / random_crop",
+        _cache_latents,
+        lambda r: {"cache.latents": "disk"},
+    ),
+    _Candidate(
+        "cache the text-encoder outputs",
+        "captions can no longer vary per step",
+        _cache_text,
+        lambda r: {"cache.text_encoder_outputs": "disk"},
+    ),
+    _Candidate(
+        "use an 8-bit optimizer",
+        "needs bitsandbytes and an NVIDIA GPU",
+        _eight_bit,
+        lambda r: {"training.optimizer": _EIGHT_BIT.get(r.training.optimizer)},
+    ),
+    _Candidate(
+        "turn on gradient checkpointing",
+        "about 20-30% slower steps",
+        _checkpointing,
+        lambda r: {"training.gradient_checkpointing": True},
+    ),
+    _Candidate(
+        "halve the batch (double gradient accumulation)",
+        "slower epochs",
+        _half_batch,
+        lambda r: {
+            "training.batch_size": r.training.batch_size // 2,
+            "training.gradient_accumulation_steps": r.training.gradient_accumulation_steps * 2,
+        },
+    ),
+    _Candidate(
+        "store the base model in fp8 (fp8_base)",
+        "slightly lower quality",
+        _fp8,
+        lambda r: {"training.fp8_base": True},
+    ),
+    _Candidate(
+        "train the UNet only",
+        "weaker concept binding for characters",
+        _no_text_encoder,
+        lambda r: {"network.train_text_encoder": False},
+    ),
+    _Candidate(
+        "lower the resolution one bucket step",
+        "less detail",
+        _lower_resolution,
+        lambda r: {"dataset.resolution": list(_lower_resolution(r).dataset.resolution)},
+    ),
 )
 
 
@@ -146,14 +186,34 @@ def suggest(
         if saving <= 0:
             continue
         total = estimate.total_bytes - saving
-        singles.append(Suggestion(candidate.change, candidate.settings(recipe), saving, total,
-                                  total <= budget, candidate.cost))
+        singles.append(
+            Suggestion(
+                candidate.change,
+                candidate.settings(recipe),
+                saving,
+                total,
+                total <= budget,
+                candidate.cost,
+            )
+        )
     fitting = [s for s in singles if s.fits]
     rest = sorted((s for s in singles if not s.fits), key=lambda s: -s.saving_bytes)
     if fitting:
         return tuple(fitting + rest)
     combined = _combination(recipe, estimate, budget, base, analytic_total)
     return tuple(([combined] if combined else []) + rest)
+
+
+def _apply_all(recipe: Recipe, chosen: list[_Candidate]) -> tuple[Recipe, dict[str, Any]]:
+    """Apply ``chosen`` in order; returns the recipe and the settings changed."""
+    settings: dict[str, Any] = {}
+    for candidate in chosen:
+        changed = candidate.apply(recipe)
+        if changed is None:
+            continue
+        settings.update(candidate.settings(recipe))
+        recipe = changed
+    return recipe, settings
 
 
 def _combination(
@@ -163,23 +223,38 @@ def _combination(
     base: int,
     analytic_total: Callable[[Recipe], int],
 ) -> Suggestion | None:
-    """Add changes in cost order until the estimate fits; ``None`` when nothing applies."""
-    current, names, settings, costs = recipe, [], {}, []
+    """Add changes in cost order until the estimate fits, then drop the ones not needed.
+
+    Returns ``None`` when no change applies.
+    """
+
+    def total_of(chosen: list[_Candidate]) -> int:
+        return estimate.total_bytes - (base - analytic_total(_apply_all(recipe, chosen)[0]))
+
+    chosen: list[_Candidate] = []
     total = estimate.total_bytes
     for candidate in CANDIDATES:
-        changed = candidate.apply(current)
-        if changed is None:
+        if candidate.apply(_apply_all(recipe, chosen)[0]) is None:
             continue
-        new_total = estimate.total_bytes - (base - analytic_total(changed))
-        if new_total >= total:
-            continue
-        settings.update(candidate.settings(current))
-        current, total = changed, new_total
-        names.append(candidate.change)
-        costs.append(candidate.cost)
+        new_total = total_of([*chosen, candidate])
+        if new_total < total:
+            chosen, total = [*chosen, candidate], new_total
         if total <= budget:
             break
-    if not names:
+    if total <= budget:  # a cheap early change may have become unnecessary
+        for candidate in list(chosen):
+            rest = [c for c in chosen if c is not candidate]
+            if rest and total_of(rest) <= budget:
+                chosen, total = rest, total_of(rest)
+    if not chosen:
         return None
-    return Suggestion(" + ".join(names), settings, estimate.total_bytes - total, total,
-                      total <= budget, "; ".join(c for c in costs if c != "none"))
+    _, settings = _apply_all(recipe, chosen)
+    costs = "; ".join(c.cost for c in chosen if c.cost != "none")
+    return Suggestion(
+        " + ".join(c.change for c in chosen),
+        settings,
+        estimate.total_bytes - total,
+        total,
+        total <= budget,
+        costs,
+    )

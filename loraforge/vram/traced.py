@@ -97,8 +97,10 @@ def _rows(at_peak: Mapping[str, int], s: MemorySettings, trainable: int) -> list
         note = ""
         if category == "unet activations":
             gc = "on" if s.gradient_checkpointing else "off"
-            note = (f"{s.width}x{s.height}, batch {s.batch_size}, checkpointing {gc}, "
-                    f"{s.attention} attention")
+            note = (
+                f"{s.width}x{s.height}, batch {s.batch_size}, checkpointing {gc}, "
+                f"{s.attention} attention"
+            )
         elif category == "network weights":
             note = f"{trainable / 1e6:.1f}M trainable params"
         elif category == "optimizer state":

@@ -140,12 +140,20 @@ def test_metadata_without_conv_and_dylora_block(lyco_config: Any) -> None:
 def test_missing_package_is_a_dependency_error(
     lyco_config: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib.util
+    import sys
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "lycoris" else real(name, *a)
-    )
+    monkeypatch.setitem(sys.modules, "lycoris", None)  # import lycoris raises ImportError
     with pytest.raises(DependencyError, match="lycoris-lora") as info:
         get_backend("lycoris").create(lyco_config(), "sd1", None, [])
     assert "pip install" in str(info.value.hint)
+
+
+def test_too_old_lycoris_is_a_dependency_error(
+    lyco_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lycoris")
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.2.0")
+    with pytest.raises(DependencyError, match=r"4\.1 or newer, found 3\.2\.0"):
+        get_backend("lycoris").create(lyco_config(), "sd1", None, [])

@@ -4,6 +4,7 @@ and (SD1) lycoris-lora's own kohya reader rebuilding the written file."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,23 @@ CASES = [
     ("glora", "glora", {}),
     ("lora-train-norm", "lora", {"train_norm": True}),
 ]
+# Option variants train on SD1 in the slow set only (the options also have fast unit tests);
+# every algorithm trains on SD1 in the fast set, and everything on SDXL in the slow set.
+_VARIANTS = {"lora-dora", "loha-dora", "lokr-full-matrix", "lokr-dora", "lora-train-norm"}
+
+
+def _training_params() -> list[Any]:
+    params = []
+    for family in ("sd1", "sdxl"):
+        for case_id, algorithm, args in CASES:
+            slow = family == "sdxl" or case_id in _VARIANTS
+            marks = [pytest.mark.slow] if slow else []
+            params.append(
+                pytest.param(algorithm, args, family, id=f"{case_id}-{family}", marks=marks)
+            )
+    return params
+
+
 # lycoris-lora 4.1.3: IA3Module.make_module_from_state_dict takes (weight) but its reader passes
 # (weight, on_input), so its kohya reader raises TypeError on every IA3 file.
 _READER_BUG = {"ia3"}
@@ -112,8 +130,7 @@ def _assert_names_resolve(models: Any, tensors: dict[str, torch.Tensor]) -> None
         assert not any("down_blocks" in n or "up_blocks" in n for n in names)
 
 
-@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
-@pytest.mark.parametrize(("algorithm", "args"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("algorithm", "args", "family"), _training_params())
 def test_trains_saves_reloads_and_merges(
     algorithm: str, args: dict, family: str, tiny_models: Any, lyco_config: Any, tmp_path: Any
 ) -> None:
@@ -226,3 +243,47 @@ def test_lycoris_own_reader_rebuilds_every_module(
     theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(_predict(fresh, batch), expected, rtol=1e-4, atol=1e-5)
+
+
+@functools.cache
+def _meta_models(family: str) -> Any:
+    """The tiny model's architecture on the ``meta`` device, as the dry run builds it (shared:
+    building a network does not change the model)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loraforge.models.tiny import tiny_component_configs
+
+    configs = tiny_component_configs(family)
+    clean = {k: v for k, v in configs["unet"].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(clean)
+        encoders = []
+        for name in ("text_encoder", "text_encoder_2"):
+            if name in configs:
+                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+                keep = {k: v for k, v in configs[name].items() if k != "architectures"}
+                encoders.append(cls(CLIPTextConfig(**keep)))
+    return type("MetaModels", (), {"family": family, "unet": unet, "text_encoders": encoders})
+
+
+# the algorithms that read the base weight while being built, plus norms and DyLoRA's blocks
+_META_CASES = ("lora-dora", "loha-dora", "lokr-dora", "full", "dylora", "lora-train-norm")
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "args"),
+    [c[1:] for c in CASES if c[0] in _META_CASES],
+    ids=[c[0] for c in CASES if c[0] in _META_CASES],
+)
+def test_dry_run_on_meta_counts_what_training_trains(
+    algorithm: str, args: dict, tiny_models: Any, lyco_config: Any
+) -> None:
+    config = _config(lyco_config, algorithm, args)
+    meta = _create(_meta_models("sd1"), config)
+    real = _create(tiny_models("sd1"), config)
+    assert all(p.is_meta for p in meta.parameters())
+    assert meta.trainable_parameter_count() == real.trainable_parameter_count()
+    assert [n for n, _ in meta.named_children()] == [n for n, _ in real.named_children()]
+    groups = meta.param_groups(1e-4, 5e-5)
+    assert [g["name"] for g in groups] == ["textencoder", "unet"]

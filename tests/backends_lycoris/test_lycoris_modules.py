@@ -94,10 +94,10 @@ def _loha_delta(t: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
 
 def _lokr_delta(t: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-    if "lokr_w2" in t:
-        w2, rank = t["lokr_w2"], None
-    else:
-        w2, rank = t["lokr_w2_a"] @ t["lokr_w2_b"], t["lokr_w2_b"].shape[0]
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    # the rank is that of a low-rank factor (w2's first); no low-rank factor: scale 1
+    low_rank = [t[k] for k in ("lokr_w2_b", "lokr_w1_b") if k in t]
+    rank = low_rank[0].shape[0] if low_rank else None
     if len(shape) == 4:
         w2 = w2.reshape(w2.shape[0], -1, *shape[2:])
         w1 = w1[:, :, None, None]
@@ -389,3 +389,21 @@ def test_full_restore_puts_the_base_weight_back_as_it_was(lyco_config: Any) -> N
     network.apply_to()
     network.restore()
     torch.testing.assert_close(network.state_dict_for_save(torch.float32), saved)
+
+
+@pytest.mark.parametrize("algorithm", ["lora", "lokr", "full"])
+def test_rank_and_module_dropout_act_only_while_training(algorithm: str, lyco_config: Any) -> None:
+    layers = Layers()
+    config = lyco_config(algorithm=algorithm, rank_dropout=0.5, args={"factor": 4})
+    if algorithm != "lokr":
+        config = lyco_config(algorithm=algorithm, rank_dropout=0.5)
+    network = _network(layers, config)
+    network.apply_to()
+    _randomize(network)
+    network.train()
+    torch.manual_seed(0)
+    drawn = {tuple(_outputs(layers)[LIN][0, :4].tolist()) for _ in range(8)}
+    assert len(drawn) > 1
+    network.eval()
+    fixed = {tuple(_outputs(layers)[LIN][0, :4].tolist()) for _ in range(3)}
+    assert len(fixed) == 1

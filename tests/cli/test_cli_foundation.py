@@ -143,3 +143,14 @@ def test_usage_errors_exit_two_without_traceback(tmp_path: Path) -> None:
         result = run(*args, cwd=tmp_path)
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr
+
+
+def test_check_reports_what_the_backend_refuses(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "model: {base: a/b}\ndataset: {subsets: [{dir: d}]}\n"
+        "network: {backend: lycoris, algorithm: loha, dropout: 0.1}\n"
+    )
+    result = run("check", "r.yaml", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1
+    problems = json.loads(result.stdout)[0]["problems"]
+    assert any(p["severity"] == "error" and "dropout" in p["message"] for p in problems)

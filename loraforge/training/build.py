@@ -1,0 +1,201 @@
+"""Building the pieces of a run from the recipe: the base model in its training dtypes, the
+caches and conditioning, the network, the optimizer and scheduler, and the loss inputs.
+
+Called in this order by :func:`loraforge.training.setup.setup_run`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from loraforge.backends import create_network
+from loraforge.backends.base import Network
+from loraforge.console import err, info, warn
+from loraforge.data.dataset import TrainingData
+from loraforge.recipe import Recipe
+from loraforge.training.conditioning import Conditioning, TextEncoding
+from loraforge.training.loss import LossOptions
+from loraforge.training.noise import NoiseOptions, build_noise_schedule, check_timestep_range
+from loraforge.training.precision import (
+    Precision,
+    cast_frozen_models,
+    configure_attention,
+    enable_gradient_checkpointing,
+    move_module,
+)
+from loraforge.training.settings import RunSettings
+from loraforge.training.step import LossSetup
+
+
+def load_base_model(recipe: Recipe) -> Any:
+    """Load the base model in float32 (cast per the precision rules after caching)."""
+    from loraforge.models.loading import load_model
+
+    m = recipe.model
+    with err.status(f"loading {m.base}…"):
+        return load_model(m.base, family=m.family, vae=m.vae, allow_pickle=m.allow_pickle)
+
+
+def prepare_conditioning(
+    recipe: Recipe, model: Any, data: TrainingData, device: torch.device, is_main: bool
+) -> Conditioning:
+    """Build the caches the recipe asks for and the :class:`Conditioning` that reads them.
+
+    The VAE and text encoders encode on ``device`` in the dtypes ``loraforge cache`` uses, so
+    its disk entries are reused; a cached part then goes back to the CPU in float32 (only
+    sampling uses it).
+    """
+    from loraforge.data.cache_setup import prepare_caches, vae_dtype
+    from loraforge.progress import progress_callback
+
+    move_module(model.vae, device, vae_dtype(recipe, model.family, device))
+    for encoder in model.text_encoders:
+        move_module(encoder, device)
+    caches = prepare_caches(
+        recipe,
+        model,
+        data.plan,
+        data.discovery.subsets,
+        progress=partial(progress_callback, err, enabled=is_main),
+    )
+    if caches.latents is not None:
+        move_module(model.vae, "cpu", torch.float32)
+    if caches.text is not None:
+        for encoder in model.text_encoders:
+            move_module(encoder, "cpu", torch.float32)
+    m = recipe.model
+    return Conditioning(
+        model.vae,
+        model.text_encoders,
+        model.tokenizers,
+        TextEncoding(model.family, m.clip_skip, m.max_token_length),
+        device,
+        latent_cache=caches.latents,
+        text_cache=caches.text,
+    )
+
+
+def place_frozen_models(
+    recipe: Recipe,
+    model: Any,
+    precision: Precision,
+    conditioning: Conditioning,
+    device: torch.device,
+) -> None:
+    """UNet (and live text encoders) to the device in their dtypes; attention kernel and
+    activation checkpointing as the recipe asks."""
+    t, n = recipe.training, recipe.network
+    live_encoders = list(model.text_encoders) if conditioning.text_cache is None else []
+    cast_frozen_models([model.unet, *live_encoders], precision, device)
+    configure_attention(model.unet, live_encoders, t.attention)
+    if t.gradient_checkpointing:
+        trains_te = n.train_text_encoder and (t.text_encoder_lr or t.learning_rate) > 0
+        enable_gradient_checkpointing(model.unet, live_encoders if trains_te else [])
+
+
+def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:
+    """Create and hook the network; same seed on every rank, so the initial weights agree.
+
+    ``network.weights`` (continue from a LoRA file) is loaded non-strictly: modules the file
+    lacks keep their initial (no-op) weights, and the counts are reported.
+
+    Raises:
+        LoraFileError: the file cannot be read or no module matches it.
+    """
+    torch.manual_seed(recipe.training.seed)
+    network = create_network(recipe.network, model.family, model.unet, model.text_encoders)
+    network.apply_to()
+    if recipe.network.weights:
+        from loraforge.errors import LoraFileError
+        from loraforge.ops.lora_file import read_lora_file
+
+        loaded = read_lora_file(recipe.network.weights)
+        result = network.load_weights(loaded.tensors, strict=False)
+        total = len(list(network.children()))
+        if len(result.missing) == total:
+            raise LoraFileError(
+                f"{recipe.network.weights}: no tensor matches a module of this network",
+                hint="check that the file is a LoRA for this model family and algorithm",
+            )
+        if result.missing or result.unexpected:
+            warn(
+                f"network.weights: {len(result.missing)} modules start fresh, "
+                f"{len(result.unexpected)} tensors of the file fit no module"
+            )
+        info(f"continuing from {recipe.network.weights}")
+    network.to(dtype=precision.network_dtype)
+    return network
+
+
+def build_optimization(
+    recipe: Recipe, network: Network, settings: RunSettings, accelerator: Any
+) -> tuple[Any, Any]:
+    """The optimizer over the network's parameter groups (wrapped by accelerate for grad
+    scaling) and the LR scheduler, stepped once per optimizer step."""
+    from loraforge.training.optim import build_optimizer
+    from loraforge.training.schedulers import build_scheduler
+
+    t = recipe.training
+    groups = network.param_groups(settings.unet_lr, settings.text_encoder_lr)
+    optimizer = build_optimizer(t.optimizer, groups, t.learning_rate, t.optimizer_args)
+    optimizer = accelerator.prepare(optimizer)
+    if t.full_fp16:
+        from loraforge.training.precision import allow_fp16_gradients
+
+        allow_fp16_gradients(accelerator)
+    scheduler = build_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        settings.length.max_train_steps,
+        t.lr_warmup_steps,
+        t.lr_scheduler_num_cycles,
+        t.lr_scheduler_power,
+        learning_rate=t.learning_rate,
+    )
+    return optimizer, scheduler
+
+
+def loss_setup(
+    recipe: Recipe,
+    model: Any,
+    conditioning: Conditioning,
+    settings: RunSettings,
+    precision: Precision,
+) -> LossSetup:
+    """The fixed inputs of every batch's loss (noise schedule, noise and loss options)."""
+    t = recipe.training
+    schedule = build_noise_schedule(zero_terminal_snr=t.zero_terminal_snr)
+    check_timestep_range(t.min_timestep, t.max_timestep, schedule.num_train_timesteps)
+    return LossSetup(
+        unet=model.unet,
+        conditioning=conditioning,
+        schedule=schedule,
+        noise=NoiseOptions.from_training(t),
+        loss=LossOptions.from_training(t, settings.v_prediction),
+        weight_dtype=precision.weight_dtype,
+        is_sdxl=model.family == "sdxl",
+    )
+
+
+def sample_models(
+    model: Any, conditioning: Conditioning, settings: RunSettings, precision: Precision
+) -> Any:
+    """What sampling uses; a sampler whose package is missing fails here, not at the first
+    sample."""
+    from loraforge.training.sampling import SampleModels, make_scheduler
+
+    config = model.noise_scheduler.config
+    if settings.sample.enabled:
+        make_scheduler(settings.sample.sampler, config, settings.v_prediction)
+    return SampleModels(
+        unet=model.unet,
+        vae=model.vae,
+        conditioning=conditioning,
+        scheduler_config=config,
+        v_prediction=settings.v_prediction,
+        weight_dtype=precision.weight_dtype,
+        is_sdxl=model.family == "sdxl",
+    )

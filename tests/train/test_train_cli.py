@@ -1,0 +1,196 @@
+"""`loraforge train` at the CLI boundary: --dry-run, --force, a NaN loss, bad --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from loraforge.cli import main
+
+
+def cli(*args: str) -> int:
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def stderr_of(capsys) -> str:
+    """stderr with the console's line wrapping undone."""
+    return " ".join(capsys.readouterr().err.split())
+
+
+def _lora_parameter_count(model_dir: Path, dim: int) -> int:
+    """dim * (in + out) for every layer sd-scripts adapts, counted on the diffusers models."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    total = 0
+    for model, classes in (
+        (unet, ("Transformer2DModel",)),
+        (encoder, ("CLIPAttention", "CLIPMLP")),
+    ):
+        for module in model.modules():
+            if type(module).__name__ not in classes:
+                continue
+            for child in module.modules():
+                if isinstance(child, nn.Linear):
+                    total += dim * (child.in_features + child.out_features)
+                elif isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1):
+                    total += dim * (child.in_channels + child.out_channels)
+    return total
+
+
+def test_dry_run_json_resolves_everything_and_writes_nothing(
+    write_recipe, tmp_path, tiny_sd1_dir, capsys
+) -> None:
+    recipe = write_recipe(
+        {
+            "training": {
+                "max_train_steps": None,
+                "max_train_epochs": 2,
+                "gradient_accumulation_steps": 2,
+            },
+            "output": {"save_every_n_epochs": 1, "save_state": True},
+            "sample": {"every_n_epochs": 1, "prompts": [{"prompt": "a red circle", "seed": 3}]},
+        }
+    )
+    assert cli("train", str(recipe), "--dry-run", "--format", "json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["family"] == "sd1" and not plan["v_prediction"]
+    # 6 images x 3 repeats in three 2-image buckets: 3 buckets x 3 batches of 2 = 9 batches
+    assert plan["length"] == {
+        "batches_per_epoch": 9,
+        "steps_per_epoch": 5,
+        "max_train_steps": 10,
+        "num_epochs": 2,
+    }
+    assert [(b["width"], b["height"], b["images"]) for b in plan["buckets"]] == [
+        (64, 64, 2),
+        (64, 128, 2),
+        (128, 64, 2),
+    ]
+    assert plan["network"]["trainable_parameters"] == _lora_parameter_count(tiny_sd1_dir, 4)
+    out = tmp_path / "out"
+    files = [
+        (f["step"], f["kind"], Path(f["path"]).relative_to(out).as_posix()) for f in plan["files"]
+    ]
+    assert files == [
+        (5, "lora", "t-000001.safetensors"),
+        (5, "state", "t-000001-state"),
+        (5, "sample", "sample/t_e000001_00_3.png"),
+        (10, "sample", "sample/t_e000002_00_3.png"),
+        (10, "lora", "t.safetensors"),
+        (10, "state", "t-state"),
+    ]
+    assert plan["optimizer"] == "torch.optim.adamw.AdamW" and plan["existing"] == []
+    assert not out.exists()
+
+
+def test_dry_run_table_names_the_plan(write_recipe, capsys) -> None:
+    assert cli("train", str(write_recipe()), "--dry-run") == 0
+    text = capsys.readouterr().out
+    for expected in ("sd1", "trainable parameters", "64x128", "t.safetensors", "AdamW", "4 steps"):
+        assert expected in text
+
+
+def test_existing_outputs_need_force(write_recipe, tmp_path, capsys) -> None:
+    recipe = str(write_recipe({"training": {"max_train_steps": 2}}))
+    assert cli("train", recipe) == 0
+    final = tmp_path / "out" / "t.safetensors"
+    before = final.read_bytes()
+    capsys.readouterr()
+    assert cli("train", recipe) == 2
+    stderr = stderr_of(capsys)
+    assert "t.safetensors" in stderr and "--force" in stderr
+    assert final.read_bytes() == before
+    assert cli("train", recipe, "--force") == 0
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(
+    write_recipe, tmp_path, monkeypatch, capsys
+) -> None:
+    import loraforge.training.loop as loop
+
+    real, calls = loop.batch_loss, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    recipe = write_recipe({"training": {"max_train_steps": 5}, "output": {"save_every_n_steps": 2}})
+    assert cli("train", str(recipe)) == 2
+    stderr = stderr_of(capsys)
+    assert "nan at step 3" in stderr and "--resume" in stderr
+    out = tmp_path / "out"
+    kept = out / "t-step00000002.safetensors"
+    assert kept.is_file() and not (out / "t.safetensors").exists()
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(kept)).values())
+
+
+def test_resume_of_a_missing_folder_is_a_user_error(write_recipe, tmp_path, capsys) -> None:
+    assert cli("train", str(write_recipe()), "--resume", str(tmp_path / "nope")) == 2
+    assert "no such state folder" in stderr_of(capsys)
+
+
+def test_resume_auto_without_a_state_starts_fresh(write_recipe, tmp_path, capsys) -> None:
+    assert (
+        cli("train", str(write_recipe({"training": {"max_train_steps": 1}})), "--resume", "auto")
+        == 0
+    )
+    assert "starting a new run" in stderr_of(capsys)
+    assert (tmp_path / "out" / "t.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        ({"mixed_precision": "fp16"}, "fp16 needs a GPU"),
+        ({"attention": "xformers"}, "xformers"),
+    ],
+)
+def test_unsupported_settings_on_this_machine_are_clear_errors(
+    write_recipe, capsys, training, message
+) -> None:
+    assert cli("train", str(write_recipe({"training": training}))) == 2
+    assert message in stderr_of(capsys)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_state_and_resume_auto_finishes(write_recipe, tmp_path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    recipe = str(write_recipe({"training": {"max_train_steps": 40}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "loraforge", "train", recipe]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in process.stderr:  # a plain progress line every 4 steps (stderr is not a tty)
+        seen.append(line)
+        if line.startswith("step "):
+            process.send_signal(signal.SIGINT)
+            break
+    rest = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, "".join(seen) + rest
+    assert "--resume auto" in " ".join(rest.split())
+    out = tmp_path / "out"
+    assert (out / "t-state" / "state.json").is_file() and not (out / "t.safetensors").exists()
+    finished = subprocess.run(
+        [*command, "--resume", "auto"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming from" in finished.stderr and (out / "t.safetensors").is_file()
