@@ -4,6 +4,7 @@ from loraforge.recipe.load import (
     Validation,
     load_recipe,
     parse_recipe_text,
+    section_defaults,
     validate_recipe_file,
     validate_recipe_text,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "load_recipe",
     "load_schema",
     "parse_recipe_text",
+    "section_defaults",
     "validate_recipe_file",
     "validate_recipe_text",
 ]

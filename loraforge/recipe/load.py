@@ -220,6 +220,16 @@ def build_recipe(data: dict[str, Any], *, source: str | None) -> recipe_types.Re
     return recipe_types.Recipe(**sections, source=source)
 
 
+def section_defaults(name: str) -> Any:
+    """A recipe section with every field at its schema default (e.g. ``section_defaults("network")``).
+
+    Only for sections whose fields all have defaults (not ``model`` or ``dataset``).
+    """
+    from loraforge.recipe.schema import subschema
+
+    return _build(recipe_types.SECTIONS[name], fill_defaults({}, subschema((name,))))
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {f.name: _convert(hints[f.name], data.get(f.name)) for f in dataclasses.fields(cls)}

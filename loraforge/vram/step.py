@@ -182,6 +182,52 @@ def _learning_rates(recipe: Recipe) -> tuple[float, float]:
     return unet_lr, te_lr
 
 
+def _active_fake_mode(module: nn.Module) -> Any:
+    """The FakeTensorMode ``module``'s parameters belong to (``None`` for real tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    param = next(module.parameters(), None)
+    return param.fake_mode if isinstance(param, FakeTensor) else None
+
+
+def _to_fake(module: nn.Module, mode: Any) -> None:
+    """Replace real parameters and buffers of ``module`` by fake copies of ``mode``."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and not isinstance(param, FakeTensor):
+                fake = mode.from_tensor(param.detach())
+                sub._parameters[name] = nn.Parameter(fake, requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and not isinstance(buffer, FakeTensor):
+                sub._buffers[name] = mode.from_tensor(buffer)
+
+
+def _create_network(
+    recipe: Recipe, family: str, unet: nn.Module, encoders: list[nn.Module]
+) -> nn.Module:
+    """The recipe's network; built outside fake mode when its constructor needs real values.
+
+    Some modules (lycoris-lora's) compute shapes with ``tensor.item()``, which fake tensors
+    cannot answer: those networks are built with real (small) parameters, then made fake.
+    """
+    from torch._subclasses.fake_tensor import DataDependentOutputException, unset_fake_temporarily
+
+    from loraforge.backends import create_network
+
+    try:
+        return create_network(recipe.network, family, unet, encoders)
+    except DataDependentOutputException:
+        mode = _active_fake_mode(unet)
+        if mode is None:
+            raise
+        with unset_fake_temporarily():
+            network = create_network(recipe.network, family, unet, encoders)
+        _to_fake(network, mode)
+        return network
+
+
 def build_step_models(
     recipe: Recipe, arch: Architecture, settings: MemorySettings, device: str = "cpu"
 ) -> StepModels:
@@ -191,8 +237,6 @@ def build_step_models(
         RecipeError, DependencyError: the network backend refuses the network section.
         TrainingError: nothing is trainable.
     """
-    from loraforge.backends import create_network
-
     unet = _build_unet(arch.configs["unet"], settings, device)
     # The network hooks the text encoders only when they are trained; otherwise they may be
     # off the GPU entirely (cached outputs) and are built only when they run.
@@ -205,7 +249,7 @@ def build_step_models(
         else []
     )
     vae = _build_vae(arch.configs["vae"], settings) if settings.vae_on_gpu else None
-    network = create_network(recipe.network, settings.family, unet, encoders)
+    network = _create_network(recipe, settings.family, unet, encoders)
     cast_parameters(network, TORCH_DTYPES[settings.network_dtype])
     network.apply_to()
     network.train()

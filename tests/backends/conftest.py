@@ -15,35 +15,13 @@ from torch import nn
 from loraforge.backends.kohya import KohyaNetwork
 from loraforge.backends.kohya_blocks import rank_plan
 from loraforge.models.naming import block_index
+from loraforge.recipe import section_defaults
 from loraforge.recipe.types import NetworkConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The schema's defaults for the network section (schema/recipe.schema.json).
-_DEFAULTS = NetworkConfig(
-    backend="kohya",
-    algorithm="lora",
-    dim=16,
-    alpha=8,
-    conv_dim=None,
-    conv_alpha=None,
-    dropout=None,
-    rank_dropout=None,
-    module_dropout=None,
-    args={},
-    block_dims=None,
-    block_alphas=None,
-    conv_block_dims=None,
-    conv_block_alphas=None,
-    down_lr_weight=None,
-    mid_lr_weight=None,
-    up_lr_weight=None,
-    loraplus_lr_ratio=None,
-    train_unet=True,
-    train_text_encoder=True,
-    weights=None,
-    multiplier=1.0,
-)
+_DEFAULTS = replace(section_defaults("network"), backend="kohya")
 
 
 def _make_config(**overrides: object) -> NetworkConfig:

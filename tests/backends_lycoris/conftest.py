@@ -10,35 +10,13 @@ from typing import Any
 
 import pytest
 
+from loraforge.recipe import section_defaults
 from loraforge.recipe.types import NetworkConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The schema's network defaults, with a small rank for tiny models.
-_DEFAULTS = NetworkConfig(
-    backend="lycoris",
-    algorithm="lora",
-    dim=4,
-    alpha=2,
-    conv_dim=None,
-    conv_alpha=None,
-    dropout=None,
-    rank_dropout=None,
-    module_dropout=None,
-    args={},
-    block_dims=None,
-    block_alphas=None,
-    conv_block_dims=None,
-    conv_block_alphas=None,
-    down_lr_weight=None,
-    mid_lr_weight=None,
-    up_lr_weight=None,
-    loraplus_lr_ratio=None,
-    train_unet=True,
-    train_text_encoder=True,
-    weights=None,
-    multiplier=1.0,
-)
+_DEFAULTS = replace(section_defaults("network"), backend="lycoris", dim=4, alpha=2)
 
 
 @pytest.fixture

@@ -148,3 +148,12 @@ def test_yes_no_stay_strings_like_yaml_1_2() -> None:
         ).network.train_unet
         is True
     )
+
+
+def test_section_defaults_come_from_the_schema() -> None:
+    from loraforge.recipe import load_schema, section_defaults
+
+    network = section_defaults("network")
+    schema = load_schema()["properties"]["network"]["properties"]
+    assert network.dim == schema["dim"]["default"] and network.alpha == schema["alpha"]["default"]
+    assert section_defaults("output").metadata.tags == ()
