@@ -81,36 +81,17 @@ def truncate() -> Callable[..., Path]:
     return _truncate
 
 
-# Recipe defaults (schema/recipe.schema.json) for building typed configs directly in unit tests.
-SUBSET_DEFAULTS = dict(
-    repeats=None,
-    class_tokens=None,
-    is_reg=False,
-    caption_extension=".txt",
-    shuffle_caption=False,
-    keep_tokens=0,
-    keep_tokens_separator="",
-    caption_separator=",",
-    secondary_separator=None,
-    enable_wildcard=False,
-    caption_prefix=None,
-    caption_suffix=None,
-    caption_dropout_rate=0.0,
-    caption_dropout_every_n_epochs=0,
-    caption_tag_dropout_rate=0.0,
-    flip_aug=False,
-    color_aug=False,
-    random_crop=False,
-)
-DATASET_DEFAULTS = dict(
-    resolution=(512, 512),
-    enable_bucket=True,
-    min_bucket_reso=256,
-    max_bucket_reso=1024,
-    bucket_reso_steps=64,
-    bucket_no_upscale=False,
-    num_workers=0,
-)
+def _schema_defaults(*path: object) -> dict:
+    """The schema's defaults of one recipe object (the only place defaults are written)."""
+    from loraforge.recipe.schema import fill_defaults, subschema
+
+    return fill_defaults({}, subschema(path))
+
+
+# Recipe defaults for building typed configs directly in unit tests (num_workers 0: in-process).
+SUBSET_DEFAULTS = _schema_defaults("dataset", "subsets", 0)
+DATASET_DEFAULTS = {**_schema_defaults("dataset"), "num_workers": 0}
+DATASET_DEFAULTS["resolution"] = (DATASET_DEFAULTS["resolution"],) * 2
 
 
 def _subset(dir: Path | str, **overrides):
