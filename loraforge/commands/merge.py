@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,6 +16,7 @@ from loraforge.commands.resize import (
     Device,
     DeviceOpt,
     Method,
+    Precision,
     SavePrecisionOpt,
     render_rows,
     resolve_device,
@@ -137,27 +140,25 @@ def command(
         check_param(method.value, param)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--param") from e
-    compute_device = resolve_device(device)
+    opts = _Options(
+        output,
+        rank,
+        conv_rank,
+        method,
+        param,
+        save_precision,
+        resolve_device(device),
+        fmt,
+        force,
+        allow_pickle,
+    )
     if extract:
         _usage(bool(lora), "--extract takes --base and --tuned, not --lora")
         _usage(
             base is None or tuned is None, "--extract needs --base ORIGINAL and --tuned FINETUNED"
         )
         _usage(rank is None, "--extract needs --rank")
-        _extract(
-            base,
-            tuned,
-            output,
-            rank,
-            conv_rank,
-            method,
-            param,
-            save_precision,
-            compute_device,
-            fmt,
-            force,
-            allow_pickle,
-        )  # type: ignore[arg-type]
+        _extract(base, tuned, opts)  # type: ignore[arg-type]
         return
     _usage(tuned is not None, "--tuned is only used with --extract")
     _usage(not lora, "give at least one --lora PATH[:RATIO]")
@@ -167,7 +168,7 @@ def command(
             mode is not None or rank is not None,
             "--mode/--rank are for merging LoRAs into one, not into --base",
         )
-        _into_base(base, specs, output, save_precision, compute_device, fmt, force, allow_pickle)
+        _into_base(base, specs, opts)
         return
     chosen = mode or (Mode.exact if rank is not None else Mode.concat)
     _usage(chosen == Mode.exact and rank is None, "--mode exact needs --rank")
@@ -175,20 +176,23 @@ def command(
         chosen == Mode.concat and rank is not None,
         "--mode concat keeps every rank; drop --rank or use --mode exact",
     )
-    _loras(
-        specs,
-        output,
-        chosen,
-        rank,
-        conv_rank,
-        method,
-        param,
-        save_precision,
-        compute_device,
-        fmt,
-        force,
-        allow_pickle,
-    )
+    _loras(specs, chosen, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options every mode shares, parsed once."""
+
+    output: Path
+    rank: int | None
+    conv_rank: int | None
+    method: Method
+    param: float | None
+    precision: Precision | None
+    device: str
+    fmt: OutputFormat
+    force: bool
+    allow_pickle: bool
 
 
 def _usage(failed: bool, message: str) -> None:
@@ -220,29 +224,25 @@ def _load(
     return items
 
 
-def _into_base(base_path, specs, output, precision, device, fmt, force, allow_pickle) -> None:
+def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options) -> None:
     from loraforge.ops.base_model import load_base, resolver, write_base
     from loraforge.ops.merge import check_base_family, merge_into_state_dict
 
-    items = _load(specs, allow_pickle)
-    base = load_base(base_path, allow_pickle=allow_pickle)
+    items = _load(specs, opts.allow_pickle)
+    base = load_base(base_path, allow_pickle=opts.allow_pickle)
     for _, item in items:
         check_base_family(item, base.family, base.label)
+    weighted = [w for _, w in items]
     report = merge_into_state_dict(
-        base.state, [w for _, w in items], resolver(base), device=device, base_label=base.label
+        base.state, weighted, resolver(base), device=opts.device, base_label=base.label
     )
     merged = [
         {"file": str(p), "ratio": r, "sshs_model_hash": loaded.file.metadata.get("sshs_model_hash")}
         for (p, r), (loaded, _) in zip(specs, items, strict=True)
     ]
-    import json
-
+    extra = {"loraforge_merged_loras": json.dumps(merged)}
     write_base(
-        base,
-        output,
-        extra_metadata={"loraforge_merged_loras": json.dumps(merged)},
-        dtype=to_dtype(precision),
-        force=force,
+        base, opts.output, extra_metadata=extra, dtype=to_dtype(opts.precision), force=opts.force
     )
     rows = [
         {
@@ -257,11 +257,11 @@ def _into_base(base_path, specs, output, precision, device, fmt, force, allow_pi
     summary = {
         "base": str(base_path),
         "family": base.family,
-        "output": str(output),
+        "output": str(opts.output),
         "changed_weights": len(report.keys),
         "loras": rows,
     }
-    _render_merge(summary, fmt)
+    _render_merge(summary, opts.fmt)
 
 
 def _render_merge(summary: dict[str, Any], fmt: OutputFormat) -> None:
@@ -283,9 +283,7 @@ def _render_merge(summary: dict[str, Any], fmt: OutputFormat) -> None:
     out.print(f"{summary['changed_weights']} weights changed; wrote {summary['output']}")
 
 
-def _loras(
-    specs, output, mode, rank, conv_rank, method, param, precision, device, fmt, force, allow_pickle
-) -> None:
+def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
     import torch
 
     from loraforge.ops.lora_file import write_lora_file
@@ -295,32 +293,39 @@ def _loras(
         merge_loras_concat,
         merge_loras_exact,
     )
+    from loraforge.ops.metadata import derived_lora_metadata
 
-    items = _load(specs, allow_pickle)
+    items = _load(specs, opts.allow_pickle)
     weighted = [w for _, w in items]
     check_lora_families(weighted)
-    dtype = to_dtype(precision) or _input_dtype(items) or torch.float16
+    dtype = to_dtype(opts.precision) or _input_dtype(items) or torch.float16
     if mode == Mode.concat:
         result = merge_loras_concat(weighted, dtype)
     else:
-        spec = ExactSpec(rank, conv_rank, method.value, param, device)
+        spec = ExactSpec(opts.rank, opts.conv_rank, opts.method.value, opts.param, opts.device)  # type: ignore[arg-type]
         result = merge_loras_exact(weighted, spec, dtype)
     what = ", ".join(f"{p.name} x {r:g}" for p, r in specs)
-    comment = (
-        f"merged by loraforge ({mode.value}" + (f", rank {rank}" if rank else "") + f") from {what}"
+    rank_note = f", rank {opts.rank}" if opts.rank else ""
+    comment = f"merged by loraforge ({mode.value}{rank_note}) from {what}"
+    family = next(
+        (loaded.family for loaded, _ in items if loaded.family.family), items[0][0].family
     )
-    metadata = _merged_metadata(items, result.rows, comment, output)
-    write_lora_file(output, result.tensors, metadata, force=force)
+    modules = [(r.new_rank, r.new_alpha, r.kind == "conv3x3") for r in result.rows]
+    meta = derived_lora_metadata(
+        family.family, family.v_prediction, opts.output.stem, modules, comment
+    )
+    meta["modelspec.merged_from"] = ", ".join(loaded.file.label for loaded, _ in items)
+    write_lora_file(opts.output, result.tensors, meta, force=opts.force)
     summary = {
         "mode": mode.value,
-        "rank": rank,
+        "rank": opts.rank,
         "inputs": [{"file": str(p), "ratio": r} for p, r in specs],
-        "output": str(output),
+        "output": str(opts.output),
     }
-    render_rows(result.rows, summary, fmt, title=f"merge ({mode.value}) -> {output.name}")
+    render_rows(result.rows, summary, opts.fmt, title=f"merge ({mode.value}) -> {opts.output.name}")
 
 
-def _input_dtype(items) -> Any:
+def _input_dtype(items: list[tuple[LoadedLora, WeightedLora]]) -> Any:
     for loaded, _ in items:
         for module in loaded.parsed.modules.values():
             for tensor in module.tensors.values():
@@ -329,95 +334,43 @@ def _input_dtype(items) -> Any:
     return None
 
 
-def _merged_metadata(items, rows, comment: str, output: Path) -> dict[str, str]:
-    from loraforge.ops.metadata import base_model_metadata, common_rank_alpha, network_metadata
-
-    first = items[0][0]
-    family = next((loaded.family for loaded, _ in items if loaded.family.family), first.family)
-    meta = base_model_metadata(family.family, family.v_prediction, output.stem)
-    linear = [(r.new_rank, r.new_alpha) for r in rows if r.kind != "conv3x3"]
-    conv = [(r.new_rank, r.new_alpha) for r in rows if r.kind == "conv3x3"]
-    meta.update(
-        network_metadata(
-            common_rank_alpha(linear), common_rank_alpha(conv) if conv else None, comment
-        )
-    )
-    meta["modelspec.merged_from"] = ", ".join(str(loaded.file.label) for loaded, _ in items)
-    return meta
-
-
-def _extract(
-    base_path,
-    tuned_path,
-    output,
-    rank,
-    conv_rank,
-    method,
-    param,
-    precision,
-    device,
-    fmt,
-    force,
-    allow_pickle,
-) -> None:
+def _extract(base_path: Path, tuned_path: Path, opts: _Options) -> None:
     import torch
 
-    from loraforge.errors import ModelError
-    from loraforge.ops.base_model import load_base
+    from loraforge.console import info
+    from loraforge.ops.base_model import extraction_pairs, load_base
     from loraforge.ops.extract import ExtractSpec, extract_lora
     from loraforge.ops.lora_file import write_lora_file
-    from loraforge.ops.metadata import base_model_metadata, common_rank_alpha, network_metadata
-    from loraforge.ops.targets import default_targets, weight_of
+    from loraforge.ops.metadata import derived_lora_metadata
 
-    base = load_base(base_path, allow_pickle=allow_pickle)
-    tuned = load_base(tuned_path, allow_pickle=allow_pickle)
-    if base.family != tuned.family:
-        raise ModelError(
-            f"{base.label} is a {base.family} model but {tuned.label} is a {tuned.family} model",
-            hint="extract between a model and its own fine-tune",
-        )
-    names = [
-        n for n in default_targets(base.targets, conv=conv_rank is not None) if n in tuned.targets
-    ]
-    pairs = {
-        n: (weight_of(base.state, base.targets[n]), weight_of(tuned.state, tuned.targets[n]))
-        for n in names
-    }
+    base = load_base(base_path, allow_pickle=opts.allow_pickle)
+    tuned = load_base(tuned_path, allow_pickle=opts.allow_pickle)
+    pairs = extraction_pairs(base, tuned, conv=opts.conv_rank is not None)
+    dtype = to_dtype(opts.precision) or torch.float16
     spec = ExtractSpec(
-        rank,
-        conv_rank,
-        method.value,
-        param,
-        device=device,
-        save_dtype=to_dtype(precision) or torch.float16,
-    )
+        opts.rank,
+        opts.conv_rank,
+        opts.method.value,
+        opts.param,
+        device=opts.device,
+        save_dtype=dtype,
+    )  # type: ignore[arg-type]
     result = extract_lora(pairs, spec)
     comment = f"extracted by loraforge from {tuned_path.name} - {base_path.name}"
-    meta = base_model_metadata(base.family, base.v_prediction, output.stem)
-    linear = [(r.new_rank, r.new_alpha) for r in result.rows if r.kind != "conv3x3"]
-    conv = [(r.new_rank, r.new_alpha) for r in result.rows if r.kind == "conv3x3"]
-    meta.update(
-        network_metadata(
-            common_rank_alpha(linear), common_rank_alpha(conv) if conv else None, comment
-        )
-    )
-    write_lora_file(output, result.tensors, meta, force=force)
+    modules = [(r.new_rank, r.new_alpha, r.kind == "conv3x3") for r in result.rows]
+    meta = derived_lora_metadata(base.family, base.v_prediction, opts.output.stem, modules, comment)
+    write_lora_file(opts.output, result.tensors, meta, force=opts.force)
+    skipped = [list(s) for s in result.skipped]
     summary = {
         "base": str(base_path),
         "tuned": str(tuned_path),
-        "output": str(output),
-        "rank": rank,
-        "conv_rank": conv_rank,
-        "skipped": [list(s) for s in result.skipped],
+        "output": str(opts.output),
+        "rank": opts.rank,
+        "conv_rank": opts.conv_rank,
+        "skipped": skipped,
     }
-    render_rows(
-        result.rows,
-        summary,
-        fmt,
-        title=f"extract {tuned_path.name} - {base_path.name} -> {output.name}",
-    )
-    if fmt == OutputFormat.table:
-        from loraforge.console import info
-
+    title = f"extract {tuned_path.name} - {base_path.name} -> {opts.output.name}"
+    render_rows(result.rows, summary, opts.fmt, title=title)
+    if opts.fmt == OutputFormat.table:
         for what, why in result.skipped:
             info(f"left out {what}: {why}")

@@ -119,6 +119,28 @@ def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
     return BaseWeights(path, "single_file", family, v_pred, state, targets, dict(metadata))
 
 
+def extraction_pairs(
+    base: BaseWeights, tuned: BaseWeights, *, conv: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{kohya name: (base weight, tuned weight)}`` over kohya's default (LoCon: ``conv``) targets.
+
+    Raises:
+        ModelError: the two models are of different families.
+    """
+    from loraforge.ops.targets import default_targets, weight_of
+
+    if base.family != tuned.family:
+        raise ModelError(
+            f"{base.label} is a {base.family} model but {tuned.label} is a {tuned.family} model",
+            hint="extract between a model and its own fine-tune",
+        )
+    names = [n for n in default_targets(base.targets, conv=conv) if n in tuned.targets]
+    return {
+        n: (weight_of(base.state, base.targets[n]), weight_of(tuned.state, tuned.targets[n]))
+        for n in names
+    }
+
+
 def resolver(base: BaseWeights):
     """The name -> :class:`~loraforge.ops.merge.TargetRef` function merge needs."""
 

@@ -85,3 +85,26 @@ def common_rank_alpha(pairs: list[tuple[int, float]]) -> tuple[str, str]:
 def inherited(metadata: Mapping[str, str], keys: tuple[str, ...]) -> dict[str, str]:
     """The given keys of ``metadata`` that are present."""
     return {k: metadata[k] for k in keys if k in metadata}
+
+
+def derived_lora_metadata(
+    family: str | None,
+    v_prediction: bool | None,
+    title: str,
+    modules: list[tuple[int, float, bool]],
+    comment: str,
+) -> dict[str, str]:
+    """Metadata for a LoRA loraforge computed (merged or extracted): base model + network keys.
+
+    Args:
+        family, v_prediction: the base-model family it is for (``None``: unknown).
+        title: ``modelspec.title``.
+        modules: ``(rank, alpha, is_conv3x3)`` per written module.
+        comment: ``ss_training_comment``.
+    """
+    meta = base_model_metadata(family, v_prediction, title)
+    linear = [(r, a) for r, a, conv in modules if not conv]
+    conv = [(r, a) for r, a, is_conv in modules if is_conv]
+    dims = common_rank_alpha(linear) if linear else ("Dynamic", "Dynamic")
+    meta.update(network_metadata(dims, common_rank_alpha(conv) if conv else None, comment))
+    return meta

@@ -21,6 +21,7 @@ import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.ops.delta import lora_factors, lora_weight_shape, make_lora_tensors
+from loraforge.ops.metadata import common_rank_alpha
 from loraforge.ops.modules import LoraModule, ParsedLora, user_algorithm
 from loraforge.ops.svd import check_param, choose_rank, svd_of_products
 
@@ -194,20 +195,16 @@ def resized_metadata(
             f"(max {spec.rank}) by loraforge"
         )
     meta["ss_training_comment"] = f"{what}; {comment}" if comment else what
-    meta["ss_network_dim"], meta["ss_network_alpha"] = _common(linear)
+    meta["ss_network_dim"], meta["ss_network_alpha"] = common_rank_alpha(
+        [(r.new_rank, r.new_alpha) for r in linear]
+    )
     if conv:
         args = _json_object(meta.get("ss_network_args"))
-        args["conv_dim"], args["conv_alpha"] = _common(conv)
+        args["conv_dim"], args["conv_alpha"] = common_rank_alpha(
+            [(r.new_rank, r.new_alpha) for r in conv]
+        )
         meta["ss_network_args"] = json.dumps(args)
     return meta
-
-
-def _common(rows: list[ModuleResize]) -> tuple[str, str]:
-    pairs = {(r.new_rank, round(r.new_alpha, 6)) for r in rows}
-    if len(pairs) != 1:
-        return "Dynamic", "Dynamic"
-    rank, alpha = pairs.pop()
-    return str(rank), str(float(alpha))
 
 
 def _json_object(text: str | None) -> dict:

@@ -33,8 +33,9 @@ import torch
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
-# A batch of this many elements (across the stacked inputs) keeps peak memory moderate.
-_BATCH_ELEMENTS = 1 << 25
+# Elements per stacked batch: on a GPU large batches amortise kernel launches; on a CPU batched
+# LAPACK is a loop anyway and a batch that fits the cache is what helps.
+_BATCH_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 21}
 # Gram eigenvalues below this fraction of the largest are rank deficiency, not signal.
 _EIGEN_CUTOFF = 1e-13
 # Relative slack when comparing accumulated fractions with the target, so p = 1.0 means "all".
@@ -50,8 +51,9 @@ class Svd:
     vh: torch.Tensor
 
 
-def _chunks(indices: list[int], per_item: int) -> list[list[int]]:
-    size = max(1, _BATCH_ELEMENTS // max(per_item, 1))
+def _chunks(indices: list[int], per_item: int, device: torch.device | str) -> list[list[int]]:
+    budget = _BATCH_ELEMENTS["cuda" if torch.device(device).type == "cuda" else "cpu"]
+    size = max(1, budget // max(per_item, 1))
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
@@ -78,7 +80,7 @@ def svd_of_products(
         key = (int(up.shape[0]), int(up.shape[1]), int(down.shape[1]))
         groups.setdefault(key, []).append(i)
     for (out, rank, inn), members in groups.items():
-        chunks = _chunks(members, (out + inn) * rank) if batched else [[i] for i in members]
+        chunks = _chunks(members, (out + inn) * rank, device) if batched else [[i] for i in members]
         for chunk in chunks:
             a = torch.stack([ups[i] for i in chunk]).to(device=device, dtype=dtype)
             b = torch.stack([downs[i] for i in chunk]).to(device=device, dtype=dtype)
@@ -88,13 +90,26 @@ def svd_of_products(
     return [r for r in results if r is not None]
 
 
+def _per_matrix(decompose, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Run a LAPACK decomposition on a batch: in one call on a GPU, matrix by matrix on a CPU.
+
+    CPU LAPACK has no batched kernels: torch loops over the batch inside a parallel region, which
+    nests with MKL's own threads and oversubscribes the cores (measured several times slower than
+    a plain loop on 2 shared cores). The batched matrix products around it stay batched.
+    """
+    if batch.device.type != "cpu":
+        return decompose(batch)
+    parts = [decompose(m) for m in batch]
+    return tuple(torch.stack(p) for p in zip(*parts, strict=True))
+
+
 def _gram_root(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For ``x (B, n, r)``: ``x = P diag(root) Wᵀ`` with ``P`` orthonormal, from ``xᵀx = W Λ Wᵀ``.
 
     Returns ``(W, root, inverse root)``; directions whose eigenvalue is negligible (rank
     deficiency, e.g. an untrained all-zero ``up``) get root 0 and inverse root 0.
     """
-    lam, w = torch.linalg.eigh(x.transpose(1, 2) @ x)
+    lam, w = _per_matrix(torch.linalg.eigh, x.transpose(1, 2) @ x)
     lam = lam.clamp_min(0.0)
     keep = lam > lam[..., -1:] * _EIGEN_CUTOFF
     root = torch.where(keep, lam.sqrt(), torch.zeros_like(lam))
@@ -117,7 +132,7 @@ def _product_svd(
     wu, root_u, inv_u = _gram_root(up)
     wd, root_d, inv_d = _gram_root(down.transpose(1, 2))
     core = root_u.unsqueeze(2) * (wu.transpose(1, 2) @ wd) * root_d.unsqueeze(1)
-    uc, s, vch = torch.linalg.svd(core, full_matrices=False)
+    uc, s, vch = _per_matrix(lambda m: torch.linalg.svd(m, full_matrices=False), core)
     u = up @ (wu * inv_u.unsqueeze(1) @ uc)
     vh = (vch @ (wd * inv_d.unsqueeze(1)).transpose(1, 2)) @ down
     return u, s, vh
@@ -143,9 +158,9 @@ def svd_dense(
     for i, m in enumerate(mats):
         groups.setdefault((int(m.shape[0]), int(m.shape[1])), []).append(i)
     for (rows, cols), members in groups.items():
-        for chunk in _chunks(members, rows * cols):
+        for chunk in _chunks(members, rows * cols, device):
             x = torch.stack([mats[i] for i in chunk]).to(device=device, dtype=dtype)
-            u, s, vh = torch.linalg.svd(x, full_matrices=False)
+            u, s, vh = _per_matrix(lambda m: torch.linalg.svd(m, full_matrices=False), x)
             keep = s.shape[-1] if max_rank is None else min(max_rank, s.shape[-1])
             u, vh, s = u[..., :keep].cpu(), vh[..., :keep, :].cpu(), s.cpu()
             for j, i in enumerate(chunk):

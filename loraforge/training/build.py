@@ -92,7 +92,8 @@ def place_frozen_models(
     cast_frozen_models([model.unet, *live_encoders], precision, device)
     configure_attention(model.unet, live_encoders, t.attention)
     if t.gradient_checkpointing:
-        trains_te = n.train_text_encoder and (t.text_encoder_lr or t.learning_rate) > 0
+        te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
+        trains_te = n.train_text_encoder and te_lr > 0
         enable_gradient_checkpointing(model.unet, live_encoders if trains_te else [])
 
 

@@ -17,6 +17,7 @@ import torch
 from loraforge.errors import TrainingError
 from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
 from loraforge.training.distributed import synchronise_step
+from loraforge.training.optim import set_eval_mode, set_train_mode
 from loraforge.training.sampling import SampleRequest, sample_during_training
 from loraforge.training.saving import (
     SaveKind,
@@ -166,8 +167,12 @@ def check_finite(loss: float, step: int, run: TrainingRun) -> None:
 
 
 def state_extra(run: TrainingRun, window: LossWindow) -> dict[str, Any]:
-    """The loop's own data saved with a state: the loss window and the fp16 grad scaler."""
-    extra: dict[str, Any] = {"loss_window": list(window.values)}
+    """The loop's own data saved with a state: the loss window, the process count and the
+    fp16 grad scaler."""
+    extra: dict[str, Any] = {
+        "loss_window": list(window.values),
+        "num_processes": run.num_processes,  # the data position is per process
+    }
     if run.scaler is not None:
         extra["scaler"] = run.scaler.state_dict()
     return extra
@@ -215,6 +220,10 @@ def take_samples(
 ) -> None:
     """Render the recipe's prompts on the main process and write them as PNGs."""
     if not run.is_main:
+        # mirror the main process's eval/train switch of schedule-free optimizers (it
+        # recomputes the weights), so every rank keeps the same weights
+        set_eval_mode(run.optimizer)
+        set_train_mode(run.optimizer)
         return
     s = run.settings
     request = SampleRequest(s.output.sample_dir, s.output.name, kind, number)

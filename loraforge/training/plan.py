@@ -175,6 +175,23 @@ def _precision(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def _dataset_and_length(recipe: Recipe, processes: int) -> tuple[Any, Any, TrainingLength]:
+    """Discovery, bucket plan and run length, computed as the run computes them."""
+    from loraforge.data.buckets import BucketSettings
+    from loraforge.data.discovery import discover
+    from loraforge.data.plan import plan_buckets
+    from loraforge.data.sampler import BucketBatchSampler
+
+    t = recipe.training
+    discovery = discover(recipe.dataset)
+    buckets = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
+    sampler = BucketBatchSampler(buckets.bucket_samples(), t.batch_size, num_replicas=processes)
+    length = training_length(
+        len(sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
+    )
+    return discovery, buckets, length
+
+
 def build_plan(
     recipe: Recipe, *, resume: str | Path | None = None, num_processes: int | None = None
 ) -> TrainingPlan:
@@ -184,10 +201,6 @@ def build_plan(
         LoraforgeError: the same user errors the run would raise at set-up (dataset, model
             configs, optimizer name/arguments, resume state).
     """
-    from loraforge.data.buckets import BucketSettings
-    from loraforge.data.discovery import discover
-    from loraforge.data.plan import plan_buckets
-    from loraforge.data.sampler import BucketBatchSampler
     from loraforge.models.families import family_spec
     from loraforge.training.optim import optimizer_description
     from loraforge.training.schedulers import resolve_warmup_steps
@@ -195,12 +208,7 @@ def build_plan(
 
     t, m = recipe.training, recipe.model
     processes = num_processes or world_size()
-    discovery = discover(recipe.dataset)
-    buckets = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
-    sampler = BucketBatchSampler(buckets.bucket_samples(), t.batch_size, num_replicas=processes)
-    length = training_length(
-        len(sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
-    )
+    discovery, buckets, length = _dataset_and_length(recipe, processes)
     arch = resolve_architecture(m.base, m.family, vae=m.vae)
     settings = run_settings(
         recipe,

@@ -202,15 +202,16 @@ class Checkpointer:
         from loraforge.training.optim import set_eval_mode, set_train_mode
 
         path = self.output.dir / file_name
-        if not self.is_main:
-            return path
+        # Every rank switches schedule-free optimizers to eval and back, so the weights (which
+        # the switch recomputes) stay identical on all of them.
         set_eval_mode(optimizer)
         try:
-            tensors = network.state_dict_for_save(self.save_dtype)
+            tensors = network.state_dict_for_save(self.save_dtype) if self.is_main else None
         finally:
             set_train_mode(optimizer)
-        metadata = {**self.metadata_for(progress), **network.metadata()}
-        write_lora_file(path, tensors, metadata, force=True)  # conflicts were refused up front
+        if tensors is not None:
+            metadata = {**self.metadata_for(progress), **network.metadata()}
+            write_lora_file(path, tensors, metadata, force=True)  # conflicts refused up front
         return path
 
     def write_state(

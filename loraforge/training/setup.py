@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loraforge.backends.base import Network
+from loraforge.console import warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
 from loraforge.recipe import Recipe
@@ -203,6 +204,13 @@ def restore_and_sync(
         scheduler=scheduler,
         scaler=getattr(accelerator, "scaler", None),
     )
+    saved_processes = restored.extra.get("num_processes", accelerator.num_processes)
+    if saved_processes != accelerator.num_processes:
+        warn(
+            f"the state was saved by {saved_processes} process(es) and this run has "
+            f"{accelerator.num_processes}: the epoch continues at the same batch index, so some "
+            "images of this epoch may be seen twice or not at all"
+        )
     stop_at = settings.stop_text_encoder_step
     if stop_at is not None and restored.progress.global_step >= stop_at:
         stop_text_encoder(optimizer)

@@ -1,8 +1,8 @@
 """One training step: the loss of a batch (forward + backward) and the optimizer update.
 
 Randomness is re-seeded for every batch from ``(seed, rank, step, batch)``, so a batch draws the
-same noise, timesteps and dropout masks whether the run was interrupted before it or not, and
-whatever the number of processes (resume-equals-uninterrupted without saving generator states).
+same noise, timesteps and dropout masks whether the run was interrupted before it or not, on
+every rank (resume-equals-uninterrupted without saving per-rank generator states).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from loraforge.vram.arch import Architecture, resolve_architecture
 from loraforge.vram.report import render_vram, vram_to_dict
 from loraforge.vram.result import Method, Suggestion, VramEstimate, VramRow
 from loraforge.vram.settings import MemorySettings, memory_settings
-from loraforge.vram.sizes import format_bytes, parse_size
+from loraforge.vram.sizes import format_bytes, header_budget, parse_size
 from loraforge.vram.suggest import suggest
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "VramRow",
     "estimate_vram",
     "format_bytes",
+    "header_budget",
     "parse_size",
     "render_vram",
     "resolve_architecture",

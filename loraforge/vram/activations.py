@@ -152,10 +152,8 @@ def unet_activations(structure: UNetStructure, a: ActivationInputs) -> UNetActiv
             largest_block = max(largest_block, layer)
             largest_attention = max(largest_attention, b.heads * b.tokens**2 * trains)
             grad = grad or trains
-        else:
+        else:  # samplers are not checkpointed; an up-sampler's tokens are its output's
             full = kept = _sampler_saved(b, a, grad)
-            if b.kind == "up" and grad:
-                full = kept = p * b.c_in * b.tokens  # the conv's cast input (output size)
         if b.kind == "resnet":
             largest_block = max(largest_block, full)
         saved += kept if a.checkpointing else full

@@ -96,7 +96,8 @@ def published_architecture(family: str) -> Architecture:
     """
     if family == "auto":
         raise RecipeError(
-            "model.family is auto and model.base is not a local model, so the VRAM estimate "
+            "model.family is auto and model.base is neither a local diffusers folder nor a "
+            ".safetensors checkpoint, so the VRAM estimate "
             "cannot tell which architecture to use",
             hint="set model.family to sd1, sd2, sd2-v or sdxl",
         )

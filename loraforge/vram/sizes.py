@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from loraforge.errors import LoraforgeError
 
@@ -58,3 +59,24 @@ def format_bytes(n: float) -> str:
             digits = 2 if unit == "GiB" else 1
             return f"{sign}{n / size:.{digits}f} {unit}"
     return f"{sign}{int(n)} B"
+
+
+_HEADER_VRAM = re.compile(r"^#\s*vram:\s*(.+?)\s*$")
+
+
+def header_budget(path: str | Path) -> int | None:
+    """The budget a recipe file names in its leading comments (``# vram: 12 GB``), if any.
+
+    Presets carry such a line; ``check --budget header`` can gate each file by its own card.
+
+    Raises:
+        LoraforgeError: the line is there but its value is not a size.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            match = _HEADER_VRAM.match(line.strip())
+            if match:
+                return parse_size(match.group(1))
+    return None

@@ -10,6 +10,7 @@ live tensor bytes and what was alive at that moment, which become the rows.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -31,7 +32,8 @@ def _quiet() -> Iterator[None]:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        # stdout carries the report (and JSON): library chatter goes to stderr
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -104,10 +106,11 @@ def _rows(at_peak: Mapping[str, int], s: MemorySettings, trainable: int) -> list
         elif category == "network weights":
             note = f"{trainable / 1e6:.1f}M trainable params"
         elif category == "optimizer state":
+            from loraforge.training.optim import canonical_name
             from loraforge.vram.optimizers import REAL_OPTIMIZERS
 
-            real = s.optimizer in REAL_OPTIMIZERS
-            note = "measured" if real else "state bytes per parameter from loraforge.training.optim"
+            real = canonical_name(s.optimizer) in REAL_OPTIMIZERS
+            note = "measured" if real else "stand-in with the optimizer's state bytes per parameter"
         rows.append(VramRow(component, at_peak[category], note, kind))  # type: ignore[arg-type]
     if not s.text_encoders_on_gpu:
         rows.append(VramRow("text encoder weights", 0, "outputs cached: kept off the GPU", "info"))

@@ -148,3 +148,30 @@ def test_tensorboard_logs_losses_learning_rates_and_samples(write_recipe, tmp_pa
     assert [e.step for e in events.Scalars("loss/current")] == [1, 2]
     assert events.Tags()["images"] == ["samples/00"]
     assert len(list((tmp_path / "out" / "sample").glob("t_000002_00_*.png"))) == 1
+
+
+def test_network_weights_continue_from_an_existing_lora(write_recipe, tmp_path) -> None:
+    first = run_training(
+        load_recipe(
+            write_recipe(
+                {"training": {"max_train_steps": 2, "learning_rate": 1e-2}},
+                name="a.yaml",
+                out=tmp_path / "a",
+            )
+        )
+    )
+    trained = load_file(str(first.final_path))
+    # continue with a learning rate that cannot move the weights: the file comes back out
+    again = write_recipe(
+        {
+            "network": {"weights": str(first.final_path)},
+            "training": {"max_train_steps": 1, "learning_rate": 1e-12},
+        },
+        name="b.yaml",
+        out=tmp_path / "b",
+    )
+    continued = load_file(str(run_training(load_recipe(again)).final_path))
+    assert continued.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
+    assert any(float(t.abs().sum()) > 0 for k, t in trained.items() if "lora_up" in k)

@@ -1,8 +1,8 @@
 """Resume equals uninterrupted: an interrupted run, resumed, ends with bit-identical weights.
 
 The run crosses an epoch boundary, accumulates gradients over two batches, trains the text
-encoder, uses network and rank dropout, caption shuffling and flips: everything random must
-replay exactly after a resume. The interruption goes through the same path as Ctrl-C (the stop
+encoder, uses network and rank dropout, caption shuffling, flips and a data-loader worker:
+everything random must replay exactly after a resume. The interruption goes through the same path as Ctrl-C (the stop
 flag is raised and the loop saves ``<name>-state``); a real SIGINT is tested in the CLI tests.
 """
 
@@ -25,7 +25,7 @@ from loraforge.training.run import ctrl_c_stops, run_training
 from loraforge.training.setup import setup_run
 
 OVERRIDES = {
-    "dataset": {"subsets": [{"shuffle_caption": True, "flip_aug": True}]},
+    "dataset": {"num_workers": 1, "subsets": [{"shuffle_caption": True, "flip_aug": True}]},
     "network": {"dropout": 0.1, "rank_dropout": 0.1},
     "training": {
         "max_train_steps": 7,

@@ -47,3 +47,17 @@ def test_format_bytes_units():
     assert format_bytes(3 * 1024) == "3.0 KiB"
     assert format_bytes(1536 * 1024**2) == "1.50 GiB"
     assert format_bytes(-2 * 1024**2) == "-2.0 MiB"
+
+
+def test_header_budget_reads_the_vram_comment(tmp_path):
+    from loraforge.presets import get_preset
+    from loraforge.vram import header_budget
+
+    assert header_budget(get_preset("char-8gb").path) == 8 * 1024**3
+    plain = tmp_path / "recipe.yaml"
+    plain.write_text("# my recipe\nmodel:\n  base: x\n# vram: 4 GB (not a header any more)\n")
+    assert header_budget(plain) is None
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# vram: lots\n")
+    with pytest.raises(LoraforgeError):
+        header_budget(bad)

@@ -47,6 +47,13 @@ CASES = {
             "cache": {"text_encoder_outputs": "disk"},
         },
     ),
+    "sd1-lycoris-loha": (
+        "sd1",
+        {
+            "training": {"mixed_precision": "bf16"},
+            "network": {"backend": "lycoris", "algorithm": "loha", "dim": 4, "alpha": 2},
+        },
+    ),
     "sdxl-fp8-base-full-bf16": (
         "sdxl",
         {"training": {"mixed_precision": "bf16", "fp8_base": True, "full_bf16": True}},
