@@ -157,7 +157,7 @@ def run_training_step(
             before_step()
         tracker.phase("inputs" if models.vae is None else "vae encode")
         latents = _latents(models, settings, device)
-        tracker.phase("text encoder activations")
+        tracker.phase("text encoder activations" if models.text_encoders else "inputs")
         hidden, pooled = _encode_text(models, arch, settings, device)
         tracker.phase("unet activations")
         loss = _unet_loss(models, settings, latents, hidden, pooled, device)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,11 +33,6 @@ def recipe_from(sections: dict[str, Any], family: str = "sd1") -> Recipe:
     }
     text = yaml.safe_dump(_merge(doc, sections))
     return parse_recipe_text(text, base_dir=Path("/tmp"))
-
-
-@pytest.fixture
-def make_recipe() -> Callable[..., Recipe]:
-    return recipe_from
 
 
 def tiny_architecture(family: str):
