@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from loraforge.models.loading import load_model
 from loraforge.models.naming import lora_targets
 
-pytestmark = pytest.mark.slow
-
 
 def _targets(model, family: str) -> dict[str, torch.nn.Module]:
     return lora_targets(family, model.unet, model.text_encoders, conv=True)
