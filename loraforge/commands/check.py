@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -22,10 +22,24 @@ class CheckFormat(str, Enum):
     github = "github"
 
 
+class VramMethod(str, Enum):
+    analytic = "analytic"
+    traced = "traced"
+
+
+@dataclass(frozen=True)
+class VramRequest:
+    """What `--vram/--budget/--vram-method` ask for. ``budget`` is a size, ``header`` or None."""
+
+    method: str
+    budget: str | None
+
+
 @dataclass(frozen=True)
 class FileReport:
     path: str
     problems: tuple[Problem, ...]
+    vram: Any = None  # a loraforge.vram.VramEstimate when asked for
 
     def failed(self, strict: bool) -> bool:
         return any(p.severity == "error" or strict for p in self.problems)
@@ -43,20 +57,42 @@ def command(
         typer.Option("--format", "-f", help="table, json, or github (workflow annotations)."),
     ] = CheckFormat.table,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    vram: Annotated[
+        bool, typer.Option("--vram", help="Also estimate the peak GPU memory of a training step.")
+    ] = False,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            help="Card memory, e.g. 12GB, or `header` for each recipe's `# vram:` line; "
+            "fail when the estimate exceeds it (implies --vram).",
+        ),
+    ] = None,
+    vram_method: Annotated[
+        VramMethod,
+        typer.Option(
+            "--vram-method",
+            help="analytic (instant) or traced (a fake-tensor training step: seconds, imports torch).",
+        ),
+    ] = VramMethod.analytic,
 ) -> None:
-    """Validate recipes: schema, cross-field rules, dataset folders. Exit 0 clean, 1 problems, 2 usage error.
+    """Validate recipes: schema, cross-field rules, dataset folders, optionally the VRAM budget.
+
+    Exit 0 clean, 1 problems found, 2 usage error. LoRA files are inspected instead.
 
     Example:
 
         loraforge check recipe.yaml
         loraforge check recipes/*.yaml --format github --strict
+        loraforge check recipe.yaml --vram --budget 12GB
         loraforge check output/mychar.safetensors
     """
     loras = [p for p in paths if p.suffix.lower() in LORA_SUFFIXES]
     recipes = [p for p in paths if p not in loras]
+    request = VramRequest(vram_method.value, budget) if vram or budget else None
     code = 0
     if recipes:
-        reports = [check_recipe(p) for p in recipes]
+        reports = [check_recipe(p, request) for p in recipes]
         _render(reports, fmt)
         code = 1 if any(r.failed(strict) for r in reports) else 0
     if loras:
@@ -69,14 +105,42 @@ def command(
     raise typer.Exit(code)
 
 
-def check_recipe(path: Path) -> FileReport:
-    """Validate one recipe file, adding dataset-folder findings when the recipe itself is valid."""
+def check_recipe(path: Path, vram: VramRequest | None = None) -> FileReport:
+    """Validate one recipe file, adding backend, dataset-folder and (when asked) VRAM findings
+    when the recipe itself is valid."""
     validation = validate_recipe_file(path)
     problems = list(validation.problems)
+    estimate = None
     if validation.recipe is not None:
         problems += backend_problems(validation.recipe, str(path))
         problems += filesystem_problems(validation.recipe, str(path))
-    return FileReport(str(path), tuple(problems))
+        if vram is not None:
+            estimate, found = vram_problems(validation.recipe, path, vram)
+            problems += found
+    return FileReport(str(path), tuple(problems), estimate)
+
+
+def vram_problems(recipe: Recipe, path: Path, request: VramRequest) -> tuple[Any, list[Problem]]:
+    """The VRAM estimate, and an error when it exceeds the budget (naming the cheapest fix)."""
+    from loraforge.errors import LoraforgeError
+    from loraforge.vram import estimate_vram, format_bytes, header_budget, parse_size
+
+    try:
+        if request.budget == "header":
+            budget = header_budget(path)
+        else:
+            budget = parse_size(request.budget) if request.budget else None
+        estimate = estimate_vram(recipe, method=request.method, budget_bytes=budget)
+    except LoraforgeError as e:
+        return None, [Problem("error", e.message, "model", str(path), hint=e.hint)]
+    if estimate.fits is not False:
+        return estimate, []
+    message = (
+        f"VRAM estimate {format_bytes(estimate.total_bytes)} exceeds the budget "
+        f"{format_bytes(estimate.budget_bytes)}"
+    )
+    hint = f"try: {estimate.suggestions[0].change}" if estimate.suggestions else None
+    return estimate, [Problem("error", message, "training", str(path), hint=hint)]
 
 
 def backend_problems(recipe: Recipe, source: str) -> list[Problem]:
@@ -103,16 +167,7 @@ def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
 
 def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
     if fmt == CheckFormat.json:
-        print_json(
-            [
-                {
-                    "file": r.path,
-                    "ok": not r.failed(False),
-                    "problems": [p.to_dict() for p in r.problems],
-                }
-                for r in reports
-            ]
-        )
+        print_json([_report_dict(r) for r in reports])
         return
     if fmt == CheckFormat.github:
         for r in reports:
@@ -128,18 +183,39 @@ def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
                 out.file.write(f"::{p.severity} {where}::{text}\n")
         return
     for r in reports:
-        if not r.problems:
-            out.print(f"[green]ok[/]  {r.path}")
-            continue
-        table = Table(title=r.path, title_justify="left", show_lines=False)
-        for column in ("", "where", "field", "problem"):
-            table.add_column(column, overflow="fold")
-        for p in r.problems:
-            mark = "[red]error[/]" if p.severity == "error" else "[yellow]warning[/]"
-            message = p.message + (f"\n[dim]{p.hint}[/]" if p.hint else "")
-            where = f"{p.line}:{p.column}" if p.line else ""
-            table.add_row(mark, where, p.path, message)
-        out.print(table)
-        errors = sum(p.severity == "error" for p in r.problems)
-        warnings = len(r.problems) - errors
-        out.print(f"{errors} error(s), {warnings} warning(s)")
+        _render_problems(r)
+        if r.vram is not None:
+            from loraforge.vram import render_vram
+
+            out.print(render_vram(r.vram))
+
+
+def _render_problems(r: FileReport) -> None:
+    if not r.problems:
+        out.print(f"[green]ok[/]  {r.path}")
+        return
+    table = Table(title=r.path, title_justify="left", show_lines=False)
+    for column in ("", "where", "field", "problem"):
+        table.add_column(column, overflow="fold")
+    for p in r.problems:
+        mark = "[red]error[/]" if p.severity == "error" else "[yellow]warning[/]"
+        message = p.message + (f"\n[dim]{p.hint}[/]" if p.hint else "")
+        where = f"{p.line}:{p.column}" if p.line else ""
+        table.add_row(mark, where, p.path, message)
+    out.print(table)
+    errors = sum(p.severity == "error" for p in r.problems)
+    warnings = len(r.problems) - errors
+    out.print(f"{errors} error(s), {warnings} warning(s)")
+
+
+def _report_dict(report: FileReport) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "file": report.path,
+        "ok": not report.failed(False),
+        "problems": [p.to_dict() for p in report.problems],
+    }
+    if report.vram is not None:
+        from loraforge.vram import vram_to_dict
+
+        data["vram"] = vram_to_dict(report.vram)
+    return data

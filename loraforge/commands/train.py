@@ -105,7 +105,7 @@ def render_plan(plan: Any, *, force: bool) -> None:
         ("scheduler", f"{plan.scheduler}, {plan.warmup_steps} warmup steps"),
         ("precision", ", ".join(f"{k} {v}" for k, v in plan.precision.items())),
         ("caches", ", ".join(f"{k} {v}" for k, v in plan.caches.items())),
-        ("VRAM", "not estimated" if plan.vram is None else str(plan.vram)),
+        ("VRAM", _vram_summary(plan.vram)),
     ]
     if plan.resume_from is not None:
         rows.append(("resume", f"from {plan.resume_from} at step {plan.resume_step}"))
@@ -114,6 +114,10 @@ def render_plan(plan: Any, *, force: bool) -> None:
     out.print(summary)
     out.print(_bucket_table(plan))
     out.print(_files_table(plan))
+    if plan.vram is not None:
+        from loraforge.vram import render_vram
+
+        out.print(render_vram(plan.vram))
     for path, reason in plan.skipped:
         err.print(f"[yellow]skipped:[/] {path}: {reason}")
     for warning in plan.warnings:
@@ -149,3 +153,13 @@ def _files_table(plan: Any) -> Table:
     if len(files) > len(shown):
         table.caption = f"{len(files) - len(shown)} more not shown (--format json lists all)"
     return table
+
+
+def _vram_summary(estimate: Any) -> str:
+    if estimate is None:
+        return "not estimated"
+    from loraforge.vram import format_bytes
+
+    return (
+        f"{format_bytes(estimate.total_bytes)} peak ({estimate.method} estimate, breakdown below)"
+    )

@@ -72,7 +72,7 @@ class TrainingPlan:
         files: every file the run writes.
         existing: planned files that exist already (need ``--force``).
         resume_from, resume_step: the state a ``--resume`` would continue from.
-        vram: the VRAM estimate, when an estimator is available (``None`` otherwise).
+        vram: the analytic VRAM estimate (:class:`loraforge.vram.VramEstimate`).
     """
 
     recipe: str | None
@@ -100,7 +100,7 @@ class TrainingPlan:
     existing: list[Path]
     resume_from: Path | None = None
     resume_step: int = 0
-    vram: dict[str, Any] | None = field(default=None)
+    vram: Any = field(default=None)  # a loraforge.vram.VramEstimate
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings)."""
@@ -109,6 +109,10 @@ class TrainingPlan:
         data["existing"] = [str(p) for p in self.existing]
         data["output_dir"] = str(self.output_dir)
         data["resume_from"] = None if self.resume_from is None else str(self.resume_from)
+        if self.vram is not None:
+            from loraforge.vram import vram_to_dict
+
+            data["vram"] = vram_to_dict(self.vram)
         return data
 
 
@@ -204,6 +208,7 @@ def build_plan(
     from loraforge.models.families import family_spec
     from loraforge.training.optim import optimizer_description
     from loraforge.training.schedulers import resolve_warmup_steps
+    from loraforge.vram import estimate_vram
     from loraforge.vram.arch import resolve_architecture
 
     t, m = recipe.training, recipe.model
@@ -250,5 +255,5 @@ def build_plan(
         existing=existing_outputs(checked, after_step=after, resumed_from=state_dir),
         resume_from=state_dir,
         resume_step=after,
-        vram=None,  # the VRAM estimate (loraforge.vram) goes here once it offers one
+        vram=estimate_vram(recipe),
     )

@@ -154,3 +154,35 @@ def test_check_reports_what_the_backend_refuses(tmp_path: Path) -> None:
     assert result.returncode == 1
     problems = json.loads(result.stdout)[0]["problems"]
     assert any(p["severity"] == "error" and "dropout" in p["message"] for p in problems)
+
+
+def _preset_path(name: str) -> Path:
+    return next(p.path for p in list_presets() if p.name == name)
+
+
+def test_check_vram_budget_passes_and_fails() -> None:
+    recipe = str(_preset_path("sdxl-char-12gb"))
+    ok = run("check", recipe, "--vram", "--budget", "12GB", "--format", "json")
+    assert ok.returncode == 0, ok.stderr
+    estimate = json.loads(ok.stdout)[0]["vram"]
+    assert 0 < estimate["total_bytes"] <= 12 * 2**30
+    components = " ".join(row["component"] for row in estimate["rows"])
+    for part in ("UNet weights", "optimizer state", "activations", "CUDA context"):
+        assert part in components
+    tight = run("check", recipe, "--budget", "4GB", "--format", "json")
+    assert tight.returncode == 1
+    problems = json.loads(tight.stdout)[0]["problems"]
+    over = [p for p in problems if "exceeds the budget" in p["message"]]
+    assert over and over[0]["hint"].startswith("try:")
+    assert json.loads(tight.stdout)[0]["vram"]["suggestions"]
+
+
+def test_check_budget_from_the_preset_header_without_torch() -> None:
+    code = (
+        "import sys; from loraforge.cli import main\ncode = 0\n"
+        f"try:\n    main(['check', {str(_preset_path('char-8gb'))!r}, '--budget', 'header'])\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', code)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split()[-2:] == ["NOTORCH", "0"], result.stdout + result.stderr
