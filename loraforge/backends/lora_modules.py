@@ -91,7 +91,11 @@ class LoRAModule(HookedAdapter):
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, …, in)`` or ``(B, in, H, W)`` -> ``(B, …, out)`` or ``(B, out, H', W')``."""
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):
+            # Under autocast the matmul casts by itself; an explicit cast there would keep an
+            # extra copy of every input alive for backward.
+            x = x.to(self.lora_down.weight.dtype)
+        lx = self.lora_down(x)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from loraforge.data.caption_files import read_caption
 from loraforge.data.images import BadImageError, list_image_files, load_image_rgb
 from loraforge.fileio import write_text_atomic
+from loraforge.progress import make_progress
 from loraforge.tagging.compose import compose_caption
 from loraforge.tagging.frequency import merge_frequencies, tag_frequency, write_frequency_report
-from loraforge.progress import make_progress
 
 if TYPE_CHECKING:
     from rich.console import Console
