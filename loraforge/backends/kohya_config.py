@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
-from loraforge.recipe.rules import ALGORITHM_ARGS
+from loraforge.recipe.rules import ALGORITHM_ARGS, PER_BLOCK_FIELDS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -18,16 +18,6 @@ NETWORK_MODULES = {
     "lora-fa": "networks.lora_fa",
     "dylora": "networks.dylora",
 }
-
-_BLOCK_FIELDS = (
-    "block_dims",
-    "block_alphas",
-    "conv_block_dims",
-    "conv_block_alphas",
-    "down_lr_weight",
-    "mid_lr_weight",
-    "up_lr_weight",
-)
 
 
 def check_config(config: NetworkConfig) -> None:
@@ -63,7 +53,7 @@ def _check_dylora(config: NetworkConfig) -> None:
             f"network.{dropouts[0]}: dylora has no dropout (sd-scripts' DyLoRA neither)",
             hint="remove the dropout settings, or use algorithm lora/locon",
         )
-    blocks = [n for n in _BLOCK_FIELDS if getattr(config, n) is not None]
+    blocks = [n for n in PER_BLOCK_FIELDS if getattr(config, n) is not None]
     if blocks:
         raise RecipeError(
             f"network.{blocks[0]}: dylora does not support per-block ranks or lr weights",
@@ -123,7 +113,7 @@ def network_args(config: NetworkConfig) -> dict[str, Any]:
         args["conv_alpha"] = _text(_effective_alpha(conv_alpha, conv_dim))
     if config.algorithm == "dylora":
         args["unit"] = _text(dylora_unit(config))
-    for name in ("rank_dropout", "module_dropout", *_BLOCK_FIELDS, "loraplus_lr_ratio"):
+    for name in ("rank_dropout", "module_dropout", *PER_BLOCK_FIELDS, "loraplus_lr_ratio"):
         value = getattr(config, name)
         if value is not None:
             args[name] = _text(value)

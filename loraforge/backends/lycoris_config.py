@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
 from loraforge.recipe.rules import ALGORITHM_ARGS as RECIPE_ALGORITHM_ARGS
+from loraforge.recipe.rules import PER_BLOCK_FIELDS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -36,16 +37,6 @@ ALGORITHM_ARGS: dict[str, frozenset[str]] = {
 }
 ALGORITHMS = tuple(ALGORITHM_ARGS)
 
-# Fields of the network section the LyCORIS backend has no equivalent for.
-_KOHYA_ONLY_FIELDS = (
-    "block_dims",
-    "block_alphas",
-    "conv_block_dims",
-    "conv_block_alphas",
-    "down_lr_weight",
-    "mid_lr_weight",
-    "up_lr_weight",
-)
 # Algorithms whose lycoris-lora forward honours rank_dropout (IA3, DyLoRA, BOFT and GLoRA
 # accept it and ignore it); no algorithm's weight-rebuild forward uses the neuron dropout.
 _RANK_DROPOUT_ALGORITHMS = ("lora", "locon", "loha", "lokr", "diag-oft", "full")
@@ -114,7 +105,7 @@ def check_config(config: NetworkConfig) -> None:
                 f'does not take "{key}"',
                 hint=f"arguments it takes: {', '.join(sorted(takes))}",
             )
-    for name in _KOHYA_ONLY_FIELDS:
+    for name in PER_BLOCK_FIELDS:
         if getattr(config, name) is not None:
             raise RecipeError(
                 f"network.{name}: per-block ranks and learning rates are a kohya-backend feature",

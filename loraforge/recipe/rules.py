@@ -51,6 +51,16 @@ ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {
     ("lycoris", "full"): _LYCORIS_COMMON,
     ("lycoris", "glora"): _LYCORIS_COMMON | {"use_scalar"},
 }
+# The kohya backend's per-block fields (LyCORIS has no equivalent).
+PER_BLOCK_FIELDS = (
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+)
 BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sd2-v": 25, "sdxl": 23}
 
 

@@ -77,6 +77,16 @@ def sample_file_name(name: str, kind: SaveKind, number: int, index: int, seed: i
     return f"{name}_{count}_{index:02d}_{seed}.png"
 
 
+def _checkpoint_files(
+    output: OutputSettings, step: int, file_name: str, state_name: str
+) -> list[PlannedFile]:
+    """A numbered save: the LoRA file, and its state folder with ``save_state``."""
+    files = _save_files(output, step, file_name)
+    if output.save_state:
+        files.append(PlannedFile(step, output.dir / state_name, "state"))
+    return files
+
+
 def planned_outputs(
     output: OutputSettings, sample: SampleSettings, length: TrainingLength
 ) -> list[PlannedFile]:
@@ -86,20 +96,19 @@ def planned_outputs(
     for epoch in range(1, length.num_epochs + 1):
         step = epoch_end_step(epoch, length)
         if is_epoch_save(epoch, output, length):
-            files += _save_files(output, step, epoch_ckpt_name(output.name, epoch))
-            if output.save_state:
-                files.append(
-                    PlannedFile(step, output.dir / epoch_state_name(output.name, epoch), "state")
-                )
+            files += _checkpoint_files(
+                output,
+                step,
+                epoch_ckpt_name(output.name, epoch),
+                epoch_state_name(output.name, epoch),
+            )
         if is_epoch_sample(epoch, sample):
             files += _sample_files(output, sample, step, "epoch", epoch)
     for step in range(1, length.max_train_steps + 1):
         if is_step_save(step, output, length):
-            files += _save_files(output, step, step_ckpt_name(output.name, step))
-            if output.save_state:
-                files.append(
-                    PlannedFile(step, output.dir / step_state_name(output.name, step), "state")
-                )
+            files += _checkpoint_files(
+                output, step, step_ckpt_name(output.name, step), step_state_name(output.name, step)
+            )
         if is_step_sample(step, sample):
             files += _sample_files(output, sample, step, "step", step)
     final = length.max_train_steps

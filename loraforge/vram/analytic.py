@@ -21,7 +21,7 @@ from loraforge.vram.activations import (
 )
 from loraforge.vram.arch import Architecture
 from loraforge.vram.network_size import NetworkSize, network_size
-from loraforge.vram.overhead import overhead_rows
+from loraforge.vram.overhead import estimate_with_overheads
 from loraforge.vram.result import VramEstimate, VramRow
 from loraforge.vram.settings import DTYPE_BYTES, TOKENS_PER_CHUNK, MemorySettings
 from loraforge.vram.sizes import format_bytes
@@ -227,22 +227,10 @@ def analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> 
             VramRow("VAE encode (transient)", _vae_phase(arch, s), note, "step")
         ]
     rows = resident + _peak_phase(phases)
-    tensor_bytes = sum(r.bytes for r in rows)
-    rows += overhead_rows(tensor_bytes)
     notes = []
     if recipe.network.backend == "lycoris":
         notes.append(
             "LyCORIS networks are approximated analytically; --vram-method traced "
             "builds the real modules"
         )
-    return VramEstimate(
-        method="analytic",
-        family=s.family,
-        architecture=arch.source,
-        resolution=(s.width, s.height),
-        batch_size=s.batch_size,
-        rows=tuple(rows),
-        total_bytes=sum(r.bytes for r in rows),
-        tensor_bytes=tensor_bytes,
-        notes=tuple(notes),
-    )
+    return estimate_with_overheads("analytic", s, arch, rows, sum(r.bytes for r in rows), notes)

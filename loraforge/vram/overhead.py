@@ -13,7 +13,10 @@ The tensor peak both estimators compute is the ``max_memory_allocated`` part.
 
 from __future__ import annotations
 
-from loraforge.vram.result import VramRow
+from collections.abc import Sequence
+from typing import Any
+
+from loraforge.vram.result import Method, VramEstimate, VramRow
 from loraforge.vram.sizes import format_bytes
 
 CUDA_CONTEXT_BYTES = 512 * 2**20
@@ -40,3 +43,35 @@ def overhead_rows(tensor_bytes: int) -> list[VramRow]:
             "overhead",
         ),
     ]
+
+
+def estimate_with_overheads(
+    method: Method,
+    settings: Any,
+    arch: Any,
+    rows: Sequence[VramRow],
+    tensor_bytes: int,
+    notes: Sequence[str],
+) -> VramEstimate:
+    """An estimate from a method's tensor rows: the overhead rows added and the total summed.
+
+    Args:
+        method: ``analytic`` or ``traced``.
+        settings: the :class:`~loraforge.vram.settings.MemorySettings` estimated.
+        arch: the :class:`~loraforge.vram.arch.Architecture` estimated.
+        rows: the tensor rows (and 0-byte info rows).
+        tensor_bytes: the peak of live tensors.
+        notes: caveats to show with the estimate.
+    """
+    rows = [*rows, *overhead_rows(tensor_bytes)]
+    return VramEstimate(
+        method=method,
+        family=settings.family,
+        architecture=arch.source,
+        resolution=(settings.width, settings.height),
+        batch_size=settings.batch_size,
+        rows=tuple(rows),
+        total_bytes=sum(r.bytes for r in rows),
+        tensor_bytes=tensor_bytes,
+        notes=tuple(notes),
+    )

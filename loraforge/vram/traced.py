@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 
 from loraforge.recipe.types import Recipe
 from loraforge.vram.arch import Architecture
-from loraforge.vram.overhead import overhead_rows
+from loraforge.vram.overhead import estimate_with_overheads
 from loraforge.vram.result import VramEstimate, VramRow
 from loraforge.vram.settings import MemorySettings
 from loraforge.vram.sizes import format_bytes
@@ -123,20 +123,8 @@ def traced_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> Vr
     """Estimate ``recipe`` by tracing one full-size step on fake tensors (CPU, seconds)."""
     measured = trace_step(recipe, arch, s)
     rows = _rows(measured.at_peak, s, measured.trainable_params)
-    tensor_bytes = measured.peak_bytes
-    rows += overhead_rows(tensor_bytes)
     notes = [
-        f"peak of live tensors {format_bytes(tensor_bytes)} measured through one steady-state "
+        f"peak of live tensors {format_bytes(measured.peak_bytes)} measured through one steady-state "
         "step (forward, backward, clipping, optimizer) on fake tensors",
     ]
-    return VramEstimate(
-        method="traced",
-        family=s.family,
-        architecture=arch.source,
-        resolution=(s.width, s.height),
-        batch_size=s.batch_size,
-        rows=tuple(rows),
-        total_bytes=sum(r.bytes for r in rows),
-        tensor_bytes=tensor_bytes,
-        notes=tuple(notes),
-    )
+    return estimate_with_overheads("traced", s, arch, rows, measured.peak_bytes, notes)
