@@ -186,3 +186,14 @@ def test_check_budget_from_the_preset_header_without_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.split()[-2:] == ["NOTORCH", "0"], result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge"])
+def test_every_command_help_shows_a_worked_example(name: str) -> None:
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app
+
+    result = CliRunner().invoke(app, [name, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.stdout and f"loraforge {name}" in result.stdout
