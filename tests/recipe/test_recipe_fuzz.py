@@ -61,3 +61,18 @@ def test_network_section_values(network) -> None:
     doc = {"model": {"base": "a/b"}, "dataset": {"subsets": [{"dir": "d"}]}, "network": network}
     validation = validate_recipe_text(yaml.safe_dump(doc))
     assert validation.recipe is not None or validation.errors
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=120)))
+def test_check_cli_never_lets_an_exception_escape(tmp_path_factory, text: str) -> None:
+    from loraforge.cli import main
+
+    path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        main(["check", str(path), "--format", "json"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    assert code in (0, 1)
