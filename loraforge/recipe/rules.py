@@ -26,6 +26,8 @@ LYCORIS_ALGORITHMS = (
     "full",
     "glora",
 )
+# Optimizers whose step fails when parameter groups have different non-zero learning rates.
+SINGLE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptSGD")
 ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
 
 _LYCORIS_COMMON = frozenset({"preset", "train_norm"})
@@ -221,11 +223,12 @@ def _training(r: Recipe) -> Iterator[Finding]:
             )
     if t.lr_warmup_steps and t.lr_scheduler == "constant":
         yield (
-            "warning",
+            "error",
             ("training", "lr_warmup_steps"),
-            "the constant scheduler ignores warm-up",
-            "use lr_scheduler: constant_with_warmup",
+            "the constant scheduler has no warm-up",
+            "use lr_scheduler: constant_with_warmup, or lr_warmup_steps: 0",
         )
+    yield from _single_lr_optimizers(r)
     if not n.train_text_encoder and (
         t.text_encoder_lr is not None or t.stop_text_encoder_training is not None
     ):
@@ -249,6 +252,36 @@ def _training(r: Recipe) -> Iterator[Finding]:
             ("training", "prior_loss_weight"),
             "prior_loss_weight only affects regularization subsets, and there are none",
             None,
+        )
+
+
+def _single_lr_optimizers(r: Recipe) -> Iterator[Finding]:
+    """Prodigy and most D-Adaptation optimizers crash on groups with different learning rates."""
+    t, n = r.training, r.network
+    if t.optimizer not in SINGLE_LR_OPTIMIZERS:
+        return
+    unet_lr = t.unet_lr if t.unet_lr is not None else t.learning_rate
+    te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
+    both_train = n.train_unet and n.train_text_encoder
+    causes = [
+        (("training", "text_encoder_lr"), "unet_lr and text_encoder_lr differ")
+        if both_train and unet_lr != te_lr
+        else None,
+        (("network", "loraplus_lr_ratio"), "LoRA+ gives the up weights another learning rate")
+        if n.loraplus_lr_ratio is not None
+        else None,
+        (("network", "down_lr_weight"), "per-block learning-rate weights give blocks other rates")
+        if any(
+            getattr(n, f) is not None for f in ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+        )
+        else None,
+    ]
+    for path, why in filter(None, causes):
+        yield (
+            "error",
+            path,
+            f"{t.optimizer} needs one learning rate for every parameter group, but {why}",
+            "use the same learning rate everywhere, or AdamW",
         )
 
 

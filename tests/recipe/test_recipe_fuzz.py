@@ -63,8 +63,12 @@ def test_network_section_values(network) -> None:
     assert validation.recipe is not None or validation.errors
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=120)))
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=120))
+)
 def test_check_cli_never_lets_an_exception_escape(tmp_path_factory, text: str) -> None:
     from loraforge.cli import main
 

@@ -63,7 +63,17 @@ def findings(extra: str = "", *, family: str = "sd1", subset: str = "", dataset:
             {"family": "sd2-v", "extra": "training: {v_parameterization: false}\n"},
             ("error", "training.v_parameterization"),
         ),
-        ({"extra": "training: {lr_warmup_steps: 100}\n"}, ("warning", "training.lr_warmup_steps")),
+        ({"extra": "training: {lr_warmup_steps: 100}\n"}, ("error", "training.lr_warmup_steps")),
+        (
+            {"extra": "training: {optimizer: Prodigy, learning_rate: 1.0, text_encoder_lr: 0.5}\n"},
+            ("error", "training.text_encoder_lr"),
+        ),
+        (
+            {
+                "extra": "training: {optimizer: DAdaptAdam, learning_rate: 1.0}\nnetwork: {loraplus_lr_ratio: 16}\n"
+            },
+            ("error", "network.loraplus_lr_ratio"),
+        ),
         ({"subset": ", is_reg: true"}, ("error", "dataset.subsets")),
         ({"dataset": ", resolution: 2048"}, ("error", "dataset.max_bucket_reso")),
         ({"dataset": ", min_bucket_reso: 100"}, ("error", "dataset.min_bucket_reso")),
@@ -87,3 +97,7 @@ def test_sdxl_clip_skip_is_a_warning() -> None:
 
 def test_clean_recipe_has_no_findings() -> None:
     assert findings() == set()
+
+
+def test_prodigy_with_one_learning_rate_is_fine() -> None:
+    assert findings("training: {optimizer: Prodigy, learning_rate: 1.0}\n") == set()

@@ -157,3 +157,10 @@ def test_section_defaults_come_from_the_schema() -> None:
     schema = load_schema()["properties"]["network"]["properties"]
     assert network.dim == schema["dim"]["default"] and network.alpha == schema["alpha"]["default"]
     assert section_defaults("output").metadata.tags == ()
+
+
+def test_the_readme_recipe_example_is_valid() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    example = readme.split("## A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    validation = validate_recipe_text(example)
+    assert validation.errors == (), [str(p) for p in validation.errors]
