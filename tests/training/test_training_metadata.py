@@ -33,6 +33,7 @@ network: {dim: 16, alpha: 8}
 training:
   learning_rate: 1.0e-4
   text_encoder_lr: 5.0e-5
+  lr_scheduler: constant_with_warmup
   lr_warmup_steps: 100
   batch_size: 2
   gradient_accumulation_steps: 3
