@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
-from loraforge.recipe.rules import ALGORITHM_ARGS, PER_BLOCK_FIELDS
+from loraforge.recipe.capabilities import ALGORITHM_ARGS, PER_BLOCK_FIELDS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig

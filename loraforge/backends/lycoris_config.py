@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
-from loraforge.recipe.rules import ALGORITHM_ARGS as RECIPE_ALGORITHM_ARGS
-from loraforge.recipe.rules import PER_BLOCK_FIELDS
+from loraforge.recipe.capabilities import ALGORITHM_ARGS as RECIPE_ALGORITHM_ARGS
+from loraforge.recipe.capabilities import PER_BLOCK_FIELDS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig

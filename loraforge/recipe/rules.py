@@ -9,61 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from loraforge.recipe.capabilities import (
+    ADAPTIVE_OPTIMIZERS,
+    ALGORITHM_ARGS,
+    BLOCK_COUNTS,
+    SINGLE_LR_OPTIMIZERS,
+    algorithms_of,
+)
 from loraforge.recipe.types import Recipe
 
 Finding = tuple[str, tuple[Any, ...], str, str | None]
-
-KOHYA_ALGORITHMS = ("lora", "locon", "lora-fa", "dylora")
-LYCORIS_ALGORITHMS = (
-    "lora",
-    "locon",
-    "loha",
-    "lokr",
-    "ia3",
-    "dylora",
-    "diag-oft",
-    "boft",
-    "full",
-    "glora",
-)
-# Optimizers whose step fails when parameter groups have different non-zero learning rates.
-SINGLE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptSGD")
-ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
-
-_LYCORIS_COMMON = frozenset({"preset", "train_norm"})
-_LYCORIS_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
-# Which network.args each algorithm takes: what lycoris-lora 4.x's module classes actually use
-# (arguments a class accepts but ignores are left out, so a recipe cannot set something inert).
-# The backends read their accepted sets from here too.
-ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {
-    ("kohya", "lora"): frozenset(),
-    ("kohya", "locon"): frozenset(),
-    ("kohya", "lora-fa"): frozenset(),
-    ("kohya", "dylora"): frozenset({"unit", "block_size"}),
-    ("lycoris", "lora"): _LYCORIS_COMMON | _LYCORIS_LORA,
-    ("lycoris", "locon"): _LYCORIS_COMMON | _LYCORIS_LORA,
-    ("lycoris", "loha"): _LYCORIS_COMMON | _LYCORIS_LORA,
-    ("lycoris", "lokr"): _LYCORIS_COMMON
-    | _LYCORIS_LORA
-    | {"factor", "decompose_both", "full_matrix"},
-    ("lycoris", "ia3"): _LYCORIS_COMMON,
-    ("lycoris", "dylora"): _LYCORIS_COMMON | {"block_size", "unit"},
-    ("lycoris", "diag-oft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
-    ("lycoris", "boft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
-    ("lycoris", "full"): _LYCORIS_COMMON,
-    ("lycoris", "glora"): _LYCORIS_COMMON | {"use_scalar"},
-}
-# The kohya backend's per-block fields (LyCORIS has no equivalent).
-PER_BLOCK_FIELDS = (
-    "block_dims",
-    "block_alphas",
-    "conv_block_dims",
-    "conv_block_alphas",
-    "down_lr_weight",
-    "mid_lr_weight",
-    "up_lr_weight",
-)
-BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sd2-v": 25, "sdxl": 23}
 
 
 def cross_field_problems(recipe: Recipe) -> list[Finding]:
@@ -124,7 +79,7 @@ def _caching(r: Recipe) -> Iterator[Finding]:
 
 def _network(r: Recipe) -> Iterator[Finding]:
     n = r.network
-    allowed = KOHYA_ALGORITHMS if n.backend == "kohya" else LYCORIS_ALGORITHMS
+    allowed = algorithms_of(n.backend)
     if n.algorithm not in allowed:
         other = "lycoris" if n.backend == "kohya" else "kohya"
         yield (

@@ -1,0 +1,48 @@
+"""What each backend, algorithm and optimizer accepts: the tables the recipe rules and the
+backends share, so `loraforge check` and training agree. Pure data, no torch."""
+
+from __future__ import annotations
+
+# Optimizers whose step fails when parameter groups have different non-zero learning rates.
+SINGLE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptSGD")
+ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
+
+_LYCORIS_COMMON = frozenset({"preset", "train_norm"})
+_LYCORIS_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
+# Which network.args each algorithm takes: what lycoris-lora 4.x's module classes actually use
+# (arguments a class accepts but ignores are left out, so a recipe cannot set something inert).
+# The backends read their accepted sets from here too.
+ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {
+    ("kohya", "lora"): frozenset(),
+    ("kohya", "locon"): frozenset(),
+    ("kohya", "lora-fa"): frozenset(),
+    ("kohya", "dylora"): frozenset({"unit", "block_size"}),
+    ("lycoris", "lora"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "locon"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "loha"): _LYCORIS_COMMON | _LYCORIS_LORA,
+    ("lycoris", "lokr"): _LYCORIS_COMMON
+    | _LYCORIS_LORA
+    | {"factor", "decompose_both", "full_matrix"},
+    ("lycoris", "ia3"): _LYCORIS_COMMON,
+    ("lycoris", "dylora"): _LYCORIS_COMMON | {"block_size", "unit"},
+    ("lycoris", "diag-oft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
+    ("lycoris", "boft"): _LYCORIS_COMMON | {"constraint", "rescaled"},
+    ("lycoris", "full"): _LYCORIS_COMMON,
+    ("lycoris", "glora"): _LYCORIS_COMMON | {"use_scalar"},
+}
+# The kohya backend's per-block fields (LyCORIS has no equivalent).
+PER_BLOCK_FIELDS = (
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+)
+BLOCK_COUNTS = {"sd1": 25, "sd2": 25, "sd2-v": 25, "sdxl": 23}
+
+
+def algorithms_of(backend: str) -> tuple[str, ...]:
+    """The algorithms ``backend`` trains, in table order."""
+    return tuple(algorithm for b, algorithm in ALGORITHM_ARGS if b == backend)
