@@ -75,24 +75,31 @@ def _click_exception_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the app, map user errors to exit code 2."""
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: user errors print one message and give 2,
+    usage errors 2, Ctrl-C 130. ``--debug`` lets user errors raise with their traceback."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         code = app(args=argv, standalone_mode=False, prog_name="loraforge")
-        # Without standalone mode click returns (not raises) the code of `typer.Exit(code)`.
-        if isinstance(code, int) and code:
-            sys.exit(code)
     except LoraforgeError as e:
         if debug:
             raise
         err.print(f"[bold red]error:[/] {escape(e.message)}")
         if e.hint:
             err.print(f"  [cyan]hint:[/] {escape(e.hint)}")
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
-        sys.exit(130)
+        return 130
     except _click_exception_types() as e:  # usage errors: bad option, missing argument (exit 2)
         e.show()
-        sys.exit(e.exit_code)
+        return e.exit_code
+    except SystemExit as e:  # typer.Exit raised outside a command (--version)
+        return int(e.code or 0)
+    # Without standalone mode click returns (not raises) the code of `typer.Exit(code)`.
+    return code if isinstance(code, int) else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: :func:`run`, then exit with its code."""
+    sys.exit(run(argv))

@@ -9,15 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from loraforge.cli import main
+from loraforge.cli import run
 
 
 def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run(list(args))
 
 
 def stderr_of(capsys) -> str:

@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.cli import main
+from loraforge.cli import run
 from loraforge.demo import FOLDER, NUM_IMAGES, write_demo_project
 from loraforge.errors import OutputExistsError
 from loraforge.recipe import load_recipe
 
 
 def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+    return run(list(args))
 
 
 @pytest.fixture(scope="module")
