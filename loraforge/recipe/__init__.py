@@ -5,6 +5,7 @@ from loraforge.recipe.load import (
     load_recipe,
     parse_recipe_text,
     section_defaults,
+    shareable_dict,
     validate_recipe_file,
     validate_recipe_text,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "load_schema",
     "parse_recipe_text",
     "section_defaults",
+    "shareable_dict",
     "validate_recipe_file",
     "validate_recipe_text",
 ]

@@ -117,7 +117,7 @@ def validate_recipe_text(
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         return Validation(None, tuple(problems))
     data = _resolve_paths(fill_defaults(parsed.data), base_dir)
-    recipe = build_recipe(data, source=source)
+    recipe = build_recipe(data, source=source, base_dir=base_dir)
     for severity, path, message, hint in cross_field_problems(recipe):
         line, column = parsed.mark(path) or (None, None)
         problems.append(Problem(severity, message, format_path(path), source, line, column, hint))
@@ -189,6 +189,14 @@ _PATH_FIELDS = (
 )
 
 
+def _path_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+    """Every (mapping, key) of a recipe mapping that may hold a file-system path."""
+    slots = [(data[section], key) for section, key in _PATH_FIELDS]
+    slots.append((data["model"], "base"))  # a path, or a hub id that _resolve_paths leaves alone
+    slots += [(subset, "dir") for subset in data["dataset"]["subsets"]]
+    return slots
+
+
 def _resolve(value: str, base_dir: Path) -> str:
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
@@ -204,20 +212,39 @@ def _looks_like_path(value: str, base_dir: Path) -> bool:
 
 
 def _resolve_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    for section, key in _PATH_FIELDS:
-        if data[section].get(key):
-            data[section][key] = _resolve(data[section][key], base_dir)
-    if _looks_like_path(data["model"]["base"], base_dir):
-        data["model"]["base"] = _resolve(data["model"]["base"], base_dir)
-    for subset in data["dataset"]["subsets"]:
-        subset["dir"] = _resolve(subset["dir"], base_dir)
+    for mapping, key in _path_slots(data):
+        value = mapping.get(key)
+        if value and (key != "base" or _looks_like_path(value, base_dir)):
+            mapping[key] = _resolve(value, base_dir)
     return data
 
 
-def build_recipe(data: dict[str, Any], *, source: str | None) -> recipe_types.Recipe:
+def shareable_dict(recipe: recipe_types.Recipe) -> dict[str, Any]:
+    """:meth:`Recipe.to_dict` without the user's folder layout, for files people share.
+
+    Paths inside the recipe's folder become relative to it (``dataset/10_cat``); other absolute
+    paths keep only their last part (``sd15.safetensors``), as sd-scripts' ``ss_*`` keys do.
+    Hub ids stay as written.
+    """
+    data = recipe.to_dict()
+    base = Path(recipe.base_dir) if recipe.base_dir else None
+    for mapping, key in _path_slots(data):
+        value = mapping.get(key)
+        if not value or not Path(value).is_absolute():
+            continue
+        path = Path(value)
+        inside = base is not None and path.is_relative_to(base)
+        mapping[key] = path.relative_to(base).as_posix() if inside else path.name
+    return data
+
+
+def build_recipe(
+    data: dict[str, Any], *, source: str | None, base_dir: Path | None = None
+) -> recipe_types.Recipe:
     """Turn a validated, defaulted recipe mapping into the frozen typed view."""
     sections = {name: _build(cls, data[name]) for name, cls in recipe_types.SECTIONS.items()}
-    return recipe_types.Recipe(**sections, source=source)
+    folder = None if base_dir is None else str(base_dir)
+    return recipe_types.Recipe(**sections, source=source, base_dir=folder)
 
 
 def section_defaults(name: str) -> Any:

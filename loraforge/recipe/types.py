@@ -228,11 +228,12 @@ class Recipe:
     sample: SampleConfig
     logging: LoggingConfig
     source: str | None
+    base_dir: str | None  # the folder relative paths were resolved against
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain JSON-serialisable data (tuples become lists)."""
         data = asdict(self)
-        data.pop("source")
+        del data["source"], data["base_dir"]
         return data
 
 

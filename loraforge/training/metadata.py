@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import __version__
 from loraforge.ops.metadata import BASE_MODEL_VERSION
+from loraforge.recipe import shareable_dict
 
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe, SubsetConfig
@@ -366,5 +367,5 @@ def build_metadata(
     metadata = {key: str(value) for key, value in keys.items()}
     metadata.update(modelspec_metadata(recipe, facts, saved_at))
     metadata["loraforge_version"] = __version__
-    metadata["loraforge_recipe"] = json.dumps(recipe.to_dict(), ensure_ascii=False)
+    metadata["loraforge_recipe"] = json.dumps(shareable_dict(recipe), ensure_ascii=False)
     return metadata

@@ -230,10 +230,33 @@ def test_timestep_range_only_when_narrowed():
     assert build(recipe)["modelspec.timestep_range"] == "100,900"
 
 
-def test_embedded_recipe_is_the_resolved_recipe():
-    recipe = recipe_from()
-    m = build(recipe)
-    assert json.loads(m["loraforge_recipe"]) == json.loads(json.dumps(recipe.to_dict()))
+def test_embedded_recipe_is_the_resolved_recipe_without_the_users_folders():
+    recipe = recipe_from(
+        RECIPE.replace("model: {base: /models/base.safetensors", "model: {base: /home/ann/sd15.ckpt")
+        .replace("  name: mylora", "  name: mylora\n  dir: ../runs/out")
+        + "cache: {dir: cache}\n"
+    )
+    text = build(recipe)["loraforge_recipe"]
+    # Everything but the paths is the resolved recipe; inside the recipe folder (/proj) paths
+    # become relative, elsewhere only their last part is kept.
+    expected = json.loads(json.dumps(recipe.to_dict()))
+    expected["model"]["base"] = "sd15.ckpt"
+    expected["output"]["dir"] = "out"
+    expected["cache"]["dir"] = "cache"
+    for subset, folder in zip(expected["dataset"]["subsets"], ["data", "more", "reg"]):
+        subset["dir"] = folder + subset["dir"].rsplit(folder, 1)[1]
+    assert json.loads(text) == expected
+    assert "/proj" not in text and "/home/ann" not in text and "/runs" not in text
+
+
+def test_embedded_recipe_keeps_hub_ids_and_relative_subset_dirs():
+    recipe = recipe_from(RECIPE.replace("/models/base.safetensors", "org/model"))
+    embedded = json.loads(build(recipe)["loraforge_recipe"])
+    assert embedded["model"]["base"] == "org/model"
+    assert [s["dir"] for s in embedded["dataset"]["subsets"]] == [
+        "data/10_cat", "more/10_cat", "reg/1_cat",
+    ]  # fmt: skip
+    assert embedded["network"] == json.loads(json.dumps(recipe.to_dict()))["network"]
 
 
 def test_empty_network_args_are_omitted_and_hashes_written_when_known():
