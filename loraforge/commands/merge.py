@@ -225,6 +225,7 @@ def _load(
 
 
 def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options) -> None:
+    from loraforge.console import warn
     from loraforge.ops.base_model import load_base, resolver, write_base
     from loraforge.ops.merge import check_base_family, merge_into_state_dict
 
@@ -236,6 +237,12 @@ def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options)
     report = merge_into_state_dict(
         base.state, weighted, resolver(base), device=opts.device, base_label=base.label
     )
+    for (label, _), names in zip(report.merged, report.skipped, strict=True):
+        if names:
+            warn(
+                f"{label}: {len(names)} module(s) have no matching layer in {base.label} and "
+                f"were skipped (e.g. {', '.join(names[:3])})"
+            )
     merged = [
         {"file": str(p), "ratio": r, "sshs_model_hash": loaded.file.metadata.get("sshs_model_hash")}
         for (p, r), (loaded, _) in zip(specs, items, strict=True)
@@ -251,8 +258,11 @@ def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options)
             "family": loaded.family.display,
             "algorithm": loaded.parsed.algorithm,
             "modules": n,
+            "skipped_modules": list(skipped),
         }
-        for (p, r), (loaded, _), (_, n) in zip(specs, items, report.merged, strict=True)
+        for (p, r), (loaded, _), (_, n), skipped in zip(
+            specs, items, report.merged, report.skipped, strict=True
+        )
     ]
     summary = {
         "base": str(base_path),

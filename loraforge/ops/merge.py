@@ -302,11 +302,13 @@ class MergeIntoReport:
     """What merging into weights did.
 
     Attributes:
-        merged: ``(lora label, module count)`` per input.
+        merged: ``(lora label, modules merged)`` per input.
+        skipped: per input, the names of its modules that have no layer in the model.
         keys: the weight keys that changed.
     """
 
     merged: tuple[tuple[str, int], ...]
+    skipped: tuple[tuple[str, ...], ...]
     keys: tuple[str, ...]
 
 
@@ -321,6 +323,10 @@ def merge_into_state_dict(
 ) -> MergeIntoReport:
     """Apply every module of every input to ``state_dict`` **in place**.
 
+    Modules with no layer in the model are skipped and reported (sd-scripts warns and goes on,
+    e.g. for a text-encoder projection a checkpoint stores differently); an input none of whose
+    modules has a layer was made for another model and is refused.
+
     Args:
         state_dict: the base weights; changed entries keep their dtype.
         loras: the inputs with their ratios.
@@ -329,10 +335,10 @@ def merge_into_state_dict(
         base_label: how messages name the base model.
 
     Raises:
-        LoraFileError: a module with no target in the model, or one whose shape does not fit.
+        LoraFileError: an input with no module in the model, or a module whose shape does not fit.
     """
     by_key: dict[str, list[tuple[LoraModule, WeightedLora, TargetRef]]] = {}
-    counts = []
+    counts, skipped = [], []
     for item in loras:
         item.parsed.require_valid()
         missing = []
@@ -342,18 +348,18 @@ def merge_into_state_dict(
                 missing.append(name)
                 continue
             by_key.setdefault(target.key, []).append((module, item, target))
-        if missing:
+        if missing and len(missing) == len(item.parsed.modules):
             raise LoraFileError(
-                f"{item.parsed.label}: {len(missing)} of {len(item.parsed.modules)} modules have "
-                "no "
-                f"matching layer in {base_label} (e.g. {', '.join(missing[:3])})",
+                f"{item.parsed.label}: none of its {len(missing)} modules has a matching layer "
+                f"in {base_label} (e.g. {', '.join(missing[:3])})",
                 hint="the LoRA was made for another model family or architecture; check it with "
                 "`loraforge check LORA`",
             )
-        counts.append((item.parsed.label, len(item.parsed.modules)))
+        counts.append((item.parsed.label, len(item.parsed.modules) - len(missing)))
+        skipped.append(tuple(missing))
     for key, entries in by_key.items():
         state_dict[key] = _apply_all(state_dict[key], entries, device, compute_dtype, base_label)
-    return MergeIntoReport(tuple(counts), tuple(by_key))
+    return MergeIntoReport(tuple(counts), tuple(skipped), tuple(by_key))
 
 
 def _apply_all(

@@ -188,7 +188,9 @@ def test_check_budget_from_the_preset_header_without_torch() -> None:
     assert result.stdout.split()[-2:] == ["NOTORCH", "0"], result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("name", ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge"])
+@pytest.mark.parametrize(
+    "name", ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge"]
+)
 def test_every_command_help_shows_a_worked_example(name: str) -> None:
     from typer.testing import CliRunner
 

@@ -147,6 +147,7 @@ def test_merge_into_state_dict_equals_w_plus_ratio_delta(synth) -> None:
         state, [_weighted(first, 0.8), _weighted(second, -0.5)], refs.get
     )
     assert report.merged == (("x.safetensors", 2), ("x.safetensors", 2))
+    assert report.skipped == ((), ())
     expected_a = (
         original["a.weight"].double() + 0.8 * synth.delta(first, A) - 0.5 * synth.delta(second, A)
     )
@@ -164,9 +165,22 @@ def test_merge_into_state_dict_equals_w_plus_ratio_delta(synth) -> None:
     assert torch.equal(state["untouched"], original["untouched"])
 
 
+def test_merge_into_state_dict_skips_modules_the_model_lacks(synth) -> None:
+    first, _ = _inputs(synth)  # modules A and C
+    state = {"a.weight": torch.randn(24, 16)}
+    original = state["a.weight"].clone()
+    report = merge_into_state_dict(state, [_weighted(first, 1.0)], {A: TargetRef("a.weight")}.get)
+    assert report.merged == (("x.safetensors", 1),)
+    assert report.skipped == ((C,),)
+    assert report.keys == ("a.weight",)
+    torch.testing.assert_close(
+        state["a.weight"].double(), original.double() + synth.delta(first, A), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_merge_into_state_dict_refuses_unknown_modules_and_bad_shapes(synth) -> None:
     state = {"a.weight": torch.randn(24, 16)}
-    with pytest.raises(LoraFileError, match="1 of 1 modules have no matching layer"):
+    with pytest.raises(LoraFileError, match="none of its 1 modules has a matching layer"):
         merge_into_state_dict(
             state, [_weighted(synth.lora(B, 24, 16, 2), 1.0)], {A: TargetRef("a.weight")}.get
         )

@@ -8,6 +8,7 @@ single-file converters (loraforge.models.loading).
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -185,3 +186,28 @@ def test_merge_into_copied_folder_with_force_replaces_it(
         cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", tmp_path / "x.safetensors").code
         == 2
     )
+
+
+def test_merge_into_skips_modules_the_model_lacks_with_a_warning(
+    synth, cli, tmp_path, tiny_sd1_dir
+) -> None:
+    # SD 1.x's CLIPTextModel has no text projection: that module is skipped, the rest merged.
+    original = load_model(str(tiny_sd1_dir))
+    lora = _lora_for(original, "sd1", synth)
+    stray = "lora_te_text_projection"
+    lora_path = synth.save(
+        tmp_path / "lora.safetensors",
+        {**lora, **synth.lora(stray, 32, 32, 2)},
+        {"ss_base_model_version": "sd_v1"},
+    )
+    before = _outputs(original, "sd1")
+    handles = _hook(_targets(original, "sd1"), lora, 1.0)
+    want = _outputs(original, "sd1")
+    for handle in handles:
+        handle.remove()
+
+    result = cli("merge", "-b", tiny_sd1_dir, "-l", lora_path, "-o", tmp_path / "m", "-f", "json")
+    assert result.code == 0, result.err
+    assert "1 module(s) have no matching layer" in result.err and stray in result.err
+    assert json.loads(result.out)["loras"][0]["skipped_modules"] == [stray]
+    _assert_same(_outputs(load_model(str(tmp_path / "m")), "sd1"), want, before)

@@ -232,8 +232,9 @@ def test_timestep_range_only_when_narrowed():
 
 def test_embedded_recipe_is_the_resolved_recipe_without_the_users_folders():
     recipe = recipe_from(
-        RECIPE.replace("model: {base: /models/base.safetensors", "model: {base: /home/ann/sd15.ckpt")
-        .replace("  name: mylora", "  name: mylora\n  dir: ../runs/out")
+        RECIPE.replace(
+            "model: {base: /models/base.safetensors", "model: {base: /home/ann/sd15.ckpt"
+        ).replace("  name: mylora", "  name: mylora\n  dir: ../runs/out")
         + "cache: {dir: cache}\n"
     )
     text = build(recipe)["loraforge_recipe"]
@@ -243,8 +244,9 @@ def test_embedded_recipe_is_the_resolved_recipe_without_the_users_folders():
     expected["model"]["base"] = "sd15.ckpt"
     expected["output"]["dir"] = "out"
     expected["cache"]["dir"] = "cache"
-    for subset, folder in zip(expected["dataset"]["subsets"], ["data", "more", "reg"]):
-        subset["dir"] = folder + subset["dir"].rsplit(folder, 1)[1]
+    dirs = ["data/10_cat", "more/10_cat", "reg/1_cat"]
+    for subset, folder in zip(expected["dataset"]["subsets"], dirs, strict=True):
+        subset["dir"] = folder
     assert json.loads(text) == expected
     assert "/proj" not in text and "/home/ann" not in text and "/runs" not in text
 
