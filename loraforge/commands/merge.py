@@ -18,6 +18,7 @@ from loraforge.commands.resize import (
     Method,
     Precision,
     SavePrecisionOpt,
+    load_input,
     render_rows,
     resolve_device,
     to_dtype,
@@ -214,12 +215,11 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 def _load(
     specs: list[tuple[Path, float]], allow_pickle: bool
 ) -> list[tuple[LoadedLora, WeightedLora]]:
-    from loraforge.ops.loaded import load_lora
     from loraforge.ops.merge import WeightedLora
 
     items = []
     for path, ratio in specs:
-        loaded = load_lora(path, allow_pickle=allow_pickle)
+        loaded = load_input(path, allow_pickle)
         items.append((loaded, WeightedLora(loaded.parsed, ratio, loaded.family, loaded.kohya_oft)))
     return items
 

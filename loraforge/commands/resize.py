@@ -13,6 +13,7 @@ from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat
 if TYPE_CHECKING:
     import torch
 
+    from loraforge.ops.loaded import LoadedLora
     from loraforge.ops.resize import ModuleResize
 
 
@@ -107,13 +108,12 @@ def command(
         loraforge resize mychar.safetensors --rank 64 --method sv_fro --param 0.9 \
             --save-precision bf16 --device cuda
     """
-    from loraforge.ops.loaded import load_lora
     from loraforge.ops.lora_file import write_lora_file
     from loraforge.ops.resize import ResizeSpec, resize_lora, resized_metadata
 
     _check_rule(method, param)
     out_path = output or default_output(lora, rank, method, param)
-    loaded = load_lora(lora, allow_pickle=allow_pickle)
+    loaded = load_input(lora, allow_pickle)
     spec = ResizeSpec(
         rank=rank,
         conv_rank=conv_rank,
@@ -135,6 +135,20 @@ def command(
         "dtype": str(next(iter(result.tensors.values())).dtype).removeprefix("torch."),
     }
     render_rows(result.rows, summary, fmt, title=f"resize {lora.name} -> {out_path.name}")
+
+
+def load_input(path: Path, allow_pickle: bool) -> LoadedLora:
+    """Load a LoRA for resize/merge, saying when its text-encoder names had to be restored."""
+    from loraforge.console import info
+    from loraforge.ops.loaded import load_lora
+
+    loaded = load_lora(path, allow_pickle=allow_pickle)
+    if loaded.renamed:
+        info(
+            f"{path.name}: {len(loaded.renamed)} text-encoder module name(s) lacked 'text_model' "
+            f"(e.g. {loaded.renamed[0]}); using the kohya names, which the output keeps"
+        )
+    return loaded
 
 
 def _check_rule(method: Method, param: float | None) -> None:

@@ -21,11 +21,17 @@ import torch
 from loraforge.ops.delta import is_additive, lora_factors, module_delta
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, sshs_hashes
-from loraforge.ops.modules import LoraModule, ParsedLora, Problem, parse_lora, user_algorithm
+from loraforge.ops.modules import (
+    TE_WITHOUT_TEXT_MODEL,
+    LoraModule,
+    ParsedLora,
+    Problem,
+    parse_lora,
+    user_algorithm,
+)
 from loraforge.ops.resize import module_kind
 from loraforge.ops.svd import svd_of_products
 
-_TE_WITHOUT_TEXT_MODEL = re.compile(r"^lora_te[12]?_encoder_layers_")
 _TE_LAYER = re.compile(r"^(lora_te[12]?)_text_model_encoder_layers_(\d+)_")
 
 
@@ -160,14 +166,15 @@ def inspect_lora(file: LoraFile, expected: ExpectedNames | None = None) -> LoraR
 
 def _name_problems(parsed: ParsedLora, expected: Collection[str] | None) -> list[Problem]:
     problems = []
-    bad_te = [n for n in parsed.modules if _TE_WITHOUT_TEXT_MODEL.match(n)]
+    bad_te = [n for n in parsed.modules if TE_WITHOUT_TEXT_MODEL.match(n)]
     if bad_te:
         problems.append(
             Problem(
                 "error",
                 None,
                 f"{len(bad_te)} text-encoder module(s) are named without 'text_model' "
-                f"(e.g. {bad_te[0]}); A1111/ComfyUI/diffusers will not load them",
+                f"(e.g. {bad_te[0]}); A1111/ComfyUI/diffusers will not load them "
+                "(`loraforge resize` at the file's rank writes a copy with the kohya names)",
             )
         )
     if expected is not None:

@@ -9,21 +9,32 @@ import torch
 
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, read_lora_file
-from loraforge.ops.modules import ParsedLora, parse_lora
+from loraforge.ops.modules import ParsedLora, parse_lora, restore_text_model_names
 
 
 @dataclass(frozen=True)
 class LoadedLora:
-    """A LoRA file with its modules and detected family."""
+    """A LoRA file with its modules and detected family.
+
+    Attributes:
+        file: the file as read.
+        tensors: its tensors, text-encoder names restored to the kohya form.
+        parsed: the modules of ``tensors``.
+        family: the detected model family.
+        renamed: modules whose names lacked ``text_model`` in the file (see
+            :func:`~loraforge.ops.modules.restore_text_model_names`).
+    """
 
     file: LoraFile
+    tensors: dict[str, torch.Tensor]
     parsed: ParsedLora
     family: FamilyGuess
+    renamed: tuple[str, ...]
 
     @property
     def stray(self) -> dict[str, torch.Tensor]:
         """Tensors that belong to no module (copied through by resize)."""
-        return {k: self.file.tensors[k] for k in self.parsed.stray_keys if k in self.file.tensors}
+        return {k: self.tensors[k] for k in self.parsed.stray_keys if k in self.tensors}
 
     @property
     def kohya_oft(self) -> bool:
@@ -36,6 +47,9 @@ def load_lora(
 ) -> LoadedLora:
     """Read, group and classify a LoRA file.
 
+    Text-encoder modules named without ``text_model`` get their kohya names back, so merge and
+    resize apply them and write files every UI loads.
+
     Args:
         path: the file.
         allow_pickle: default False; see :func:`~loraforge.ops.lora_file.read_lora_file`.
@@ -45,7 +59,9 @@ def load_lora(
         LoraFileError: unreadable, not a LoRA, or (``require_valid``) structurally broken.
     """
     file = read_lora_file(path, allow_pickle=allow_pickle)
-    parsed = parse_lora(file.tensors, file.label)
+    tensors, renamed = restore_text_model_names(file.tensors)
+    parsed = parse_lora(tensors, file.label)
     if require_valid:
         parsed.require_valid()
-    return LoadedLora(file, parsed, detect_family(parsed.modules, file.metadata))
+    family = detect_family(parsed.modules, file.metadata)
+    return LoadedLora(file, tensors, parsed, family, renamed)

@@ -217,3 +217,27 @@ def test_check_command_routes_lora_files(cli, lora: Path) -> None:
     result = cli("check", lora)
     assert result.code == 0, result.out + result.err
     assert "SD 1.x" in result.out
+
+
+def test_resize_restores_text_model_in_text_encoder_names(cli, tmp_path: Path, synth) -> None:
+    # lycoris-lora under transformers >= 5 writes these; no UI loads them.
+    flat = "lora_te_encoder_layers_0_self_attn_q_proj"
+    kohya = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    tensors = {
+        **synth.lora(flat, 32, 32, 8, alpha=4),
+        **synth.lora(Q, 320, 320, 8, alpha=4, seed=1),
+    }
+    source = synth.save(tmp_path / "flat.safetensors", tensors, {"ss_base_model_version": "sd_v1"})
+    assert cli("check", source).code == 1  # the names are an error for `check`
+
+    out = tmp_path / "fixed.safetensors"
+    result = cli("resize", source, "--rank", "8", "-o", out)
+    assert result.code == 0, result.err
+    assert "1 text-encoder module name(s) lacked 'text_model'" in result.err and flat in result.err
+    written = read_lora_file(out).tensors
+    assert not [k for k in written if k.startswith(f"{flat}.")]
+    # rank unchanged: the module's delta survives the rename exactly
+    torch.testing.assert_close(
+        synth.delta(written, kohya), synth.delta(tensors, flat), rtol=1e-3, atol=1e-3
+    )
+    assert cli("check", out).code == 0

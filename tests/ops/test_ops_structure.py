@@ -7,7 +7,7 @@ import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.ops.family import detect_family
-from loraforge.ops.modules import parse_lora
+from loraforge.ops.modules import parse_lora, restore_text_model_names
 
 UNET = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -112,3 +112,25 @@ def test_family_from_cross_attention_width_and_conflicts(synth) -> None:
     assert detect_family(sd1, {}).family == "sd1"
     conflict = detect_family(sd1, {"ss_base_model_version": "sdxl_base_v1-0"})
     assert conflict.family is None and "SDXL" in (conflict.conflict or "")
+
+
+def test_restore_text_model_names_leaves_existing_kohya_names_alone() -> None:
+    t = torch.zeros(1)
+    tensors = {
+        "lora_te_encoder_layers_0_mlp_fc1.alpha": t,
+        "lora_te2_encoder_layers_1_mlp_fc2.alpha": t,
+        "lora_te_encoder_layers_2_mlp_fc1.alpha": t,
+        "lora_te_text_model_encoder_layers_2_mlp_fc1.alpha": t,  # both spellings: keep both
+        "lora_unet_mid_block_attentions_0_proj_in.alpha": t,
+    }
+    restored, renamed = restore_text_model_names(tensors)
+    assert sorted(restored) == sorted(
+        [
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha",
+            "lora_te2_text_model_encoder_layers_1_mlp_fc2.alpha",
+            "lora_te_encoder_layers_2_mlp_fc1.alpha",
+            "lora_te_text_model_encoder_layers_2_mlp_fc1.alpha",
+            "lora_unet_mid_block_attentions_0_proj_in.alpha",
+        ]
+    )
+    assert renamed == ("lora_te2_encoder_layers_1_mlp_fc2", "lora_te_encoder_layers_0_mlp_fc1")
