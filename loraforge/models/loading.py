@@ -17,11 +17,15 @@ from loraforge.models.families import (
     FAMILIES,
     architecture_config_dir,
     detect_family_from_configs,
-    detect_family_from_keys,
     family_spec,
     resolve_family,
 )
-from loraforge.models.single_file import embedded_configs, materialise_config_dir, read_checkpoint
+from loraforge.models.single_file import (
+    detect_checkpoint_family,
+    embedded_configs,
+    materialise_config_dir,
+    read_checkpoint,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +55,8 @@ class LoadedModel:
         tokenizers: one ``CLIPTokenizer`` per text encoder.
         noise_scheduler: a ``DDPMScheduler`` for training (prediction type set from the family).
         v_prediction: whether the model predicts v.
+        prediction_known: whether the model or the recipe said epsilon or v (an SD 2.x single
+            file without a marker says neither; it is then taken as epsilon, ``sd2``).
         source: what was loaded (path or hub id), for messages.
         model_identity: changes whenever the base model's weights change (path, size, mtime);
             for cache invalidation.
@@ -64,6 +70,7 @@ class LoadedModel:
     tokenizers: tuple[Any, ...]
     noise_scheduler: Any
     v_prediction: bool
+    prediction_known: bool
     source: str
     model_identity: str
     vae_identity: str
@@ -122,6 +129,7 @@ def load_model(
         tokenizers=tuple(parts["tokenizers"]),
         noise_scheduler=make_noise_scheduler(parts["family"], parts.get("scheduler_config")),
         v_prediction=family_spec(parts["family"]).v_prediction,
+        prediction_known=parts["prediction_known"],
         source=str(base),
         model_identity=parts["identity"],
         vae_identity=vae_identity,
@@ -171,6 +179,7 @@ def _load_folder(
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else None
     detection = detect_family_from_configs(model_index, unet_config, scheduler_config)
     family = resolve_family(requested, detection, source=source)
+    prediction_known = detection.prediction_known or requested != "auto"
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
@@ -184,6 +193,7 @@ def _load_folder(
         "text_encoders": encoders,
         "tokenizers": tokenizers,
         "scheduler_config": scheduler_config,
+        "prediction_known": prediction_known,
         "identity": weights_identity(folder),
     }
 
@@ -206,7 +216,7 @@ def _load_single_file(
 ) -> dict[str, Any]:
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     embedded = embedded_configs(metadata)
-    detection = detect_family_from_keys(state, source=str(path))
+    detection = detect_checkpoint_family(state, embedded, source=str(path))
     family = resolve_family(requested, detection, source=str(path))
     with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
         if embedded is not None:
@@ -217,6 +227,7 @@ def _load_single_file(
         scheduler_path = config_dir / "scheduler" / "scheduler_config.json"
         parts["scheduler_config"] = _read_json(scheduler_path) if scheduler_path.is_file() else None
     parts["family"] = family
+    parts["prediction_known"] = detection.prediction_known or requested != "auto"
     parts["identity"] = weights_identity(path)
     return parts
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError
+from loraforge.models.families import Detection, detect_family_from_keys
 from loraforge.models.naming import canonical_clip_path
 from loraforge.models.sgm import UNetLayout, sgm_unet_path
 
@@ -107,6 +108,19 @@ def embedded_configs(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     except json.JSONDecodeError as e:
         raise ModelError(f"checkpoint metadata {EMBEDDED_CONFIG_KEY} is not valid JSON") from e
     return data
+
+
+def detect_checkpoint_family(
+    state: Mapping[str, Any], embedded: Mapping[str, Any] | None, *, source: str
+) -> Detection:
+    """The family of an original-layout checkpoint: its keys, and for a file loraforge wrote
+    (``embedded`` configs) the family it was written as, which also says epsilon or v for SD 2.x.
+    """
+    detection = detect_family_from_keys(state, source=source)
+    written_as = embedded.get("family") if embedded is not None else None
+    if written_as in ("sd2", "sd2-v") and detection.family in ("sd2", "sd2-v"):
+        return Detection(written_as, True, f"{detection.evidence}, written as {written_as}")
+    return detection
 
 
 def materialise_config_dir(embedded: Mapping[str, Any], out_dir: Path) -> Path:

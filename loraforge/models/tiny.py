@@ -1,9 +1,9 @@
-"""Built-in tiny SD1- and SDXL-architecture models for tests and the demo presets.
+"""Built-in tiny SD1-, SD2- and SDXL-architecture models for tests and the demo presets.
 
 Each tiny model is the real architecture config (shipped under ``configs/``) with small widths:
 the same block types, level layout, layers per block, cross-attention, linear/conv projections,
-text-time embedding, two text encoders with a projection, VAE down-sampling factor 8 and 77-token
-text encoders. Weights are random but seeded, so the same ``seed`` writes the same model. A
+text-time embedding, two text encoders with a projection (SDXL), the GELU OpenCLIP-style text
+encoder and v-prediction scheduler (SD2), VAE down-sampling factor 8 and 77-token text encoders. Weights are random but seeded, so the same ``seed`` writes the same model. A
 training step (forward + backward) takes a few tens of milliseconds on a CPU.
 """
 
@@ -17,9 +17,9 @@ from typing import Any, Literal
 from loraforge.models.configs import architecture_config_dir
 from loraforge.models.tiny_tokenizer import tiny_vocab, write_tiny_tokenizer
 
-TinyFamily = Literal["sd1", "sdxl"]
+TinyFamily = Literal["sd1", "sd2", "sd2-v", "sdxl"]
 
-_TINY_FAMILIES = ("sd1", "sdxl")
+_TINY_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 _TINY_VAE = {
     "block_out_channels": [16, 16, 32, 32],  # four levels: the real factor-8 down-sampling
@@ -31,6 +31,13 @@ _TINY_UNET = {
     "sd1": {
         "block_out_channels": [32, 32, 64, 64],
         "attention_head_dim": 2,
+        "cross_attention_dim": 32,
+        "norm_num_groups": 16,
+        "sample_size": 8,
+    },
+    "sd2": {  # the real config's linear projections and per-level head counts, narrower
+        "block_out_channels": [32, 32, 64, 64],
+        "attention_head_dim": [1, 1, 2, 2],
         "cross_attention_dim": 32,
         "norm_num_groups": 16,
         "sample_size": 8,
@@ -72,7 +79,7 @@ def tiny_component_configs(family: TinyFamily) -> dict[str, dict[str, Any]]:
         ValueError: for a family without a tiny model.
     """
     if family not in _TINY_FAMILIES:
-        raise ValueError(f"no tiny model for family {family!r}; use 'sd1' or 'sdxl'")
+        raise ValueError(f"no tiny model for family {family!r}; use one of {_TINY_FAMILIES}")
     src = architecture_config_dir(family)
     vocab = tiny_vocab()
     ids = {
@@ -84,7 +91,7 @@ def tiny_component_configs(family: TinyFamily) -> dict[str, dict[str, Any]]:
     configs: dict[str, dict[str, Any]] = {
         "model_index": _read(src, "model_index.json"),
         "scheduler": _read(src, "scheduler/scheduler_config.json"),
-        "unet": {**_read(src, "unet/config.json"), **_TINY_UNET[family]},
+        "unet": {**_read(src, "unet/config.json"), **_TINY_UNET[family.removesuffix("-v")]},
         "vae": {**_read(src, "vae/config.json"), **_TINY_VAE},
     }
     encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
@@ -142,9 +149,8 @@ def write_tiny_model(family: TinyFamily, out_dir: Path, *, seed: int = 0) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, module in components.items():
         module.save_pretrained(out_dir / name, safe_serialization=True)
-    write_tiny_tokenizer(out_dir / "tokenizer")
-    if family == "sdxl":
-        write_tiny_tokenizer(out_dir / "tokenizer_2", pad_token="!")
+    for name, pad in _tokenizer_pads(family).items():
+        write_tiny_tokenizer(out_dir / name, pad_token=pad)
     (out_dir / "scheduler").mkdir(exist_ok=True)
     _write_json(out_dir / "scheduler" / "scheduler_config.json", configs["scheduler"])
     _write_json(out_dir / "model_index.json", configs["model_index"])
@@ -185,15 +191,19 @@ def _tokenizer_files(family: TinyFamily) -> dict[str, dict[str, str]]:
     """``{tokenizer folder: {file name: text}}`` of the tiny tokenizer(s)."""
     import tempfile
 
-    names = {"tokenizer": "<|endoftext|>"}
-    if family == "sdxl":
-        names["tokenizer_2"] = "!"
     files: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, pad in names.items():
+        for name, pad in _tokenizer_pads(family).items():
             folder = write_tiny_tokenizer(Path(tmp) / name, pad_token=pad)
             files[name] = {p.name: p.read_text("utf-8") for p in folder.iterdir()}
     return files
+
+
+def _tokenizer_pads(family: TinyFamily) -> dict[str, str]:
+    """``{tokenizer folder: pad token}``: the OpenCLIP tokenizers (SD2, SDXL's second) pad with "!"."""
+    if family == "sdxl":
+        return {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
+    return {"tokenizer": "!" if family.startswith("sd2") else "<|endoftext|>"}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -98,18 +98,18 @@ def _load_diffusers(path: Path) -> BaseWeights:
 
 def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
     from loraforge.models.configs import architecture_config_dir
-    from loraforge.models.families import detect_family_from_keys
-    from loraforge.models.single_file import embedded_configs, read_checkpoint
+    from loraforge.models.single_file import (
+        detect_checkpoint_family,
+        embedded_configs,
+        read_checkpoint,
+    )
 
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     embedded = embedded_configs(metadata)
-    detection = detect_family_from_keys(state, source=str(path))
-    if embedded is not None and embedded.get("family") in ("sd2", "sd2-v"):
-        detection_family = embedded["family"]
-    else:
-        detection_family = detection.family
+    detection = detect_checkpoint_family(state, embedded, source=str(path))
+    detection_family = detection.family
     family = "sd2" if detection_family == "sd2-v" else detection_family
-    v_pred = (detection_family == "sd2-v") if detection.prediction_known or embedded else None
+    v_pred = (detection_family == "sd2-v") if detection.prediction_known else None
     if embedded is not None:
         unet_config = embedded["configs"]["unet"]
     else:

@@ -244,6 +244,12 @@ def setup_run(
     precision = resolve_precision(t, recipe.output.save_precision)
     check_precision_on_device(precision, device)
     model = load_base_model(recipe)
+    if not model.prediction_known and t.v_parameterization is None and accelerator.is_main_process:
+        warn(
+            f"{model.source} is an SD 2.x checkpoint that does not say whether it predicts "
+            "epsilon or v; training it as epsilon (the 512 base models). For 768-v models set "
+            "model.family: sd2-v"
+        )
     settings = run_settings(
         recipe, family=model.family, family_v_prediction=model.v_prediction, length=length
     )

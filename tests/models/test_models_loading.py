@@ -18,6 +18,7 @@ from loraforge.models.families import (
     resolve_family,
 )
 from loraforge.models.loading import load_model
+from loraforge.models.single_file import detect_checkpoint_family
 from loraforge.models.tiny import build_tiny_components
 
 
@@ -26,15 +27,16 @@ def _same_weights(module: torch.nn.Module, reference: torch.nn.Module) -> bool:
     return got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl"])
 @pytest.mark.parametrize("kind", ["dir", "file"])
 def test_tiny_models_load_with_the_weights_written(family, kind, request) -> None:
-    base = request.getfixturevalue(f"tiny_{family}_{kind}")
+    base = request.getfixturevalue(f"tiny_{family.replace('-', '')}_{kind}")
     model = load_model(str(base))
     reference = build_tiny_components(family, seed=0)
     assert model.family == family
-    assert model.v_prediction is False
-    assert model.noise_scheduler.config.prediction_type == "epsilon"
+    assert model.v_prediction is (family == "sd2-v") and model.prediction_known
+    prediction = "v_prediction" if family == "sd2-v" else "epsilon"
+    assert model.noise_scheduler.config.prediction_type == prediction
     assert type(model.noise_scheduler).__name__ == "DDPMScheduler"
     assert _same_weights(model.unet, reference["unet"])
     assert _same_weights(model.vae, reference["vae"])
@@ -187,6 +189,19 @@ def test_detect_from_keys() -> None:
     assert detect_family_from_keys(unet_only).family == "sd1"
     with pytest.raises(ModelError, match="refiner"):
         detect_family_from_keys({"conditioner.embedders.0.model.text_projection": torch.zeros(1)})
+
+
+def test_checkpoint_written_by_loraforge_says_epsilon_or_v(tiny_sd2v_file) -> None:
+    sd2 = {"cond_stage_model.model.token_embedding.weight": torch.zeros(1)}
+    unmarked = detect_checkpoint_family(sd2, None, source="x")
+    assert (unmarked.family, unmarked.prediction_known) == ("sd2", False)
+    for written_as in ("sd2", "sd2-v"):
+        found = detect_checkpoint_family(sd2, {"family": written_as}, source="x")
+        assert (found.family, found.prediction_known) == (written_as, True)
+    sdxl = {"conditioner.embedders.1.model.positional_embedding": torch.zeros(1)}
+    assert detect_checkpoint_family(sdxl, {"family": "sd2-v"}, source="x").family == "sdxl"
+    with pytest.raises(ModelError, match=r"says model\.family sd2 but the model is sd2-v"):
+        load_model(str(tiny_sd2v_file), family="sd2")
 
 
 def test_resolve_family_trusts_the_recipe_on_unknown_prediction() -> None:

@@ -176,7 +176,7 @@ def test_unknown_paths_and_families_are_errors() -> None:
 
 
 @pytest.mark.parametrize("conv", [False, True])
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_tiny_model_targets_have_unique_invertible_names(family: str, conv: bool) -> None:
     from loraforge.models.tiny import build_tiny_components
 
@@ -192,7 +192,11 @@ def test_tiny_model_targets_have_unique_invertible_names(family: str, conv: bool
         component, index, path = module_path_for_lora_name(family, name, unet_paths, te_paths)
         root = parts["unet"] if component == "unet" else encoders[index]
         assert root.get_submodule(path) is module, name
-    prefixes = {"sd1": ("lora_unet_", "lora_te_"), "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_")}
+    prefixes = {
+        "sd1": ("lora_unet_", "lora_te_"),
+        "sd2": ("lora_unet_", "lora_te_"),
+        "sdxl": ("lora_unet_", "lora_te1_", "lora_te2_"),
+    }
     assert all(n.startswith(prefixes[family]) for n in targets)
     if family == "sdxl":
         assert any(n.startswith("lora_te2_text_model_encoder_layers_") for n in targets)

@@ -190,3 +190,27 @@ def test_ctrl_c_saves_a_state_and_resume_auto_finishes(write_recipe, tmp_path) -
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resuming from" in finished.stderr and (out / "t.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("training", "warned"), [({}, True), ({"v_parameterization": False}, False)]
+)
+def test_sd2_checkpoint_of_unknown_prediction_type_is_named(
+    write_recipe, monkeypatch, capsys, training, warned
+) -> None:
+    # An SD 2.x single file without a v_pred marker says neither epsilon nor v.
+    import dataclasses
+
+    import loraforge.training.setup as setup
+
+    real = setup.load_base_model
+    monkeypatch.setattr(
+        setup,
+        "load_base_model",
+        lambda recipe: dataclasses.replace(real(recipe), prediction_known=False),
+    )
+    recipe = write_recipe({"training": {"max_train_steps": 1, **training}})
+    assert cli("train", str(recipe)) == 0
+    stderr = stderr_of(capsys)
+    assert ("does not say whether it predicts epsilon or v" in stderr) is warned
+    assert ("model.family: sd2-v" in stderr) is warned

@@ -49,6 +49,12 @@ def sdxl_file(tmp_path_factory, make_recipe, tiny_sdxl_dir) -> Path:
     return _train(tmp_path_factory.mktemp("sdxl"), make_recipe, tiny_sdxl_dir)
 
 
+@pytest.fixture(scope="module")
+def sd2v_file(tmp_path_factory, make_recipe, tiny_sd2v_file) -> Path:
+    # trained from the single-file checkpoint: loading, v-prediction and naming end to end
+    return _train(tmp_path_factory.mktemp("sd2v"), make_recipe, tiny_sd2v_file)
+
+
 def _is_target_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (
         isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
@@ -177,6 +183,22 @@ def test_sdxl_file_loads_in_diffusers_and_equals_the_merged_weights(
     sdxl_file, tiny_sdxl_dir
 ) -> None:
     _check(tiny_sdxl_dir, sdxl_file, sdxl=True)
+
+
+def test_sd2v_file_loads_in_diffusers_and_equals_the_merged_weights(
+    sd2v_file, tiny_sd2v_dir
+) -> None:
+    _check(tiny_sd2v_dir, sd2v_file, sdxl=False)
+
+
+def test_sd2v_metadata_says_v_prediction(sd2v_file) -> None:
+    from loraforge.ops.lora_file import read_lora_file
+
+    meta = read_lora_file(sd2v_file).metadata
+    assert (meta["ss_v2"], meta["ss_base_model_version"]) == ("True", "sd_v2_v")
+    assert meta["ss_sd_model_name"] == "tiny-sd2v.safetensors"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v2-768-v")
 
 
 def test_file_metadata_is_sd_scripts_like(sd1_file) -> None:
