@@ -20,6 +20,7 @@ from loraforge.models.families import (
     family_spec,
     resolve_family,
 )
+from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.single_file import (
     detect_checkpoint_family,
     embedded_configs,
@@ -104,20 +105,23 @@ def load_model(
     if family != "auto" and family not in FAMILIES:
         raise ModelError(f"unknown model family {family!r}", hint=f"use auto or one of {FAMILIES}")
     path = Path(base).expanduser()
-    if path.is_dir():
-        parts = _load_folder(path, family, dtype)
-    elif path.is_file():
-        parts = _load_single_file(path, family, dtype, allow_pickle)
-    elif _HUB_ID.match(base) and not base.startswith((".", "/")):
-        parts = _load_folder(_download(base), family, dtype, source=base)
-    else:
+    if not path.exists() and _HUB_ID.match(base) and not base.startswith((".", "/")):
+        path = _download(base)  # with the hub's download bars
+    elif not path.exists():
         raise ModelError(
             f"model not found: {base}",
             hint="set model.base to a diffusers folder, a .safetensors checkpoint or a hub id",
         )
-    vae_identity = parts["identity"]
-    if vae is not None:
-        parts["vae"], vae_identity = load_vae(vae, parts["vae"], dtype, allow_pickle=allow_pickle)
+    with no_hf_progress_bars():
+        if path.is_dir():
+            parts = _load_folder(path, family, dtype, source=base)
+        else:
+            parts = _load_single_file(path, family, dtype, allow_pickle)
+        vae_identity = parts["identity"]
+        if vae is not None:
+            parts["vae"], vae_identity = load_vae(
+                vae, parts["vae"], dtype, allow_pickle=allow_pickle
+            )
     for module in (parts["unet"], parts["vae"], *parts["text_encoders"]):
         module.requires_grad_(False)
         module.eval()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraforge.models.configs import architecture_config_dir
+from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.tiny_tokenizer import tiny_vocab, write_tiny_tokenizer
 
 TinyFamily = Literal["sd1", "sd2", "sd2-v", "sdxl"]
@@ -147,8 +148,9 @@ def write_tiny_model(family: TinyFamily, out_dir: Path, *, seed: int = 0) -> Pat
     configs = tiny_component_configs(family)
     components = build_tiny_components(family, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, module in components.items():
-        module.save_pretrained(out_dir / name, safe_serialization=True)
+    with no_hf_progress_bars():
+        for name, module in components.items():
+            module.save_pretrained(out_dir / name, safe_serialization=True)
     for name, pad in _tokenizer_pads(family).items():
         write_tiny_tokenizer(out_dir / name, pad_token=pad)
     (out_dir / "scheduler").mkdir(exist_ok=True)

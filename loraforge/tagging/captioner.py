@@ -141,9 +141,12 @@ def _load(folder: Path) -> tuple[Any, Any]:
         getattr(transformers, "AutoModelForImageTextToText", None)
         or transformers.AutoModelForVision2Seq
     )
+    from loraforge.models.quiet import no_hf_progress_bars
+
     try:
-        processor = transformers.AutoProcessor.from_pretrained(str(folder))
-        model = auto_model.from_pretrained(str(folder), use_safetensors=True)
+        with no_hf_progress_bars():
+            processor = transformers.AutoProcessor.from_pretrained(str(folder))
+            model = auto_model.from_pretrained(str(folder), use_safetensors=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(
             f"{folder}: transformers cannot load an image-to-text model and processor "

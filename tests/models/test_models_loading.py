@@ -243,3 +243,18 @@ def test_architecture_config_dir_unknown_family() -> None:
     with pytest.raises(ValueError, match="family"):
         architecture_config_dir("sd3")
     assert isinstance(architecture_config_dir("sd1"), Path)
+
+
+def test_loading_draws_no_library_progress_bars(tiny_sd1_dir, capfd) -> None:
+    import warnings
+
+    from transformers.utils import logging as transformers_logging
+
+    with warnings.catch_warnings():  # conftest sets HF_HUB_DISABLE_PROGRESS_BARS; the hub warns
+        warnings.simplefilter("ignore")
+        transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_model(str(tiny_sd1_dir))
+    captured = capfd.readouterr()
+    assert "Loading" not in captured.err + captured.out
+    assert transformers_logging.is_progress_bar_enabled()  # restored afterwards
