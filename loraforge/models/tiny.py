@@ -3,8 +3,9 @@
 Each tiny model is the real architecture config (shipped under ``configs/``) with small widths:
 the same block types, level layout, layers per block, cross-attention, linear/conv projections,
 text-time embedding, two text encoders with a projection (SDXL), the GELU OpenCLIP-style text
-encoder and v-prediction scheduler (SD2), VAE down-sampling factor 8 and 77-token text encoders. Weights are random but seeded, so the same ``seed`` writes the same model. A
-training step (forward + backward) takes a few tens of milliseconds on a CPU.
+encoder and v-prediction scheduler (SD2), VAE down-sampling factor 8 and 77-token text encoders.
+Weights are random but seeded, so the same ``seed`` writes the same model. A training step
+(forward + backward) takes a few tens of milliseconds on a CPU.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def _tokenizer_files(family: TinyFamily) -> dict[str, dict[str, str]]:
 
 
 def _tokenizer_pads(family: TinyFamily) -> dict[str, str]:
-    """``{tokenizer folder: pad token}``: the OpenCLIP tokenizers (SD2, SDXL's second) pad with "!"."""
+    """``{tokenizer folder: pad token}``: OpenCLIP tokenizers (SD2, SDXL's second) pad with "!"."""
     if family == "sdxl":
         return {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
     return {"tokenizer": "!" if family.startswith("sd2") else "<|endoftext|>"}

@@ -43,7 +43,8 @@ ALGORITHM_TENSORS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 COMMON_TENSORS = frozenset({"alpha", "dora_scale"})
 
 #: text-encoder module names without CLIPTextModel's ``text_model`` part, as a plain
-#: ``named_modules()`` walk writes them under transformers >= 5 (lycoris-lora does); no UI loads them.
+#: ``named_modules()`` walk writes them under transformers >= 5 (lycoris-lora does);
+#: no UI loads them.
 TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_encoder_layers_")
 
 #: every algorithm name this module reports (``locon``/``boft``/``dora`` are refinements).
