@@ -112,9 +112,11 @@ def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:
     if recipe.network.weights:
         from loraforge.errors import LoraFileError
         from loraforge.ops.lora_file import read_lora_file
+        from loraforge.ops.modules import restore_text_model_names
 
         loaded = read_lora_file(recipe.network.weights)
-        result = network.load_weights(loaded.tensors, strict=False)
+        tensors, _ = restore_text_model_names(loaded.tensors)  # lycoris-lora's flat TE names
+        result = network.load_weights(tensors, strict=False)
         total = len(list(network.children()))
         if len(result.missing) == total:
             raise LoraFileError(

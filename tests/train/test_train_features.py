@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loraforge.console import err
 from loraforge.recipe import load_recipe
@@ -175,3 +175,20 @@ def test_network_weights_continue_from_an_existing_lora(write_recipe, tmp_path) 
     for key in trained:
         torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
     assert any(float(t.abs().sum()) > 0 for k, t in trained.items() if "lora_up" in k)
+    assert any(float(t.abs().sum()) > 0 for k, t in trained.items() if k.startswith("lora_te_"))
+
+    # the same file with lycoris-lora's transformers-5 text-encoder names continues the same way
+    flat = {k.replace("lora_te_text_model_", "lora_te_"): t for k, t in trained.items()}
+    save_file(flat, str(tmp_path / "flat.safetensors"))
+    again_flat = write_recipe(
+        {
+            "network": {"weights": str(tmp_path / "flat.safetensors")},
+            "training": {"max_train_steps": 1, "learning_rate": 1e-12},
+        },
+        name="c.yaml",
+        out=tmp_path / "c",
+    )
+    continued = load_file(str(run_training(load_recipe(again_flat)).final_path))
+    assert continued.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
