@@ -161,34 +161,23 @@ def test_network_weights_continue_from_an_existing_lora(write_recipe, tmp_path) 
         )
     )
     trained = load_file(str(first.final_path))
-    # continue with a learning rate that cannot move the weights: the file comes back out
-    again = write_recipe(
-        {
-            "network": {"weights": str(first.final_path)},
-            "training": {"max_train_steps": 1, "learning_rate": 1e-12},
-        },
-        name="b.yaml",
-        out=tmp_path / "b",
-    )
-    continued = load_file(str(run_training(load_recipe(again)).final_path))
-    assert continued.keys() == trained.keys()
-    for key in trained:
-        torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
     assert any(float(t.abs().sum()) > 0 for k, t in trained.items() if "lora_up" in k)
     assert any(float(t.abs().sum()) > 0 for k, t in trained.items() if k.startswith("lora_te_"))
-
     # the same file with lycoris-lora's transformers-5 text-encoder names continues the same way
-    flat = {k.replace("lora_te_text_model_", "lora_te_"): t for k, t in trained.items()}
-    save_file(flat, str(tmp_path / "flat.safetensors"))
-    again_flat = write_recipe(
-        {
-            "network": {"weights": str(tmp_path / "flat.safetensors")},
-            "training": {"max_train_steps": 1, "learning_rate": 1e-12},
-        },
-        name="c.yaml",
-        out=tmp_path / "c",
-    )
-    continued = load_file(str(run_training(load_recipe(again_flat)).final_path))
-    assert continued.keys() == trained.keys()
-    for key in trained:
-        torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
+    flat = tmp_path / "flat.safetensors"
+    save_file({k.replace("lora_te_text_model_", "lora_te_"): t for k, t in trained.items()}, flat)
+
+    for weights in (first.final_path, flat):
+        # continue with a learning rate that cannot move the weights: the file comes back out
+        again = write_recipe(
+            {
+                "network": {"weights": str(weights)},
+                "training": {"max_train_steps": 1, "learning_rate": 1e-12},
+            },
+            name=f"{weights.stem}.yaml",
+            out=tmp_path / f"from-{weights.stem}",
+        )
+        continued = load_file(str(run_training(load_recipe(again)).final_path))
+        assert continued.keys() == trained.keys()
+        for key in trained:
+            torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
