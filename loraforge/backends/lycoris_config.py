@@ -85,12 +85,23 @@ class LycorisOptions:
     module_kwargs: dict[str, Any]
 
 
+# Fields an algorithm has no use for: setting them is refused rather than silently ignored
+# (IA3 and full have no rank; OFT's strength is args.constraint, not an alpha).
+_UNUSED_FIELDS = {
+    "ia3": ("conv_dim", "conv_alpha"),
+    "full": ("conv_dim", "conv_alpha"),
+    "diag-oft": ("conv_alpha",),
+    "boft": ("conv_alpha",),
+}
+
+
 def check_config(config: NetworkConfig) -> None:
     """Refuse what the LyCORIS backend cannot do, naming the field and the algorithm.
 
     Raises:
-        RecipeError: an algorithm lycoris-lora does not have, an argument the algorithm does
-            not take, a kohya-only field, or DyLoRA ranks that are not a multiple of its block.
+        RecipeError: an algorithm lycoris-lora does not have, an argument or field the
+            algorithm does not use, a kohya-only field, or DyLoRA ranks that are not a multiple
+            of its block.
     """
     if config.algorithm not in ALGORITHM_ARGS:
         raise RecipeError(
@@ -104,6 +115,12 @@ def check_config(config: NetworkConfig) -> None:
                 f'network.args.{key}: algorithm "{config.algorithm}" (lycoris backend) '
                 f'does not take "{key}"',
                 hint=f"arguments it takes: {', '.join(sorted(takes))}",
+            )
+    for name in _UNUSED_FIELDS.get(config.algorithm, ()):
+        if getattr(config, name) is not None:
+            raise RecipeError(
+                f"network.{name}: algorithm {config.algorithm!r} does not use it",
+                hint=f"remove network.{name}",
             )
     for name in PER_BLOCK_FIELDS:
         if getattr(config, name) is not None:

@@ -220,7 +220,7 @@ def _load(
     items = []
     for path, ratio in specs:
         loaded = load_input(path, allow_pickle)
-        items.append((loaded, WeightedLora(loaded.parsed, ratio, loaded.family, loaded.kohya_oft)))
+        items.append((loaded, WeightedLora(loaded.parsed, ratio, loaded.family)))
     return items
 
 

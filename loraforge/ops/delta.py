@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from loraforge.ops.modules import LoraModule
+from loraforge.ops.modules import LoraModule, glora_old_layout
 
 ADDITIVE_ALGORITHMS = ("lora", "loha", "lokr", "full")
 
@@ -157,8 +157,6 @@ def apply_module(
     m: LoraModule,
     weight: torch.Tensor,
     ratio: float = 1.0,
-    *,
-    kohya_oft: bool = False,
 ) -> torch.Tensor:
     """``W'`` for ``weight`` with ``m`` applied at ``ratio``; every supported algorithm.
 
@@ -166,8 +164,6 @@ def apply_module(
         m: the module.
         weight: the layer weight (computed in its dtype: pass float32/float64).
         ratio: the strength; may be negative.
-        kohya_oft: default False; the file is sd-scripts' own OFT (``networks.oft``), whose
-            constraint is ``alpha · out_dim``.
 
     Raises:
         ValueError: the module does not fit ``weight``.
@@ -181,7 +177,7 @@ def apply_module(
     elif m.algorithm == "glora":
         delta = _glora(t, w) * m.scale
     else:
-        delta = _oft(m, t, w, kohya_oft) - w
+        delta = _oft(m, t, w) - w
     if m.dora:
         delta = _weight_decompose(w, delta, t["dora_scale"]) - w
     return w + ratio * delta
@@ -199,17 +195,19 @@ def _glora(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     a1, a2, b1, b2 = (
         t[k].flatten(start_dim=1) for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
     )
-    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
-    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
-    if old and new and not (a2.shape[0] == w.shape[0] == w.shape[1]):
-        old = False
-    if old:
+    if glora_old_layout(t):
         return (b2 @ b1 + (w.flatten(start_dim=1) @ a2) @ a1).reshape(w.shape)
     if w.dim() > 2:
         wa = torch.einsum("oi...,ij->oj...", torch.einsum("oi...,ij->oj...", w, a1), a2)
     else:
         wa = w @ a1 @ a2
     return wa + (b1 @ b2).reshape(w.shape)
+
+
+def _constraint(alpha: float | None, w: torch.Tensor) -> float | None:
+    # The file's alpha is the constraint per output channel: sd-scripts' OFT and lycoris-lora's
+    # diag-oft/BOFT both train with alpha * out_dim. (ComfyUI reads plain alpha, A1111 none.)
+    return None if alpha is None else alpha * w.shape[0]
 
 
 def _cayley(blocks: torch.Tensor, constraint: float | None) -> torch.Tensor:
@@ -222,13 +220,12 @@ def _cayley(blocks: torch.Tensor, constraint: float | None) -> torch.Tensor:
     return (eye + q) @ torch.linalg.inv(eye - q)
 
 
-def _oft(m: LoraModule, t: dict[str, torch.Tensor], w: torch.Tensor, kohya: bool) -> torch.Tensor:
+def _oft(m: LoraModule, t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     blocks = t["oft_blocks"]
     alpha = m.alpha
     if blocks.dim() == 4:
         return _boft(blocks, alpha, t.get("rescale"), w)
-    constraint = alpha * w.shape[0] if (kohya and alpha is not None) else alpha
-    r = _cayley(blocks, constraint)
+    r = _cayley(blocks, _constraint(alpha, w))
     num, size = blocks.shape[0], blocks.shape[1]
     if num * size != w.shape[0]:
         raise ValueError(
@@ -245,7 +242,7 @@ def _boft(
     blocks: torch.Tensor, alpha: float | None, rescale: torch.Tensor | None, w: torch.Tensor
 ) -> torch.Tensor:
     # Butterfly OFT as ComfyUI applies it: m stages of block rotations between permutations.
-    r = _cayley(blocks, alpha)
+    r = _cayley(blocks, _constraint(alpha, w))
     stages, _, size = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     half = size // 2
     x = w

@@ -36,11 +36,6 @@ class LoadedLora:
         """Tensors that belong to no module (copied through by resize)."""
         return {k: self.tensors[k] for k in self.parsed.stray_keys if k in self.tensors}
 
-    @property
-    def kohya_oft(self) -> bool:
-        """sd-scripts' own OFT (its constraint is scaled by the layer width)."""
-        return self.file.metadata.get("ss_network_module") == "networks.oft"
-
 
 def load_lora(
     path: Path | str, *, allow_pickle: bool = False, require_valid: bool = True

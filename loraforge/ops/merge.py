@@ -37,16 +37,11 @@ from loraforge.ops.svd import Svd, check_param, choose_rank, svd_dense, svd_of_p
 
 @dataclass(frozen=True)
 class WeightedLora:
-    """One input: a parsed LoRA, its ratio and what it was detected as.
-
-    Attributes:
-        kohya_oft: the file is sd-scripts' OFT (``ss_network_module = networks.oft``).
-    """
+    """One input: a parsed LoRA, its ratio and what it was detected as."""
 
     parsed: ParsedLora
     ratio: float
     family: FamilyGuess | None = None
-    kohya_oft: bool = False
 
 
 @dataclass(frozen=True)
@@ -373,7 +368,7 @@ def _apply_all(
     for module, item, target in entries:
         part = weight if target.rows is None else weight[target.rows[0] : target.rows[1]]
         try:
-            updated = apply_module(module, part, item.ratio, kohya_oft=item.kohya_oft)
+            updated = apply_module(module, part, item.ratio)
         except (ValueError, RuntimeError) as e:
             raise LoraFileError(
                 f"{item.parsed.label}: module {module.name} does not fit {target.key} "

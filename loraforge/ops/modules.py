@@ -139,12 +139,23 @@ class LoraModule:
         return any(k > 1 for k in self.kernel)
 
 
-def _glora_rank(t: Mapping[str, torch.Tensor]) -> int:
-    # The same format test ComfyUI applies: the "old" layout has a1 (r, …) and b2 (…, r).
+def glora_old_layout(t: Mapping[str, torch.Tensor]) -> bool:
+    """Whether GLoRA tensors use the old layout (``a1`` ``(r, in)``, ``b2`` ``(out, r)``).
+
+    lycoris-lora 2+ writes ``a1`` ``(in, r)``, ``a2`` ``(r, in)``, ``b1`` ``(out, r)``, ``b2``
+    ``(r, in)``. On a square layer both layouts fit the shapes; the rank, the smaller of the two
+    candidate sizes, tells them apart (equal sizes: the current layout).
+    """
     a1, a2, b1, b2 = (t[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
-    if b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]:
-        return int(a1.shape[0])
-    return int(a2.shape[0])
+    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
+    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+    if old and new:
+        return a1.shape[0] < a2.shape[0]
+    return old
+
+
+def _glora_rank(t: Mapping[str, torch.Tensor]) -> int:
+    return int(t["a1.weight"].shape[0] if glora_old_layout(t) else t["a2.weight"].shape[0])
 
 
 @dataclass(frozen=True)

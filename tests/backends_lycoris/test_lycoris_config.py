@@ -72,6 +72,10 @@ def test_an_argument_the_algorithm_does_not_take_names_the_algorithm(
         ({"algorithm": "dylora", "dim": 6}, "network.dim"),
         ({"algorithm": "dylora", "args": {"block_size": 2}, "conv_dim": 3}, "network.conv_dim"),
         ({"args": {"dora_wd": True, "weight_decompose": True}}, "network.args"),
+        ({"algorithm": "ia3", "conv_dim": 4}, "network.conv_dim: algorithm 'ia3' does not use"),
+        ({"algorithm": "full", "conv_alpha": 1.0}, "network.conv_alpha: algorithm 'full'"),
+        ({"algorithm": "diag-oft", "conv_alpha": 1.0}, "network.conv_alpha"),
+        ({"algorithm": "boft", "conv_alpha": 1.0}, "network.conv_alpha"),
     ],
 )
 def test_unsupported_settings_are_refused(overrides: dict, field: str, lyco_config: Any) -> None:
@@ -84,6 +88,7 @@ def test_valid_settings_pass(lyco_config: Any) -> None:
     check_config(lyco_config(algorithm="lokr", args={"factor": 8, "decompose_both": True}))
     check_config(lyco_config(algorithm="dylora", dim=8, args={"unit": 2}))
     check_config(lyco_config(algorithm="locon", loraplus_lr_ratio=16.0))
+    check_config(lyco_config(algorithm="diag-oft", conv_dim=4))  # conv block count
 
 
 def test_options_follow_lycoris_defaults(lyco_config: Any) -> None:

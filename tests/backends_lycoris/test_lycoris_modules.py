@@ -407,3 +407,33 @@ def test_rank_and_module_dropout_act_only_while_training(algorithm: str, lyco_co
     network.eval()
     fixed = {tuple(_outputs(layers)[LIN][0, :4].tolist()) for _ in range(3)}
     assert len(fixed) == 1
+
+
+@pytest.mark.parametrize(("algorithm", "args"), [*ALL, ("boft", {"constraint": 0.1})])
+def test_merging_the_saved_file_equals_the_hooked_forward(
+    algorithm: str, args: dict, lyco_config: Any
+) -> None:
+    """What `loraforge merge --base` does with the saved file is what training computed
+    (the square text-encoder layer makes GLoRA's two tensor layouts look alike)."""
+    from loraforge.ops.delta import apply_module
+    from loraforge.ops.modules import parse_lora
+
+    layers = Layers()
+    network = _network(layers, lyco_config(algorithm=algorithm, args=args, alpha=3))
+    network.apply_to()
+    _randomize(network)
+    network.eval()
+    hooked = _outputs(layers)
+    parsed = parse_lora(network.state_dict_for_save(torch.float32))
+    network.restore()
+    inputs = _inputs()
+    for name, layer in layers.targets().items():
+        weight = apply_module(parsed.modules[name], layer.weight.detach(), 1.0)
+        if isinstance(layer, nn.Conv2d):
+            merged = F.conv2d(inputs[name], weight, layer.bias, padding=layer.padding)
+        else:
+            merged = F.linear(inputs[name], weight, layer.bias)
+        if algorithm == "full":  # the bias difference travels as diff_b
+            diff_b = _module_tensors(network.state_dict_for_save(torch.float32), name)["diff_b"]
+            merged = merged + diff_b.reshape(-1, *[1] * (merged.dim() - 2))
+        torch.testing.assert_close(merged, hooked[name], rtol=1e-4, atol=1e-5)
