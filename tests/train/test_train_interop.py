@@ -23,13 +23,16 @@ from loraforge.training.run import run_training
 pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
 
 UNET_TARGETS = ("Transformer2DModel",)
+UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")  # LoCon adds these
 TEXT_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
-def _train(folder: Path, make_recipe, model: Path) -> Path:
+def _train(folder: Path, make_recipe, model: Path, network: dict | None = None) -> Path:
     path = make_recipe(
         folder,
         {
+            # alpha != dim: a reader that ignores alpha gets a different model
+            "network": network or {"dim": 4, "alpha": 2},
             "training": {"max_train_steps": 3, "learning_rate": 2e-2},
             "output": {"save_precision": "fp16"},
         },
@@ -45,6 +48,12 @@ def sd1_file(tmp_path_factory, make_recipe, tiny_sd1_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
+def sd1_locon_file(tmp_path_factory, make_recipe, tiny_sd1_dir) -> Path:
+    locon = {"algorithm": "locon", "dim": 4, "alpha": 2, "conv_dim": 2, "conv_alpha": 1}
+    return _train(tmp_path_factory.mktemp("sd1-locon"), make_recipe, tiny_sd1_dir, locon)
+
+
+@pytest.fixture(scope="module")
 def sdxl_file(tmp_path_factory, make_recipe, tiny_sdxl_dir) -> Path:
     return _train(tmp_path_factory.mktemp("sdxl"), make_recipe, tiny_sdxl_dir)
 
@@ -55,19 +64,21 @@ def sd2v_file(tmp_path_factory, make_recipe, tiny_sd2v_file) -> Path:
     return _train(tmp_path_factory.mktemp("sd2v"), make_recipe, tiny_sd2v_file)
 
 
-def _is_target_layer(module: nn.Module) -> bool:
+def _is_target_layer(module: nn.Module, conv: bool) -> bool:
     return isinstance(module, nn.Linear) or (
-        isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+        isinstance(module, nn.Conv2d) and (conv or tuple(module.kernel_size) == (1, 1))
     )
 
 
-def _targets(model: nn.Module, classes: tuple[str, ...]) -> dict[str, nn.Module]:
+def _targets(
+    model: nn.Module, classes: tuple[str, ...], conv: bool = False
+) -> dict[str, nn.Module]:
     """diffusers/transformers module path -> layer, for every layer sd-scripts adapts."""
     found = {}
     for path, module in model.named_modules():
         if type(module).__name__ in classes:
             for sub, child in module.named_modules():
-                if sub and _is_target_layer(child):
+                if sub and _is_target_layer(child, conv):
                     found[f"{path}.{sub}"] = child
     return found
 
@@ -97,12 +108,12 @@ def _text_path(path: str) -> str:
 
 
 def _expected(
-    unet: nn.Module, encoders: list[tuple[str, nn.Module]], sdxl: bool
+    unet: nn.Module, encoders: list[tuple[str, nn.Module]], sdxl: bool, locon: bool = False
 ) -> dict[str, nn.Module]:
-    names = {
-        _kohya("lora_unet_", _sgm(p) if sdxl else p): m
-        for p, m in _targets(unet, UNET_TARGETS).items()
-    }
+    unet_layers = _targets(unet, UNET_TARGETS)
+    if locon:
+        unet_layers |= _targets(unet, UNET_CONV_TARGETS, conv=True)
+    names = {_kohya("lora_unet_", _sgm(p) if sdxl else p): m for p, m in unet_layers.items()}
     for prefix, encoder in encoders:
         for p, m in _targets(encoder, TEXT_TARGETS).items():
             names[_kohya(prefix, _text_path(p))] = m
@@ -151,12 +162,12 @@ def _text_out(encoder: nn.Module) -> torch.Tensor:
     return encoder(ids, output_hidden_states=True).hidden_states[-2]
 
 
-def _check(model_dir: Path, file: Path, sdxl: bool) -> None:
+def _check(model_dir: Path, file: Path, sdxl: bool, locon: bool = False) -> None:
     tensors = load_file(str(file))
     loaded = _load_pipeline(model_dir, sdxl)
     base = _load_pipeline(model_dir, sdxl)
     reference = _load_pipeline(model_dir, sdxl)
-    targets = _expected(reference.unet, _encoders(reference, sdxl), sdxl)
+    targets = _expected(reference.unet, _encoders(reference, sdxl), sdxl, locon)
     in_file = {key.split(".", 1)[0] for key in tensors}  # fmt: skip
     assert in_file == set(targets), sorted(in_file ^ set(targets))[:5]
     _merge(tensors, targets)
@@ -185,6 +196,16 @@ def test_sdxl_file_loads_in_diffusers_and_equals_the_merged_weights(
     _check(tiny_sdxl_dir, sdxl_file, sdxl=True)
 
 
+def test_sd1_locon_file_loads_in_diffusers_and_equals_the_merged_weights(
+    sd1_locon_file, tiny_sd1_dir
+) -> None:
+    tensors = load_file(str(sd1_locon_file))
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{conv}.lora_down.weight"].shape[1:] == (32, 3, 3)
+    assert float(tensors[f"{conv}.alpha"]) == 1.0  # conv_alpha, not alpha
+    _check(tiny_sd1_dir, sd1_locon_file, sdxl=False, locon=True)
+
+
 def test_sd2v_file_loads_in_diffusers_and_equals_the_merged_weights(
     sd2v_file, tiny_sd2v_dir
 ) -> None:
@@ -206,7 +227,7 @@ def test_file_metadata_is_sd_scripts_like(sd1_file) -> None:
 
     meta = read_lora_file(sd1_file).metadata
     assert meta["ss_network_module"] == "networks.lora"
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
     assert meta["ss_steps"] == "3" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_dataset_dirs"] == '{"3_lfdemo shape": {"n_repeats": 3, "img_count": 6}}'
     assert len(meta["sshs_model_hash"]) == 64 and "loraforge_recipe" in meta
