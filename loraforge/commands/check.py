@@ -112,8 +112,10 @@ def check_recipe(path: Path, vram: VramRequest | None = None) -> FileReport:
     problems = list(validation.problems)
     estimate = None
     if validation.recipe is not None:
-        problems += backend_problems(validation.recipe, str(path))
-        problems += filesystem_problems(validation.recipe, str(path))
+        found = backend_problems(validation.recipe, str(path))
+        found += filesystem_problems(validation.recipe, str(path))
+        problems += [validation.placed(p) for p in found]
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         if vram is not None:
             estimate, found = vram_problems(validation.recipe, path, vram)
             problems += found
@@ -151,18 +153,36 @@ def backend_problems(recipe: Recipe, source: str) -> list[Problem]:
     try:
         check_network_config(recipe.network)
     except RecipeError as e:
-        return [Problem("error", e.message, "network", source, hint=e.hint)]
+        # The backend's messages start with the field ("network.dropout: …"): use it as the path.
+        field, sep, message = e.message.partition(": ")
+        if not (sep and field.startswith("network.") and " " not in field):
+            field, message = "network", e.message
+        return [Problem("error", message, field, source, hint=e.hint)]
     return []
 
 
 def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """Dataset findings, tagged with the recipe file. Missing or empty folders are warnings:
-    presets point at folders the user still has to fill (``--strict`` fails on them)."""
+    """Dataset and model-file findings, tagged with the recipe file. Missing files and missing or
+    empty folders are warnings: presets point at folders the user still has to fill, and CI
+    checks recipes without their images and models (``--strict`` fails on them)."""
     from dataclasses import replace
 
     from loraforge.data.checks import check_dataset
+    from loraforge.recipe.problems import FIX_PATH_HINT
 
-    return [replace(p, file=source) for p in check_dataset(recipe.dataset, empty="warning")]
+    found = [replace(p, file=source) for p in check_dataset(recipe.dataset, empty="warning")]
+    files = {
+        "model.base": recipe.model.base,
+        "model.vae": recipe.model.vae,
+        "network.weights": recipe.network.weights,
+    }
+    for field, value in files.items():
+        # local paths were made absolute when the recipe was read; hub ids were not
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            found.append(
+                Problem("warning", f"{value} does not exist", field, source, hint=FIX_PATH_HINT)
+            )
+    return found
 
 
 def _render(reports: list[FileReport], fmt: CheckFormat) -> None:

@@ -18,7 +18,7 @@ from loraforge.data.discovery import Discovery, discover
 from loraforge.data.plan import plan_buckets
 from loraforge.data.subsets import subset_path
 from loraforge.errors import DatasetError
-from loraforge.recipe.problems import Problem, Severity
+from loraforge.recipe.problems import FIX_PATH_HINT, Problem, Severity
 from loraforge.recipe.types import DatasetConfig
 
 
@@ -50,7 +50,7 @@ def check_dataset(dataset: DatasetConfig, empty: Severity = "error") -> list[Pro
                 empty,
                 f"{folder} {what}",
                 path=subset_path(index),
-                hint="fix the path (relative paths are relative to the recipe file)",
+                hint=FIX_PATH_HINT,
             )
         )
     if present:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from loraforge.data.images import list_image_files
 from loraforge.errors import DatasetError
+from loraforge.recipe.problems import FIX_PATH_HINT
 from loraforge.recipe.types import DatasetConfig, SubsetConfig
 
 # sd-scripts: int(name.split("_")[0]) for the repeats, "_".join(rest) for the class tokens.
@@ -109,7 +110,7 @@ def resolve_subsets(dataset: DatasetConfig) -> SubsetResolution:
             what = "does not exist" if not folder.exists() else "is not a folder"
             raise DatasetError(
                 f"{subset_path(config_index)}: {folder} {what}",
-                hint="fix the path (relative paths are relative to the recipe file)",
+                hint=FIX_PATH_HINT,
             )
         for folder_dir, name in _image_folders(folder, config_index, warnings):
             repeats = _choose(config.repeats, name.repeats if name else None, 1)

@@ -13,7 +13,7 @@ import yaml
 
 from loraforge.errors import RecipeError
 from loraforge.recipe import types as recipe_types
-from loraforge.recipe.problems import Problem, format_path
+from loraforge.recipe.problems import Problem, format_path, parse_path
 from loraforge.recipe.rules import cross_field_problems
 from loraforge.recipe.schema import as_problems, fill_defaults, schema_problems
 from loraforge.recipe.yaml_marks import ParsedYaml, parse_yaml
@@ -27,6 +27,7 @@ class Validation:
 
     recipe: recipe_types.Recipe | None
     problems: tuple[Problem, ...]
+    parsed: ParsedYaml | None = None  # for placing later findings (dataset, backend) in the file
 
     @property
     def errors(self) -> tuple[Problem, ...]:
@@ -35,6 +36,15 @@ class Validation:
     @property
     def warnings(self) -> tuple[Problem, ...]:
         return tuple(p for p in self.problems if p.severity == "warning")
+
+    def placed(self, problem: Problem) -> Problem:
+        """``problem`` with the line and column of its field (or nearest parent) in the file."""
+        if problem.line is not None or self.parsed is None:
+            return problem
+        mark = self.parsed.mark(parse_path(problem.path))
+        if mark is None:
+            return problem
+        return dataclasses.replace(problem, line=mark[0], column=mark[1])
 
 
 def read_recipe_text(path: Path) -> str:
@@ -123,7 +133,7 @@ def validate_recipe_text(
         problems.append(Problem(severity, message, format_path(path), source, line, column, hint))
     problems.sort(key=lambda p: (p.line or 0, p.column or 0))
     has_errors = any(p.severity == "error" for p in problems)
-    return Validation(None if has_errors else recipe, tuple(problems))
+    return Validation(None if has_errors else recipe, tuple(problems), parsed)
 
 
 def load_recipe(path: Path | str) -> recipe_types.Recipe:

@@ -46,6 +46,21 @@ class Problem:
         }
 
 
+#: the hint for a path in a recipe that does not exist
+FIX_PATH_HINT = "fix the path (relative paths are relative to the recipe file)"
+
+
+def parse_path(text: str) -> tuple[str | int, ...]:
+    """``dataset.subsets[0].dir`` -> ``("dataset", "subsets", 0, "dir")`` (inverse of format_path)."""
+    parts: list[str | int] = []
+    for piece in text.split(".") if text else []:
+        name, *indices = piece.split("[")
+        if name:
+            parts.append(name)
+        parts += [int(index.rstrip("]")) for index in indices]
+    return tuple(parts)
+
+
 def format_path(parts: tuple[object, ...] | list[object]) -> str:
     """``("dataset", "subsets", 0, "dir")`` -> ``dataset.subsets[0].dir``."""
     text = ""

@@ -125,6 +125,39 @@ def test_check_strict_fails_on_warnings(tmp_path: Path) -> None:
     assert run("check", "r.yaml", "--strict", cwd=tmp_path).returncode == 1
 
 
+def test_check_places_dataset_and_backend_findings_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(
+        "model: {base: a/b}\n"
+        "dataset:\n"
+        "  subsets:\n"
+        "    - dir: missing\n"
+        "network: {backend: lycoris, algorithm: loha, dropout: 0.1}\n"
+    )
+    result = run("check", "r.yaml", "--format", "github", cwd=tmp_path)
+    assert result.returncode == 1
+    warning, error = result.stdout.splitlines()  # in file order
+    assert warning.startswith("::warning file=r.yaml,line=4,col=12::dataset.subsets[0].dir:")
+    assert error.startswith("::error file=r.yaml,line=5,col=55::network.dropout: lycoris-lora's")
+
+
+def test_check_warns_about_model_files_that_do_not_exist(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "r.yaml").write_text(
+        "model: {base: ./no.safetensors, vae: /nowhere/vae.safetensors}\n"
+        "dataset: {subsets: [{dir: d}]}\n"
+        "network: {weights: old.safetensors}\n"
+    )
+    result = run("check", "r.yaml", "--format", "json", cwd=tmp_path)
+    problems = json.loads(result.stdout)[0]["problems"]
+    missing = {p["path"]: p["line"] for p in problems if "does not exist" in p["message"]}
+    assert missing == {"model.base": 1, "model.vae": 1, "network.weights": 3}
+    assert result.returncode == 0  # warnings; --strict fails
+    assert run("check", "r.yaml", "--strict", cwd=tmp_path).returncode == 1
+    (tmp_path / "hub.yaml").write_text("model: {base: org/model}\ndataset: {subsets: [{dir: d}]}\n")
+    hub = json.loads(run("check", "hub.yaml", "--format", "json", cwd=tmp_path).stdout)
+    assert not [p for p in hub[0]["problems"] if p["path"].startswith("model")]
+
+
 def test_check_usage_errors_exit_two(tmp_path: Path) -> None:
     missing = run("check", "nope.yaml", cwd=tmp_path)
     assert missing.returncode == 2 and "no such file" in missing.stderr

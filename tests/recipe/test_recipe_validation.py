@@ -164,3 +164,13 @@ def test_the_readme_recipe_example_is_valid() -> None:
     example = readme.split("## A recipe", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
     validation = validate_recipe_text(example)
     assert validation.errors == (), [str(p) for p in validation.errors]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [(), ("model",), ("dataset", "subsets", 0, "dir"), ("training", "optimizer_args", "betas", 1)],
+)
+def test_field_paths_round_trip(parts: tuple) -> None:
+    from loraforge.recipe.problems import format_path, parse_path
+
+    assert parse_path(format_path(parts)) == parts
