@@ -56,8 +56,8 @@ def write_mid_model(folder: Path) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from loraforge.models.clip_tokenizer import write_tiny_tokenizer
     from loraforge.models.tiny import _model_kwargs, tiny_component_configs
-    from loraforge.models.tiny_tokenizer import write_tiny_tokenizer
 
     configs = tiny_component_configs("sd1")
     torch.manual_seed(0)

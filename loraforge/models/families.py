@@ -37,8 +37,6 @@ class FamilySpec:
         v_prediction: trained to predict v rather than noise.
         num_text_encoders: 1, or 2 for SDXL.
         resolution: native training resolution (pixels, square).
-        tokenizer_sources: per tokenizer, ``(hub repo, subfolder)`` used when the model itself
-            carries no tokenizer (single-file checkpoints), as sd-scripts does.
         base_model_version: sd-scripts' ``ss_base_model_version`` value.
     """
 
@@ -46,19 +44,14 @@ class FamilySpec:
     v_prediction: bool
     num_text_encoders: int
     resolution: int
-    tokenizer_sources: tuple[tuple[str, str], ...]
     base_model_version: str
 
 
-_CLIP_L = ("openai/clip-vit-large-patch14", "")
-_SD2_TOKENIZER = ("stabilityai/stable-diffusion-2", "tokenizer")
-_BIG_G = ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", "")
-
 _SPECS = {
-    "sd1": FamilySpec("sd1", False, 1, 512, (_CLIP_L,), "sd_v1"),
-    "sd2": FamilySpec("sd2", False, 1, 512, (_SD2_TOKENIZER,), "sd_v2"),
-    "sd2-v": FamilySpec("sd2-v", True, 1, 768, (_SD2_TOKENIZER,), "sd_v2"),
-    "sdxl": FamilySpec("sdxl", False, 2, 1024, (_CLIP_L, _BIG_G), "sdxl_base_v1-0"),
+    "sd1": FamilySpec("sd1", False, 1, 512, "sd_v1"),
+    "sd2": FamilySpec("sd2", False, 1, 512, "sd_v2"),
+    "sd2-v": FamilySpec("sd2-v", True, 1, 768, "sd_v2"),
+    "sdxl": FamilySpec("sdxl", False, 2, 1024, "sdxl_base_v1-0"),
 }
 
 

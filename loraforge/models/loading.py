@@ -286,24 +286,19 @@ def _quiet_diffusers() -> Iterator[None]:
 
 
 def _tokenizer_for(family: str, index: int, config_dir: Path) -> Any:
-    """The tokenizer from the config folder when it has a vocabulary, else from the hub cache."""
+    """The tokenizer from the config folder; without a vocabulary there (the published configs),
+    OpenAI CLIP's, which loraforge ships, with the folder's pad token."""
     from transformers import CLIPTokenizer
+
+    from loraforge.models.clip_tokenizer import clip_merges, write_clip_tokenizer
 
     folder = config_dir / ("tokenizer" if index == 0 else "tokenizer_2")
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    repo, subfolder = family_spec(family).tokenizer_sources[index]
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(repo, subfolder=subfolder or None)
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"the {family} tokenizer ({repo}) is neither cached nor downloadable ({e})",
-            hint="connect once to download it (it is cached afterwards), or use a diffusers "
-            "folder that includes tokenizer/",
-        ) from e
-    if index == 1 or family in ("sd2", "sd2-v"):
-        tokenizer.pad_token = "!"  # sd-scripts pads OpenCLIP tokenizers with id 0 ("!")
-    return tokenizer
+    specials = _read_json(folder / "special_tokens_map.json")
+    with tempfile.TemporaryDirectory(prefix="loraforge-tokenizer-") as tmp:
+        out = write_clip_tokenizer(Path(tmp), clip_merges(), pad_token=specials["pad_token"])
+        return CLIPTokenizer.from_pretrained(out)
 
 
 def _download(repo_id: str) -> Path:

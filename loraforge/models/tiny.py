@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from loraforge.models.clip_tokenizer import tiny_vocab, write_tiny_tokenizer
 from loraforge.models.configs import architecture_config_dir
 from loraforge.models.quiet import no_hf_progress_bars
-from loraforge.models.tiny_tokenizer import tiny_vocab, write_tiny_tokenizer
 
 TinyFamily = Literal["sd1", "sd2", "sd2-v", "sdxl"]
 

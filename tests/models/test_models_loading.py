@@ -258,3 +258,20 @@ def test_loading_draws_no_library_progress_bars(tiny_sd1_dir, capfd) -> None:
     captured = capfd.readouterr()
     assert "Loading" not in captured.err + captured.out
     assert transformers_logging.is_progress_bar_enabled()  # restored afterwards
+
+
+@pytest.mark.parametrize(
+    ("family", "index", "pad_id"),
+    [("sd1", 0, 49407), ("sd2-v", 0, 0), ("sdxl", 0, 49407), ("sdxl", 1, 0)],
+)
+def test_published_configs_tokenise_offline_with_clips_vocabulary(family, index, pad_id) -> None:
+    # What single-file checkpoints without embedded configs use (no hub, no cache).
+    from loraforge.models.configs import architecture_config_dir
+    from loraforge.models.loading import _tokenizer_for
+
+    tokenizer = _tokenizer_for(family, index, architecture_config_dir(family))
+    assert len(tokenizer) == 49408
+    # OpenAI CLIP's ids for this caption, as published with CLIP
+    assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = tokenizer("a cat", padding="max_length", max_length=77)["input_ids"]
+    assert len(padded) == 77 and padded[-1] == pad_id

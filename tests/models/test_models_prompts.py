@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from loraforge.models.clip_tokenizer import tiny_vocab
 from loraforge.models.prompts import encode_prompts, encode_tokens, sdxl_time_ids, tokenize
-from loraforge.models.tiny_tokenizer import tiny_vocab
 
 VOCAB = tiny_vocab()
 BOS, EOS, BANG = VOCAB["<|startoftext|>"], VOCAB["<|endoftext|>"], VOCAB["!"]

@@ -4,7 +4,7 @@
 component (UNet, VAE, text encoders, scheduler, tokenizer settings), copied from the official
 releases (SD 1.5, SD 2.1-base, SD 2.1 768-v, SDXL base 1.0). They let a single-file checkpoint
 load without network and let the VRAM estimator build full-size models on the meta device.
-The tokenizers' vocabularies are not shipped (see ``loraforge.models.families``).
+The tokenizers take their vocabulary from ``clip/`` (see ``loraforge.models.clip_tokenizer``).
 """
 
 from __future__ import annotations
