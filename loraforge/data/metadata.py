@@ -9,26 +9,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from loraforge.data.discovery import Discovery
 from loraforge.data.plan import BucketPlan
 
 
+def count_tags(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
+    """How many captions contain each tag, the way sd-scripts counts for ``ss_tag_frequency``.
+
+    Args:
+        captions: caption texts, one per image.
+        separator: what separates tags (``,`` for the training metadata, as sd-scripts splits).
+
+    Returns:
+        ``{tag: count}``, tags stripped and lower-cased, most frequent first (ties by tag).
+    """
+    counts: dict[str, int] = {}
+    sep = separator.strip() or separator
+    for caption in captions:
+        for piece in caption.split(sep):
+            tag = piece.strip().lower()
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def tag_frequency(discovery: Discovery) -> dict[str, dict[str, int]]:
-    """sd-scripts' ``ss_tag_frequency`` for the discovered images.
+    """sd-scripts' ``ss_tag_frequency`` for the discovered images (folders of the same name add up).
 
     Unused regularization images are not counted (sd-scripts counts every file of a folder;
     here only images training sees).
     """
-    frequency: dict[str, dict[str, int]] = {}
+    captions: dict[str, list[str]] = {}
     for image in discovery.images:
-        counts = frequency.setdefault(discovery.subsets[image.subset].dir.name, {})
-        for tag in image.caption.split(","):
-            tag = tag.strip().lower()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return frequency
+        captions.setdefault(discovery.subsets[image.subset].dir.name, []).append(image.caption)
+    return {folder: count_tags(texts) for folder, texts in captions.items()}
 
 
 def dataset_dirs(discovery: Discovery) -> dict[str, dict[str, int]]:

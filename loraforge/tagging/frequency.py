@@ -2,8 +2,9 @@
 
 sd-scripts stores ``ss_tag_frequency`` in LoRA metadata as ``{folder_name: {tag: count}}``
 where ``folder_name`` is the base name of the subset's image folder and tags are the
-comma-separated pieces of each caption, stripped and lower-cased. These functions compute
-exactly that, so the training metadata can call them on the captions it reads.
+comma-separated pieces of each caption, stripped and lower-cased. The count itself is the one
+the training metadata uses (:func:`loraforge.data.metadata.count_tags`), so the report `tag`
+writes and the file's ``ss_tag_frequency`` agree for comma-separated captions.
 """
 
 from __future__ import annotations
@@ -12,27 +13,16 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from loraforge.data.metadata import count_tags as tag_frequency
 from loraforge.fileio import write_text_atomic
 
-
-def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
-    """Count tags over captions, the way sd-scripts builds ``ss_tag_frequency``.
-
-    Args:
-        captions: caption texts, one per image.
-        separator: what separates tags (default ``,``, as sd-scripts counts).
-
-    Returns:
-        ``{tag: count}``, tags stripped and lower-cased, most frequent first (ties by tag).
-    """
-    counts: dict[str, int] = {}
-    sep = separator.strip() or separator
-    for caption in captions:
-        for piece in caption.split(sep):
-            tag = piece.strip().lower()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+__all__ = [
+    "merge_frequencies",
+    "read_frequency_report",
+    "tag_frequency",
+    "tag_frequency_by_folder",
+    "write_frequency_report",
+]
 
 
 def tag_frequency_by_folder(
