@@ -210,6 +210,20 @@ def test_check_vram_budget_passes_and_fails() -> None:
     assert json.loads(tight.stdout)[0]["vram"]["suggestions"]
 
 
+def test_check_vram_method_traced_on_the_command_line(tmp_path: Path) -> None:
+    # the demo's tiny model keeps the traced step quick; the method is the traced one
+    assert run("init", "--preset", "demo", "--dir", "d", cwd=tmp_path).returncode == 0
+    args = ["check", "d/recipe.yaml", "--vram", "--format", "json"]
+    traced = run(*args, "--vram-method", "traced", cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    estimate = json.loads(traced.stdout)[0]["vram"]
+    assert estimate["method"] == "traced" and estimate["total_bytes"] > 0
+    analytic = json.loads(run(*args, cwd=tmp_path).stdout)[0]["vram"]
+    assert analytic["method"] == "analytic"
+    # the two methods agree on the tiny model too (about 5% apart)
+    assert abs(estimate["tensor_bytes"] / analytic["tensor_bytes"] - 1) < 0.1
+
+
 def test_check_budget_from_the_preset_header_without_torch() -> None:
     code = (
         "import sys; from loraforge.cli import main\ncode = 0\n"

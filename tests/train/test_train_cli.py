@@ -88,12 +88,22 @@ def test_dry_run_json_resolves_everything_and_writes_nothing(
     ]
     assert plan["optimizer"] == "torch.optim.adamw.AdamW" and plan["existing"] == []
     assert not out.exists()
+    # the VRAM estimate `check --vram` gives for the same recipe, itemised
+    from loraforge.recipe import load_recipe
+    from loraforge.vram import estimate_vram
+
+    vram = plan["vram"]
+    assert vram["total_bytes"] == estimate_vram(load_recipe(recipe)).total_bytes
+    components = " | ".join(row["component"] for row in vram["rows"])
+    assert "network weights" in components and "optimizer state (AdamW)" in components
 
 
 def test_dry_run_table_names_the_plan(write_recipe, capsys) -> None:
     assert cli("train", str(write_recipe()), "--dry-run") == 0
     text = capsys.readouterr().out
-    for expected in ("sd1", "trainable parameters", "64x128", "t.safetensors", "AdamW", "4 steps"):
+    for expected in (
+        "sd1", "trainable parameters", "64x128", "t.safetensors", "AdamW", "4 steps", "VRAM",
+    ):  # fmt: skip
         assert expected in text
 
 
