@@ -55,10 +55,20 @@ def test_demo_plan_trains_both_text_encoder_and_unet(demo_dir, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_demo_sdxl_project_plans(tmp_path, capsys) -> None:
-    recipe = write_demo_project("demo-sdxl", tmp_path / "x", force=False)
+def test_demo_sdxl_project_plans_and_trains(tmp_path, capsys) -> None:
+    assert cli("init", "--preset", "demo-sdxl", "--dir", str(tmp_path / "x")) == 0
+    recipe = tmp_path / "x" / "recipe.yaml"
     assert cli("train", str(recipe), "--dry-run", "-f", "json") == 0
-    assert json.loads(capsys.readouterr().out)["family"] == "sdxl"
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["family"] == "sdxl" and plan["length"]["max_train_steps"] == 150
+    short = recipe.with_name("short.yaml")  # shortened to keep the suite fast
+    text = recipe.read_text().replace("max_train_steps: 150", "max_train_steps: 3")
+    short.write_text(text.replace("every_n_steps: 75", "every_n_steps: 2"))
+    assert cli("train", str(short)) == 0
+    out = tmp_path / "x" / "output"
+    assert (out / "lfdemo.safetensors").is_file()
+    assert (out / "lfdemo-step00000002.safetensors").is_file()
+    assert list((out / "sample").glob("lfdemo_000002_*.png"))
 
 
 @pytest.mark.slow
