@@ -181,3 +181,32 @@ def test_network_weights_continue_from_an_existing_lora(write_recipe, tmp_path) 
         assert continued.keys() == trained.keys()
         for key in trained:
             torch.testing.assert_close(continued[key], trained[key], atol=1e-7, rtol=1e-5)
+
+
+def test_samples_take_per_prompt_settings_and_show_the_training(write_recipe, tmp_path) -> None:
+    from PIL import Image
+
+    recipe = write_recipe(
+        {
+            "training": {"max_train_steps": 4, "learning_rate": 3e-2},
+            "sample": {
+                "every_n_steps": 2,
+                "steps": 2,
+                "width": 64,
+                "height": 64,
+                "prompts": [
+                    {"prompt": "a shape", "width": 64, "height": 128, "seed": 5, "cfg_scale": 3},
+                    {"prompt": "a shape", "negative": "blur", "seed": 5, "steps": 3},
+                ],
+            },
+        }
+    )
+    run_training(load_recipe(recipe))
+    folder = tmp_path / "out" / "sample"
+    tall = [Image.open(folder / f"t_00000{step}_00_5.png") for step in (2, 4)]
+    square = [Image.open(folder / f"t_00000{step}_01_5.png") for step in (2, 4)]
+    assert {image.size for image in tall} == {(64, 128)}
+    assert {image.size for image in square} == {(64, 64)}
+    # same prompt and seed, frozen base model: only the trained network can change the image
+    for early, late in (tall, square):
+        assert early.tobytes() != late.tobytes()
