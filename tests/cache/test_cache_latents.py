@@ -209,6 +209,27 @@ def test_cache_command_writes_then_reuses(project: Path) -> None:
     assert rows["text-encoder outputs"]["reused"] == 4
 
 
+def test_a_new_vae_or_resolution_in_the_recipe_re_encodes_the_latents(
+    project: Path, tiny_sd1_dir: Path
+) -> None:
+    import shutil
+
+    def cache() -> dict[str, dict]:
+        result = CliRunner().invoke(app, ["cache", str(recipe), "--format", "json"])
+        assert result.exit_code == 0, result.output
+        return {r["cache"]: r for r in json.loads(result.stdout)["caches"]}
+
+    recipe = project / "recipe.yaml"
+    assert cache()["latents"]["encoded"] == 8
+    shutil.copytree(tiny_sd1_dir / "vae", project / "vae2")  # same weights, another VAE file
+    recipe.write_text(recipe.read_text().replace("model: {", "model: {vae: vae2, ", 1))
+    rows = cache()
+    assert (rows["latents"]["encoded"], rows["latents"]["reused"]) == (8, 0)
+    assert rows["text-encoder outputs"]["reused"] == 4  # the VAE does not touch the text cache
+    recipe.write_text(recipe.read_text().replace("resolution: 128", "resolution: 96"))
+    assert cache()["latents"]["reused"] == 0  # every image lands in another bucket size
+
+
 def test_cache_command_refuses_recipes_without_disk_cache(project: Path) -> None:
     path = project / "recipe.yaml"
     path.write_text(
