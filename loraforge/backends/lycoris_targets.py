@@ -76,13 +76,6 @@ class Target:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def builtin_presets() -> tuple[str, ...]:
-    """Names of lycoris-lora's built-in presets."""
-    from lycoris.config import PRESET
-
-    return tuple(PRESET)
-
-
 def load_preset(name: str) -> PresetSpec:
     """Read a built-in preset (a fresh copy; lycoris-lora's state is not touched).
 

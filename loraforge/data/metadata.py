@@ -2,7 +2,6 @@
 
 ``ss_tag_frequency``: per image folder (its base name), how many captions contain each tag
 (tags split on ``","``, stripped, lower-cased; counted from the raw captions, reg included).
-``ss_dataset_dirs``: per image folder, ``{"n_repeats": repeats, "img_count": images}``.
 ``ss_bucket_info``: ``{"buckets": {i: {"resolution": [w, h], "count": samples}},
 "mean_img_ar_error": e}``. Torch-free.
 """
@@ -46,18 +45,6 @@ def tag_frequency(discovery: Discovery) -> dict[str, dict[str, int]]:
     for image in discovery.images:
         captions.setdefault(discovery.subsets[image.subset].dir.name, []).append(image.caption)
     return {folder: count_tags(texts) for folder, texts in captions.items()}
-
-
-def dataset_dirs(discovery: Discovery) -> dict[str, dict[str, int]]:
-    """sd-scripts' ``ss_dataset_dirs``: folder name -> folder repeats and image count."""
-    counts: dict[int, int] = {}
-    for image in discovery.images:
-        counts[image.subset] = counts.get(image.subset, 0) + 1
-    return {
-        subset.dir.name: {"n_repeats": subset.repeats, "img_count": counts[subset.index]}
-        for subset in discovery.subsets
-        if subset.index in counts
-    }
 
 
 def bucket_info(plan: BucketPlan) -> dict[str, Any]:

@@ -162,20 +162,6 @@ def module_path_for_lora_name(
     raise KeyError(f"no module of the {family} model is named {lora_name!r}")
 
 
-def lora_name_table(
-    family: str, unet_module_paths: Iterable[str], *, unet_config: Mapping[str, Any] | None = None
-) -> dict[str, str]:
-    """``{kohya name: diffusers path}`` for every UNet path that has a name (others are skipped)."""
-    return dict(_unet_table(family, tuple(unet_module_paths), _unet_layout(unet_config)))
-
-
-def text_encoder_name_table(
-    family: str, encoder_index: int, module_paths: Iterable[str]
-) -> dict[str, str]:
-    """``{kohya name: module path}`` for the given text encoder's module paths."""
-    return dict(_text_encoder_table(family, encoder_index, tuple(module_paths)))
-
-
 @lru_cache(maxsize=8)
 def _unet_table(family: str, paths: tuple[str, ...], layout: UNetLayout) -> dict[str, str]:
     table: dict[str, str] = {}

@@ -12,7 +12,7 @@ every down level holds ``layers_per_block`` layers plus one down-sampler slot, e
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,8 +184,3 @@ def diffusers_unet_path(sgm_path: str, layout: UNetLayout = SDXL_LAYOUT) -> str:
             return _join(f"mid_block.resnets.{n // 2}", _resnet_child(rest, _SGM_TO_RESNET))
         return _join("mid_block.attentions.0", rest)
     raise ValueError(f"not an SGM UNet module path: {sgm_path!r}")
-
-
-def sgm_paths(module_paths: Sequence[str], layout: UNetLayout = SDXL_LAYOUT) -> dict[str, str]:
-    """Map many diffusers paths at once: ``{diffusers_path: sgm_path}``."""
-    return {p: sgm_unet_path(p, layout) for p in module_paths}

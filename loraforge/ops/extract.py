@@ -59,10 +59,6 @@ class ExtractResult:
     rows: tuple[ModuleResize, ...]
     skipped: tuple[tuple[str, str], ...]
 
-    @property
-    def has_conv(self) -> bool:
-        return any(r.kind == "conv3x3" for r in self.rows)
-
 
 def extract_lora(
     pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], spec: ExtractSpec

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
 
 #: sd-scripts' ``ss_base_model_version`` values.
 BASE_MODEL_VERSION = {
@@ -80,11 +79,6 @@ def common_rank_alpha(pairs: list[tuple[int, float]]) -> tuple[str, str]:
         return "Dynamic", "Dynamic"
     rank, alpha = distinct.pop()
     return str(rank), str(float(alpha))
-
-
-def inherited(metadata: Mapping[str, str], keys: tuple[str, ...]) -> dict[str, str]:
-    """The given keys of ``metadata`` that are present."""
-    return {k: metadata[k] for k in keys if k in metadata}
 
 
 def derived_lora_metadata(

@@ -13,7 +13,6 @@ rank rules and the sd-scripts off-by-one they fix are described in :mod:`lorafor
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -76,13 +75,6 @@ class ResizeResult:
 
     tensors: dict[str, torch.Tensor]
     rows: tuple[ModuleResize, ...]
-
-    @property
-    def overall_retained_fro(self) -> float:
-        """Frobenius retention over all modules together (norm-weighted)."""
-        total = sum(r.norm**2 for r in self.rows)
-        kept = sum((r.norm * r.retained_fro) ** 2 for r in self.rows)
-        return math.sqrt(kept / total) if total > 0 else 1.0
 
     @property
     def mean_retained_fro(self) -> float:

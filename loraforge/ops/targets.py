@@ -19,7 +19,7 @@ Transformer2DModel blocks and the text encoders' attention/MLP: the default LoRA
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -218,10 +218,3 @@ def weight_of(state: Mapping[str, torch.Tensor], target: Target) -> torch.Tensor
     weight = state[target.ref.key]
     rows = target.ref.rows
     return weight if rows is None else weight[rows[0] : rows[1]]
-
-
-def names_for(tables: Iterable[Mapping[str, Target]]) -> set[str]:
-    names: set[str] = set()
-    for t in tables:
-        names.update(t)
-    return names

@@ -80,15 +80,6 @@ def broadcast_module(module: nn.Module, num_processes: int) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
-def any_rank(flag: bool, device: torch.device, num_processes: int) -> bool:
-    """Whether ``flag`` is true on some rank (a no-op alone)."""
-    if not is_distributed(num_processes):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
-
-
 def wait_for_everyone(num_processes: int) -> None:
     """Barrier (a no-op alone)."""
     if is_distributed(num_processes):

@@ -124,7 +124,6 @@ class RunSettings:
         unet_lr, text_encoder_lr: resolved (``learning_rate`` when unset).
         stop_text_encoder_step: optimizer step after which the text encoder stops training.
         v_prediction: the resolved prediction type.
-        cache_latents, cache_text: ``none`` | ``memory`` | ``disk``.
     """
 
     family: str
@@ -132,17 +131,12 @@ class RunSettings:
     length: TrainingLength
     batch_size: int
     accumulation: int
-    learning_rate: float
     unet_lr: float
     text_encoder_lr: float
     stop_text_encoder_step: int | None
     max_grad_norm: float
     scale_weight_norms: float | None
     seed: int
-    clip_skip: int
-    max_token_length: int
-    cache_latents: str
-    cache_text: str
     output: OutputSettings
     sample: SampleSettings
 
@@ -214,17 +208,12 @@ def run_settings(
         length=length,
         batch_size=t.batch_size,
         accumulation=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
         unet_lr=t.unet_lr if t.unet_lr is not None else t.learning_rate,
         text_encoder_lr=t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate,
         stop_text_encoder_step=t.stop_text_encoder_training,
         max_grad_norm=t.max_grad_norm,
         scale_weight_norms=t.scale_weight_norms,
         seed=t.seed,
-        clip_skip=recipe.model.clip_skip,
-        max_token_length=recipe.model.max_token_length,
-        cache_latents=recipe.cache.latents,
-        cache_text=recipe.cache.text_encoder_outputs,
         output=output_settings(recipe),
         sample=sample_settings(recipe),
     )

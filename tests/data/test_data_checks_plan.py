@@ -7,7 +7,7 @@ from pathlib import Path
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.checks import check_dataset
 from loraforge.data.discovery import discover
-from loraforge.data.metadata import bucket_info, dataset_dirs, tag_frequency
+from loraforge.data.metadata import bucket_info, tag_frequency
 from loraforge.data.plan import plan_buckets
 from loraforge.recipe import parse_recipe_text
 
@@ -103,7 +103,6 @@ def test_metadata_like_sd_scripts(tmp_path, write_image, subset_config, dataset_
     config = dataset_config(subset_config(folder))
     found = discover(config)
     assert tag_frequency(found) == {"4_sks cat": {"sks": 2, "cat": 2, "sitting": 1, "sks cat": 1}}
-    assert dataset_dirs(found) == {"4_sks cat": {"n_repeats": 4, "img_count": 3}}
     info = bucket_info(plan_buckets(found, BucketSettings.from_dataset(config)))
     assert info["buckets"] == {"0": {"resolution": [512, 512], "count": 12}}
     assert info["mean_img_ar_error"] == 0.0
