@@ -133,7 +133,7 @@ def load_model(
         tokenizers=tuple(parts["tokenizers"]),
         noise_scheduler=make_noise_scheduler(parts["family"], parts.get("scheduler_config")),
         v_prediction=family_spec(parts["family"]).v_prediction,
-        prediction_known=parts["prediction_known"],
+        prediction_known=parts["prediction_known"] or family != "auto",
         source=str(base),
         model_identity=parts["identity"],
         vae_identity=vae_identity,
@@ -183,7 +183,6 @@ def _load_folder(
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else None
     detection = detect_family_from_configs(model_index, unet_config, scheduler_config)
     family = resolve_family(requested, detection, source=source)
-    prediction_known = detection.prediction_known or requested != "auto"
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
@@ -197,7 +196,7 @@ def _load_folder(
         "text_encoders": encoders,
         "tokenizers": tokenizers,
         "scheduler_config": scheduler_config,
-        "prediction_known": prediction_known,
+        "prediction_known": detection.prediction_known,
         "identity": weights_identity(folder),
     }
 
@@ -231,7 +230,7 @@ def _load_single_file(
         scheduler_path = config_dir / "scheduler" / "scheduler_config.json"
         parts["scheduler_config"] = _read_json(scheduler_path) if scheduler_path.is_file() else None
     parts["family"] = family
-    parts["prediction_known"] = detection.prediction_known or requested != "auto"
+    parts["prediction_known"] = detection.prediction_known
     parts["identity"] = weights_identity(path)
     return parts
 

@@ -275,3 +275,24 @@ def test_published_configs_tokenise_offline_with_clips_vocabulary(family, index,
     assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
     padded = tokenizer("a cat", padding="max_length", max_length=77)["input_ids"]
     assert len(padded) == 77 and padded[-1] == pad_id
+
+
+def test_unmarked_sd2_single_file_is_epsilon_unless_the_recipe_says_v(
+    tiny_sd2v_file, tmp_path
+) -> None:
+    # Like a real SD 2.x checkpoint: nothing in the file says epsilon or v.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loraforge.models.single_file import EMBEDDED_CONFIG_KEY
+
+    with safe_open(str(tiny_sd2v_file), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        embedded = json.loads(f.metadata()[EMBEDDED_CONFIG_KEY])
+    del embedded["family"]
+    unmarked = tmp_path / "sd2.safetensors"
+    save_file(tensors, str(unmarked), metadata={EMBEDDED_CONFIG_KEY: json.dumps(embedded)})
+    assumed = load_model(str(unmarked))
+    assert (assumed.family, assumed.v_prediction, assumed.prediction_known) == ("sd2", False, False)
+    told = load_model(str(unmarked), family="sd2-v")
+    assert (told.family, told.v_prediction, told.prediction_known) == ("sd2-v", True, True)
