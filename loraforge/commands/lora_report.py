@@ -1,26 +1,18 @@
 """`loraforge check LORA.safetensors`: inspect LoRA files and render the findings.
 
-The lead's ``check`` command calls :func:`check_lora_files`. The module names a base model has
-come from building the family's published architecture on the meta device (no weights, no
-network) and naming its layers with :mod:`loraforge.models.naming`; they are cached as JSON under
-``$XDG_CACHE_HOME/loraforge`` (default ``~/.cache/loraforge``) because importing diffusers takes
-seconds.
+``check`` calls :func:`check_lora_files`; the layer names a LoRA is compared with come from
+:mod:`loraforge.models.name_tables`.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from enum import Enum
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loraforge.commands.options import OutputFormat
     from loraforge.ops.inspect import LoraReport
-
-_CACHE_VERSION = 1
 
 
 def check_lora_files(paths: list[Path], fmt: OutputFormat | str, strict: bool) -> int:
@@ -35,6 +27,7 @@ def check_lora_files(paths: list[Path], fmt: OutputFormat | str, strict: bool) -
         1 when any file is broken (or, with ``strict``, has warnings), else 0.
     """
     from loraforge.errors import LoraforgeError
+    from loraforge.models.name_tables import expected_names
     from loraforge.ops.inspect import inspect_lora
     from loraforge.ops.lora_file import read_lora_file
 
@@ -184,81 +177,3 @@ def _render_top_modules(report: LoraReport, count: int = 5) -> None:
         rank = "-" if s.rank is None else str(s.rank)
         table.add_row(s.name, s.algorithm, s.kind, rank, alpha, f"{s.norm:.4g}")
     out.print(table)
-
-
-def expected_names(family: str, conv: bool) -> tuple[frozenset[str], frozenset[str]] | None:
-    """Every layer name of ``family``'s published architecture and kohya's default targets.
-
-    Returns ``None`` when diffusers/transformers cannot build the architecture.
-    """
-    tables = _name_tables(family)
-    if tables is None:
-        return None
-    return tables["all"], tables["conv" if conv else "attn"]
-
-
-@lru_cache(maxsize=4)
-def _name_tables(family: str) -> dict[str, frozenset[str]] | None:
-    cache = _cache_file(family)
-    if cache is not None and cache.is_file():
-        try:
-            data = json.loads(cache.read_text("utf-8"))
-            if data.get("version") == _CACHE_VERSION:
-                return {k: frozenset(v) for k, v in data["names"].items()}
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-    try:
-        names = _build_name_tables(family)
-    except (ImportError, OSError, ValueError):
-        return None
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            payload = {"version": _CACHE_VERSION, "names": {k: sorted(v) for k, v in names.items()}}
-            cache.write_text(json.dumps(payload), "utf-8")
-        except OSError:
-            pass  # a read-only home is fine: we just rebuild next time
-    return names
-
-
-def _cache_file(family: str) -> Path | None:
-    try:
-        import diffusers
-        import transformers
-    except ImportError:
-        return None
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loraforge"
-    tag = f"{family}-d{diffusers.__version__}-t{transformers.__version__}-v{_CACHE_VERSION}"
-    return root / f"lora-names-{tag}.json"
-
-
-def _build_name_tables(family: str) -> dict[str, frozenset[str]]:
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from loraforge.models.configs import architecture_config_dir
-    from loraforge.models.naming import lora_targets, text_encoder_lora_name, unet_lora_name
-
-    folder = architecture_config_dir(family)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))]
-        if (folder / "text_encoder_2").is_dir():
-            config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
-            encoders.append(CLIPTextModelWithProjection(config))
-    every: set[str] = set()
-    for path, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-            try:
-                every.add(unet_lora_name(family, path, unet_config=dict(unet.config)))
-            except ValueError:
-                continue
-    for index, encoder in enumerate(encoders):
-        for path, module in encoder.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                every.add(text_encoder_lora_name(family, index, path))
-    attn = lora_targets(family, unet, encoders, conv=False)
-    conv = lora_targets(family, unet, encoders, conv=True)
-    return {"all": frozenset(every), "attn": frozenset(attn), "conv": frozenset(conv)}
