@@ -79,7 +79,7 @@ def measure(name: str, skip_traced: bool) -> dict[str, Any]:
     with _quiet(), torch.device("cuda"):
         step = run_training_step(
             recipe, arch, s, tracker, device="cuda", before_step=torch.cuda.reset_peak_memory_stats
-        )
+        )  # train's own step (loraforge.vram.step), on real CUDA tensors
     torch.cuda.synchronize()
     return {
         "name": name,

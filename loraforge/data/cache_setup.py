@@ -32,12 +32,11 @@ def cache_dir(recipe: Recipe) -> Path:
 
 
 def vae_dtype(recipe: Recipe, family: str, device: torch.device) -> torch.dtype:
-    """The VAE's dtype while encoding: fp32 on the CPU and for SDXL (its VAE overflows in fp16),
-    otherwise the training's mixed precision."""
-    precision = recipe.training.mixed_precision
-    if device.type == "cpu" or precision == "no" or (family == "sdxl" and precision == "fp16"):
-        return torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    """The VAE's dtype while encoding (the rule: :func:`loraforge.training.dtypes.dtype_plan`)."""
+    from loraforge.training.dtypes import torch_dtype, vae_dtype_name
+
+    mixed = recipe.training.mixed_precision
+    return torch_dtype(vae_dtype_name(mixed, family, on_cpu=device.type == "cpu"))
 
 
 def prepare_caches(

@@ -6,8 +6,9 @@ Called in this order by :func:`loraforge.training.setup.setup_run`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +29,9 @@ from loraforge.training.precision import (
 )
 from loraforge.training.settings import RunSettings
 from loraforge.training.step import LossSetup
+
+if TYPE_CHECKING:
+    from loraforge.recipe import TrainingConfig
 
 
 def load_base_model(recipe: Recipe) -> Any:
@@ -106,9 +110,7 @@ def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:
     Raises:
         LoraFileError: the file cannot be read or no module matches it.
     """
-    torch.manual_seed(recipe.training.seed)
-    network = create_network(recipe.network, model.family, model.unet, model.text_encoders)
-    network.apply_to()
+    network = create_hooked_network(recipe, model.family, model.unet, model.text_encoders)
     if recipe.network.weights:
         from loraforge.errors import LoraFileError
         from loraforge.ops.lora_file import read_lora_file
@@ -130,6 +132,16 @@ def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:
             )
         info(f"continuing from {recipe.network.weights}")
     network.to(dtype=precision.network_dtype)
+    return network
+
+
+def create_hooked_network(
+    recipe: Recipe, family: str, unet: Any, text_encoders: Sequence[Any]
+) -> Network:
+    """The recipe's network, seeded with ``training.seed`` and hooked into the models."""
+    torch.manual_seed(recipe.training.seed)
+    network = create_network(recipe.network, family, unet, text_encoders)
+    network.apply_to()
     return network
 
 
@@ -162,24 +174,25 @@ def build_optimization(
 
 
 def loss_setup(
-    recipe: Recipe,
-    model: Any,
+    training: TrainingConfig,
+    unet: Any,
+    family: str,
     conditioning: Conditioning,
-    settings: RunSettings,
-    precision: Precision,
+    *,
+    v_prediction: bool,
+    weight_dtype: torch.dtype,
 ) -> LossSetup:
     """The fixed inputs of every batch's loss (noise schedule, noise and loss options)."""
-    t = recipe.training
-    schedule = build_noise_schedule(zero_terminal_snr=t.zero_terminal_snr)
-    check_timestep_range(t.min_timestep, t.max_timestep, schedule.num_train_timesteps)
+    schedule = build_noise_schedule(zero_terminal_snr=training.zero_terminal_snr)
+    check_timestep_range(training.min_timestep, training.max_timestep, schedule.num_train_timesteps)
     return LossSetup(
-        unet=model.unet,
+        unet=unet,
         conditioning=conditioning,
         schedule=schedule,
-        noise=NoiseOptions.from_training(t),
-        loss=LossOptions.from_training(t, settings.v_prediction),
-        weight_dtype=precision.weight_dtype,
-        is_sdxl=model.family == "sdxl",
+        noise=NoiseOptions.from_training(training),
+        loss=LossOptions.from_training(training, v_prediction),
+        weight_dtype=weight_dtype,
+        is_sdxl=family == "sdxl",
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,11 +29,10 @@ from loraforge.training.saving import (
 from loraforge.training.setup import TrainingRun
 from loraforge.training.state import TrainingProgress
 from loraforge.training.step import (
+    accumulate_batch,
     apply_update,
-    batch_loss,
     batch_seed,
     group_learning_rates,
-    seed_batch,
     stop_text_encoder,
     text_encoder_trains,
     trainable_parameters,
@@ -65,8 +64,26 @@ class TrainResult:
     main_process: bool = True
 
 
-def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainResult:
+class StepProbe(Protocol):
+    """Watches optimizer steps of a run (e.g. :class:`loraforge.vram.probe.MemoryProbe`)."""
+
+    def step_starts(self, step: int) -> None:
+        """Optimizer step ``step`` (1-based) is about to draw its first batch."""
+
+    def step_ended(self, step: int) -> None:
+        """Optimizer step ``step`` has updated the weights."""
+
+
+def train(
+    run: TrainingRun,
+    display: TrainingDisplay,
+    stop: StopFlag,
+    probe: StepProbe | None = None,
+) -> TrainResult:
     """Train until ``max_train_steps``, Ctrl-C, or a non-finite loss.
+
+    Args:
+        probe: told where each optimizer step starts and ends (memory measurement).
 
     Raises:
         TrainingError: the loss became NaN or infinite (the files saved so far are kept).
@@ -84,16 +101,18 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
         run.data.sampler.skip_batches(first)
         pending: list[torch.Tensor] = []
         for index, batch in enumerate(run.loader, start=first):
-            seed_batch(run.generator, batch_seed(s.seed, run.rank, progress.global_step, index))
-            loss = batch_loss(
+            if probe is not None and not pending:
+                probe.step_starts(progress.global_step + 1)
+            loss = accumulate_batch(
                 run.loss_setup,
                 batch,
                 run.generator,
+                batch_seed(s.seed, run.rank, progress.global_step, index),
+                run.accelerator,
+                accumulation=s.accumulation,
                 train_text_encoder=te_trains,
-                autocast=run.accelerator.autocast,
             )
-            run.accelerator.backward(loss / s.accumulation)
-            pending.append(loss.detach())
+            pending.append(loss)
             if not is_update_batch(index, s.accumulation, length.batches_per_epoch):
                 continue
             params = trainable_parameters(run.optimizer)
@@ -111,6 +130,8 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
                 scale_weight_norms=s.scale_weight_norms,
             )
             progress = TrainingProgress(progress.global_step + 1, epoch, index + 1)
+            if probe is not None:
+                probe.step_ended(progress.global_step)
             losses.append(agreed.loss)
             display.step(
                 StepReport(

@@ -1,20 +1,12 @@
 """Dtypes, attention kernels and activation checkpointing of the frozen models.
 
-The placement rules mirror sd-scripts' ``train_network.py`` (and :mod:`loraforge.vram.settings`,
-which estimates memory with the same rules):
-
-* the frozen UNet and text encoders hold their weights in the mixed-precision dtype (fp32 for
-  ``mixed_precision: no``); ``fp8_base`` stores their Linear and Conv2d weights in float8 (e4m3)
-  and computes in the mixed-precision dtype through autocast (norms and embeddings keep the
-  mixed-precision dtype: torch cannot normalise in float8);
-* the VAE runs in the dtype ``loraforge cache`` encodes with
-  (:func:`loraforge.data.cache_setup.vae_dtype`), so cached latents stay valid;
-* the network's parameters are fp32 unless ``full_fp16`` / ``full_bf16``.
+Which dtype each part of a run gets is decided by :func:`loraforge.training.dtypes.dtype_plan`
+(shared with the VRAM estimate); this module applies it to real modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,17 +14,15 @@ import torch
 from torch import nn
 
 from loraforge.errors import DependencyError, TrainingError
+from loraforge.training.dtypes import DtypePlan, dtype_plan, torch_dtype
 
 if TYPE_CHECKING:
     from loraforge.recipe import TrainingConfig
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_MIXED = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class Precision:
-    """Every dtype of a run.
+    """Every dtype of a run, as torch dtypes.
 
     Attributes:
         mixed_precision: ``no`` | ``fp16`` | ``bf16`` (accelerate's autocast and grad scaling).
@@ -40,6 +30,7 @@ class Precision:
         fp8_base: Linear/Conv2d weights of the UNet and text encoders stored as float8 e4m3.
         network_dtype: dtype of the trainable parameters (and their gradients).
         save_dtype: dtype of the saved LoRA tensors.
+        plan: the same, by name.
     """
 
     mixed_precision: str
@@ -47,24 +38,44 @@ class Precision:
     fp8_base: bool
     network_dtype: torch.dtype
     save_dtype: torch.dtype
+    plan: DtypePlan
 
 
 def resolve_precision(training: TrainingConfig, save_precision: str) -> Precision:
-    """Read the precision fields of ``training``.
+    """Read the precision fields of ``training`` (the rules: :func:`dtype_plan`).
 
     Args:
         training: the recipe's training section.
         save_precision: ``output.save_precision`` (``fp16`` | ``bf16`` | ``fp32``).
     """
-    weight = _MIXED[training.mixed_precision]
-    network = weight if (training.full_fp16 or training.full_bf16) else torch.float32
+    plan = dtype_plan(training, save_precision)
     return Precision(
         mixed_precision=training.mixed_precision,
-        weight_dtype=weight,
-        fp8_base=training.fp8_base,
-        network_dtype=network,
-        save_dtype=DTYPES[save_precision],
+        weight_dtype=torch_dtype(plan.compute),
+        fp8_base=plan.fp8_base,
+        network_dtype=torch_dtype(plan.network),
+        save_dtype=torch_dtype(plan.save),
+        plan=plan,
     )
+
+
+def cast_parameters(module: nn.Module, dtype: torch.dtype, *, only: tuple[type, ...] = ()) -> None:
+    """Cast floating parameters to ``dtype`` in place, keeping each ``Parameter`` object.
+
+    Unlike ``module.to(dtype)`` this also works on fake tensors (the VRAM trace), whose
+    parameters ``Module._apply`` cannot swap.
+
+    Args:
+        module: the module tree.
+        dtype: the new dtype.
+        only: cast only the parameters of modules of these classes (default: all).
+    """
+    for sub in module.modules():
+        if only and not isinstance(sub, only):
+            continue
+        for param in sub._parameters.values():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
 
 def check_precision_on_device(precision: Precision, device: torch.device) -> None:
@@ -110,12 +121,10 @@ def store_fp8(module: nn.Module) -> int:
     Returns:
         How many layers were cast.
     """
-    count = 0
-    for layer in module.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            layer.to(torch.float8_e4m3fn)
-            count += 1
-    return count
+    layers = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for layer in layers:
+        cast_parameters(layer, torch.float8_e4m3fn)
+    return len(layers)
 
 
 def move_module(
@@ -193,16 +202,36 @@ def configure_attention(unet: Any, text_encoders: Sequence[Any], attention: str)
         ) from e
 
 
-def enable_gradient_checkpointing(unet: Any, text_encoders: Sequence[Any]) -> None:
+def enable_gradient_checkpointing(
+    unet: Any,
+    text_encoders: Sequence[Any],
+    context_fn: Callable[[], tuple[Any, Any]] | None = None,
+) -> None:
     """Recompute activations in backward (non-reentrant, so LoRA inputs need no grad).
 
     The models are put in ``train()`` mode: transformers checkpoints only while training, and
     neither model uses dropout (its rate is 0), so the outputs do not change.
+
+    Args:
+        unet, text_encoders: the models to checkpoint.
+        context_fn: ``torch.utils.checkpoint``'s ``context_fn`` (the VRAM trace re-enters its
+            CUDA autocast policy in the recomputation with it); default none.
     """
-    unet.enable_gradient_checkpointing()
+    import functools
+
+    extra = {} if context_fn is None else {"context_fn": context_fn}
+    if extra:
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+        def checkpointed(module: Any, *args: Any) -> Any:
+            return checkpoint(module.__call__, *args, **extra)
+
+        unet.enable_gradient_checkpointing(checkpointed)
+    else:
+        unet.enable_gradient_checkpointing()
     unet.train()
     for encoder in text_encoders:
-        kwargs = {"use_reentrant": False}
+        kwargs = {"use_reentrant": False, **extra}
         if hasattr(encoder, "activation_checkpointing_enable"):
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:

@@ -93,7 +93,9 @@ def _special_scheduler(
                 f"Adafactor with relative_step schedules itself; lr_scheduler {name!r} and "
                 "lr_warmup_steps are ignored (set optimizer_args.relative_step: false to use them)"
             )
-        return AdafactorSchedule(optimizer, initial_lr=learning_rate or 0.0)
+        # the schedule reads Adafactor's own step sizes: give it the optimizer accelerate wraps
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return AdafactorSchedule(inner, initial_lr=learning_rate or 0.0)
     return None
 
 

@@ -87,6 +87,39 @@ def batch_loss(
     return training_loss(pred, target, noisy.timesteps, weights, setup.schedule, setup.loss)
 
 
+def accumulate_batch(
+    setup: LossSetup,
+    batch: Mapping[str, Any],
+    generator: torch.Generator,
+    seed: int,
+    accelerator: Any,
+    *,
+    accumulation: int,
+    train_text_encoder: bool,
+) -> torch.Tensor:
+    """Seed the batch, compute its loss and add its share of the step's gradient.
+
+    Args:
+        setup, batch, generator, train_text_encoder: as for :func:`batch_loss`.
+        seed: the batch's seed (:func:`batch_seed`).
+        accelerator: ``autocast()`` and ``backward(loss)`` (accelerate's, or the VRAM trace's).
+        accumulation: batches per optimizer step (the loss is divided by it).
+
+    Returns:
+        The batch's loss, detached.
+    """
+    seed_batch(generator, seed)
+    loss = batch_loss(
+        setup,
+        batch,
+        generator,
+        train_text_encoder=train_text_encoder,
+        autocast=accelerator.autocast,
+    )
+    accelerator.backward(loss / accumulation)
+    return loss.detach()
+
+
 def trainable_parameters(optimizer: Any) -> list[nn.Parameter]:
     """Parameters the optimizer updates now (text-encoder ones drop out once it stops)."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]

@@ -169,24 +169,35 @@ def unet_activations(structure: UNetStructure, a: ActivationInputs) -> UNetActiv
     return UNetActivations(saved, working)
 
 
-def text_activations(text: TextStructure, a: ActivationInputs, tokens: int) -> float:
-    """Bytes per sample a trained CLIP text encoder keeps for backward (``tokens`` per sample)."""
+def text_activations(
+    text: TextStructure, a: ActivationInputs, tokens: int, unused_layers: int = 0
+) -> float:
+    """Bytes per sample a trained CLIP text encoder keeps for backward (``tokens`` per sample).
+
+    Args:
+        unused_layers: last layers whose output the loss does not use (clip_skip, SDXL's
+            penultimate layer): autograd frees what they saved once the output is dropped.
+    """
     p, h, inner = a.compute_bytes, text.hidden, text.intermediate
     low = a.low_precision
     per_layer = (2 * F32 if low else 2 * p) * h  # the two LayerNorms' inputs
-    per_layer += ((3 if low else 1) * p + 4 * p + 2 * p) * h  # LoRA copies, SDPA q k v out
-    per_layer += (p + F32 * text.heads / max(h, 1)) * h  # out_proj LoRA copy, softmax stats
-    per_layer += (p * h) + 3 * p * inner  # fc1 LoRA copy, activation, fc2 LoRA copy
+    # LoRA inputs cast to the compute dtype (none in fp32: the layer's saved input is reused)
+    copy = p if low else 0
+    per_layer += (3 * copy + 4 * p + 2 * p) * h  # LoRA copies, SDPA q k v out
+    per_layer += (copy + F32 * text.heads / max(h, 1)) * h  # out_proj LoRA copy, softmax stats
+    per_layer += (copy * h) + 3 * p * inner  # fc1 LoRA copy, activation, fc2 LoRA copy
     per_layer += 6 * a.rank * p
+    depth = max(text.depth - unused_layers, 1)
     if a.checkpointing:
-        return (text.depth * p * h + per_layer) * tokens
-    return text.depth * per_layer * tokens
+        return (depth * p * h + per_layer) * tokens
+    return depth * per_layer * tokens
 
 
 def vae_encode_peak(vae_channels: int, width: int, height: int, dtype_bytes: int) -> float:
     """Transient bytes per sample of a no-grad VAE encode at full resolution.
 
-    The first level dominates: a few ``channels x H x W`` maps alive at once (a ResNet's input,
-    its norm output and its convolution output) plus the pixels.
+    The first level dominates: four ``channels x H x W`` maps alive at once (a ResNet's input,
+    its norm and activation outputs and its convolution output); the pixels are counted by the
+    caller.
     """
-    return (3 * vae_channels + 3) * width * height * dtype_bytes
+    return 4 * vae_channels * width * height * dtype_bytes

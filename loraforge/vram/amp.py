@@ -99,17 +99,18 @@ def autocast(dtype: torch.dtype | None, device: str) -> contextlib.AbstractConte
 
 
 @contextlib.contextmanager
-def cuda_policy(device: str) -> Iterator[None]:
-    """Apply CUDA's float32 autocast policy to CPU autocast regions (no-op on CUDA)."""
-    if device.startswith("cuda"):
+def cuda_policy(enabled: bool = True) -> Iterator[None]:
+    """Apply CUDA's float32 autocast policy to CPU autocast regions (when ``enabled``)."""
+    if not enabled:
         yield
         return
     with CudaFp32Policy():
         yield
 
 
-def checkpoint_contexts(device: str) -> tuple[Any, Any]:
-    """``context_fn`` result for ``torch.utils.checkpoint``: the policy again in recomputation."""
-    if device.startswith("cuda"):
+def checkpoint_contexts(enabled: bool = True) -> tuple[Any, Any]:
+    """``context_fn`` result for ``torch.utils.checkpoint``: the policy again in recomputation
+    (when ``enabled``)."""
+    if not enabled:
         return contextlib.nullcontext(), contextlib.nullcontext()
     return contextlib.nullcontext(), CudaFp32Policy()

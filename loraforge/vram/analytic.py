@@ -97,7 +97,7 @@ def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[
     return [
         VramRow(
             f"network weights ({s.network_dtype})",
-            size.total * net_bytes,
+            size.stored_bytes(net_bytes),
             f"{what}: {_millions(size.total)} in {size.unet_modules + size.text_modules} modules",
         ),
         VramRow(
@@ -157,7 +157,10 @@ def _step_rows(
     # checkpointing; with it they are remade in the recomputation)
     keeps_copies = p < 4 and s.network_dtype == "fp32" and not s.gradient_checkpointing
     autocast_copies = size.trainable * p if keeps_copies else 0
-    rebuilt = 2 * size.rebuilt_weight_elements * p  # LyCORIS: rebuilt weights and their casts
+    # LyCORIS rebuilds full weights in the network's dtype, saved for backward (and their
+    # autocast copies under mixed precision)
+    net = DTYPE_BYTES[s.network_dtype]
+    rebuilt = size.rebuilt_weight_elements * (net + (p if p != net else 0))
     gc = "on" if s.gradient_checkpointing else "off"
     rows = [
         VramRow(
@@ -169,7 +172,11 @@ def _step_rows(
     ]
     if s.train_text_encoder and texts:
         tokens = TOKENS_PER_CHUNK * s.token_chunks
-        text_bytes = sum(text_activations(t, a, tokens) for t in texts) * batch
+        # SD1/2 stop clip_skip - 1 layers early; SDXL takes encoder 1's penultimate layer
+        unused = [1, 0] if s.family == "sdxl" else [recipe.model.clip_skip - 1]
+        text_bytes = batch * sum(
+            text_activations(t, a, tokens, skip) for t, skip in zip(texts, unused, strict=True)
+        )
         rows.append(
             VramRow(
                 "text-encoder activations",
@@ -186,9 +193,12 @@ def _step_rows(
 
 
 def _vae_phase(arch: Architecture, s: MemorySettings) -> int:
+    """The encode's maps, and the batch's pixels (float32, and a copy in the VAE's dtype)."""
     channels = list(arch.configs["vae"].get("block_out_channels", (128,)))
-    per_sample = vae_encode_peak(channels[0], s.width, s.height, DTYPE_BYTES[s.vae_dtype])
-    return int(per_sample * s.batch_size)
+    vae_bytes = DTYPE_BYTES[s.vae_dtype]
+    per_sample = vae_encode_peak(channels[0], s.width, s.height, vae_bytes)
+    pixels = 3 * s.width * s.height * (4 + (vae_bytes if vae_bytes != 4 else 0))
+    return int((per_sample + pixels) * s.batch_size)
 
 
 def _peak_phase(phases: dict[str, list[VramRow]]) -> list[VramRow]:
@@ -217,14 +227,18 @@ def analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> 
     unet = unet_structure(arch.configs["unet"])
     size = network_size(recipe.network, s.family, unet, texts, arch.configs["unet"])
     resident = _weight_rows(arch, s, unet, texts) + _network_rows(recipe, s, size)
+    optimizer_phase = _optimizer_phase(s, size)
+    # with accumulation the gradients of the step's earlier batches are alive throughout
+    kept = optimizer_phase[:1] if recipe.training.gradient_accumulation_steps > 1 else []
     phases = {
-        "the UNet step": _step_rows(recipe, arch, s, texts, size),
-        "the optimizer step": _optimizer_phase(s, size),
+        "the UNet step": _step_rows(recipe, arch, s, texts, size) + kept,
+        "the optimizer step": optimizer_phase,
     }
     if s.vae_on_gpu:
         note = "no-grad encode of the batch before the UNet step"
         phases["the VAE encode"] = [
-            VramRow("VAE encode (transient)", _vae_phase(arch, s), note, "step")
+            VramRow("VAE encode (transient)", _vae_phase(arch, s), note, "step"),
+            *kept,
         ]
     rows = resident + _peak_phase(phases)
     notes = []

@@ -2,8 +2,9 @@
 
 Native (kohya) algorithms are counted exactly as the kohya backend builds them: the same targets
 (:mod:`loraforge.models.naming` rules), per-block ranks (``rank_plan``), train_unet /
-train_text_encoder, LoRA-FA's frozen down matrices. LyCORIS algorithms are approximated on the
-same targets with each algorithm's factor shapes; the traced method builds the real modules.
+train_text_encoder, LoRA-FA's frozen down matrices. LyCORIS algorithms are approximated: the
+layers of the classes their preset names (a torch-free copy of lycoris-lora's preset table) with
+each algorithm's factor shapes; the traced method builds the real modules.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraforge.backends.kohya_blocks import rank_plan
+from loraforge.backends.kohya_config import conv_dim_of
 from loraforge.models.naming import block_index, text_encoder_lora_name, unet_lora_name
 from loraforge.recipe.types import NetworkConfig
 from loraforge.vram.structure import Layer, TextStructure, UNetStructure, iter_unet_targets
@@ -36,6 +38,56 @@ class NetworkSize:
     unet_modules: int
     text_modules: int
     rebuilt_weight_elements: int = 0
+    tensor_sizes: tuple[int, ...] = ()
+    scalar_buffers: int = 0
+
+    def stored_bytes(self, dtype_bytes: int, block: int = 512) -> int:
+        """Bytes of the network's tensors as the CUDA allocator holds them: every parameter
+        tensor and scalar buffer (alpha, …) rounded up to ``block`` bytes."""
+
+        def rounded(n: int) -> int:
+            return -(-n // block) * block
+
+        return sum(rounded(n * dtype_bytes) for n in self.tensor_sizes) + block * (
+            self.scalar_buffers
+        )
+
+
+# lycoris-lora's presets on a diffusers UNet (``lycoris.config.PRESET``), by the owners of
+# ``vram.structure`` layers: (owners, kxk convs enabled, text encoders trained)
+_LYCORIS_PRESETS: Mapping[str, tuple[frozenset[str], bool, bool]] = {
+    "full": (frozenset({"transformer", "resnet", "sampler", "other"}), True, True),
+    "full-lin": (frozenset({"transformer", "resnet", "other"}), False, True),
+    "attn-mlp": (frozenset({"transformer"}), False, True),
+    "attn-only": (frozenset({"transformer"}), False, True),
+    "unet-only": (frozenset({"transformer", "resnet", "sampler", "other"}), True, False),
+    "unet-transformer-only": (frozenset({"transformer"}), False, False),
+    "unet-convblock-only": (frozenset({"resnet", "sampler", "other"}), True, False),
+}
+_LYCORIS_SCALARS = 3  # alpha, scalar and dtype_tensor buffers per module
+
+
+def _lycoris_unet_targets(unet: UNetStructure, preset: str) -> list[Layer]:
+    owners, conv, _ = _LYCORIS_PRESETS.get(preset, _LYCORIS_PRESETS["full"])
+    return [
+        layer
+        for layer in unet.layers
+        if layer.owner in owners and (conv or layer.kernel <= 1)
+    ]
+
+
+def _tensor_sizes(algorithm: str, layer: Layer, rank: int, params: int) -> tuple[int, ...]:
+    """Element counts of one module's parameter tensors (their allocator rounding matters)."""
+    fan_in = layer.in_features * max(layer.kernel, 1) ** 2
+    pair = (rank * fan_in, layer.out_features * rank)
+    if algorithm in ("lora", "locon", "lora-fa", "dylora"):
+        sizes = pair
+    elif algorithm == "loha":
+        sizes = pair + pair
+    else:
+        sizes = (params,)
+    extra = params - sum(sizes)
+    return sizes + ((extra,) if extra > 0 else ())
 
 
 def _factor(dim: int, factor: int) -> tuple[int, int]:
@@ -94,10 +146,11 @@ def network_size(
     Raises:
         RecipeError: per-block lists of the wrong length (as the backend would).
     """
+    if config.backend == "lycoris":
+        return _lycoris_size(config, unet, text_encoders)
     plan = rank_plan(config, family)
-    algorithm = config.algorithm
-    total = trainable = rebuilt = unet_modules = text_modules = 0
     chosen: list[tuple[Layer, int]] = []
+    unet_modules = text_modules = 0
     if config.train_unet:
         for layer in iter_unet_targets(unet, conv=plan.uses_conv):
             name = unet_lora_name(family, layer.path, unet_config=unet_config)
@@ -115,10 +168,51 @@ def network_size(
                 if spec is not None:
                     chosen.append((layer, spec.dim))
                     text_modules += 1
+    return _sum_modules(config, chosen, unet_modules, text_modules, scalars_per_module=1)
+
+
+def _lycoris_size(
+    config: NetworkConfig, unet: UNetStructure, text_encoders: Sequence[TextStructure]
+) -> NetworkSize:
+    preset = str(config.args.get("preset", "full"))
+    conv_rank = conv_dim_of(config) or config.dim
+    chosen: list[tuple[Layer, int]] = []
+    if config.train_unet:
+        for layer in _lycoris_unet_targets(unet, preset):
+            chosen.append((layer, conv_rank if layer.kernel > 1 else config.dim))
+    unet_modules = len(chosen)
+    trains_text = _LYCORIS_PRESETS.get(preset, _LYCORIS_PRESETS["full"])[2]
+    if config.train_text_encoder and trains_text:
+        chosen += [(layer, config.dim) for encoder in text_encoders for layer in encoder.layers]
+    return _sum_modules(
+        config, chosen, unet_modules, len(chosen) - unet_modules, scalars_per_module=_LYCORIS_SCALARS
+    )
+
+
+def _sum_modules(
+    config: NetworkConfig,
+    chosen: Sequence[tuple[Layer, int]],
+    unet_modules: int,
+    text_modules: int,
+    *,
+    scalars_per_module: int,
+) -> NetworkSize:
+    algorithm = config.algorithm
+    total = trainable = rebuilt = 0
+    sizes: list[int] = []
     for layer, rank in chosen:
         params = _module_params(algorithm, layer, rank, config.args)
         total += params
         trainable += _trainable(algorithm, layer, rank, params)
+        sizes += _tensor_sizes(algorithm, layer, rank, params)
         if config.backend == "lycoris" and algorithm not in ("lora", "locon", "ia3"):
             rebuilt += layer.in_features * layer.out_features * max(layer.kernel, 1) ** 2
-    return NetworkSize(total, trainable, unet_modules, text_modules, rebuilt)
+    return NetworkSize(
+        total,
+        trainable,
+        unet_modules,
+        text_modules,
+        rebuilt,
+        tuple(sizes),
+        scalars_per_module * len(chosen),
+    )

@@ -1,11 +1,10 @@
-"""Optimizers for a memory trace: the real ones where they run anywhere, stand-ins elsewhere.
+"""Optimizers for a memory trace: the one ``train`` builds wherever it runs on this machine.
 
-AdamW and SGD (torch) and Adafactor (transformers) run for real, with ``foreach=True`` as torch
-picks on a GPU, so their state *and* their step's temporaries are measured. The others
-(bitsandbytes 8-bit, Lion, Prodigy, D-Adaptation, schedule-free) need a GPU or an optional
-package; a :class:`StateOnlyOptimizer` stands in for them, holding exactly the state bytes
-per parameter that ``loraforge.training.optim`` records for each (fused kernels, no
-temporaries).
+Every optimizer whose package is installed and that runs on the CPU is built by
+:func:`loraforge.training.optim.build_optimizer`, as ``train`` builds it, so its state *and* its
+step's temporaries are measured. Only the bitsandbytes 8-bit optimizers (CUDA kernels) and
+optimizers whose optional package is missing get a :class:`StateOnlyOptimizer` standing in,
+holding exactly the state bytes per parameter that ``loraforge.training.optim`` records for each.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import torch
 
 from loraforge.training.optim import canonical_name, optimizer_state_bytes_per_param
 
-REAL_OPTIMIZERS = ("AdamW", "SGDNesterov", "Adafactor")
 _EIGHT_BIT = ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")
 
 
@@ -62,37 +60,41 @@ def state_bytes_for(name: str, param_dtype: torch.dtype) -> float:
     return per_param * element / 4
 
 
+def stands_in(name: str) -> bool:
+    """Whether the trace measures a stand-in for ``name`` (CUDA-only or not installed)."""
+    import importlib.util
+
+    from loraforge.training.optim import optimizer_spec
+
+    spec = optimizer_spec(name)
+    if spec.needs_cuda:
+        return True
+    return spec.package is not None and importlib.util.find_spec(spec.module.split(".")[0]) is None
+
+
 def trace_optimizer(
-    name: str, groups: list[dict[str, Any]], lr: float, args: Mapping[str, Any] | None
+    name: str,
+    groups: list[dict[str, Any]],
+    lr: float,
+    args: Mapping[str, Any] | None,
+    *,
+    foreach: bool = False,
 ) -> torch.optim.Optimizer:
-    """An optimizer over ``groups`` whose memory behaves like ``name``'s on a GPU.
+    """The optimizer ``train`` builds for ``name`` over ``groups``, or its stand-in.
+
+    Args:
+        foreach: ask torch's optimizers for their multi-tensor path, as torch picks on a GPU.
 
     Raises:
-        RecipeError: an unknown optimizer name.
+        RecipeError: an unknown optimizer name or argument.
     """
-    canonical = canonical_name(name)
-    args = dict(args or {})
-    if canonical == "AdamW":
-        return torch.optim.AdamW(
-            groups, lr=lr, amsgrad=bool(args.get("amsgrad", False)), foreach=True
-        )
-    if canonical == "SGDNesterov":
-        momentum = float(args.get("momentum", 0.9))
-        return torch.optim.SGD(
-            groups, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True
-        )
-    if canonical == "Adafactor":
-        from transformers.optimization import Adafactor
+    from loraforge.training.optim import build_optimizer, optimizer_spec
 
-        relative = bool(args.get("relative_step", True)) or bool(args.get("warmup_init", False))
-        plain = [{"params": g["params"]} for g in groups] if relative else groups
-        return Adafactor(
-            plain,
-            lr=None if relative else lr,
-            relative_step=relative,
-            scale_parameter=bool(args.get("scale_parameter", True)),
-            warmup_init=bool(args.get("warmup_init", False)),
-            beta1=args.get("beta1"),
-        )
-    dtype = next((p.dtype for g in groups for p in g["params"]), torch.float32)
-    return StateOnlyOptimizer(groups, lr, state_bytes_for(canonical, dtype))
+    canonical = canonical_name(name)
+    if stands_in(canonical):
+        dtype = next((p.dtype for g in groups for p in g["params"]), torch.float32)
+        return StateOnlyOptimizer(groups, lr, state_bytes_for(canonical, dtype))
+    args = dict(args or {})
+    if foreach and optimizer_spec(canonical).module == "torch.optim":
+        args.setdefault("foreach", True)
+    return build_optimizer(canonical, groups, lr, args)

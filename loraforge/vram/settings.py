@@ -1,14 +1,9 @@
 """The memory-relevant settings of a recipe, resolved the way training applies them.
 
-Both estimators read a :class:`MemorySettings` instead of the recipe, so the precision and
-placement rules (which mirror sd-scripts' train_network.py) live in one place:
+Both estimators read a :class:`MemorySettings` instead of the recipe. The dtypes come from
+:func:`loraforge.training.dtypes.dtype_plan`, the table ``train`` uses (for a GPU run); the
+placement rules mirror sd-scripts' train_network.py:
 
-* frozen models hold their weights in the mixed-precision dtype (fp32 for ``mixed_precision: no``);
-  ``fp8_base`` stores the UNet's and text encoders' weights in float8 (e4m3) and computes in the
-  mixed-precision dtype (text-encoder embeddings stay in that dtype);
-* the network's parameters (and so its gradients) are fp32 unless ``full_fp16`` / ``full_bf16``;
-* the SDXL VAE runs in fp32 under fp16 mixed precision (it overflows in fp16), else in the
-  weight dtype;
 * cached latents leave the VAE off the GPU; cached text-encoder outputs leave the text
   encoders off it; a text encoder that is not trained runs without gradients;
 * the largest training bucket (by area) sets the activation size.
@@ -23,8 +18,9 @@ from dataclasses import dataclass
 
 from loraforge.data.buckets import make_bucket_resolutions
 from loraforge.recipe.types import DatasetConfig, Recipe
+from loraforge.training.dtypes import DTYPE_BYTES, dtype_plan, vae_dtype_name
 
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+__all__ = ["DTYPE_BYTES", "TOKENS_PER_CHUNK", "MemorySettings", "memory_settings"]
 LATENT_FACTOR = 8  # the SD VAE down-samples by 8
 TOKENS_PER_CHUNK = 77  # CLIP context; max_token_length 150/225 runs 2/3 chunks
 
@@ -121,10 +117,7 @@ def _unet_trained(recipe: Recipe) -> bool:
 def memory_settings(recipe: Recipe, family: str) -> MemorySettings:
     """Resolve ``recipe`` for ``family`` (already resolved from ``auto``)."""
     t = recipe.training
-    compute = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[t.mixed_precision]
-    frozen = "fp8" if t.fp8_base and compute != "fp32" else compute
-    network_dtype = "fp16" if t.full_fp16 else "bf16" if t.full_bf16 else "fp32"
-    vae_dtype = "fp32" if family == "sdxl" and compute == "fp16" else compute
+    plan = dtype_plan(t, recipe.output.save_precision)
     trains_te = _text_encoder_trained(recipe)
     width, height = largest_bucket(recipe.dataset)
     return MemorySettings(
@@ -132,11 +125,11 @@ def memory_settings(recipe: Recipe, family: str) -> MemorySettings:
         width=width,
         height=height,
         batch_size=t.batch_size,
-        compute_dtype=compute,
-        unet_dtype=frozen,
-        text_encoder_dtype=frozen,
-        vae_dtype=vae_dtype,
-        network_dtype=network_dtype,
+        compute_dtype=plan.compute,
+        unet_dtype=plan.frozen,
+        text_encoder_dtype=plan.frozen,
+        vae_dtype=vae_dtype_name(t.mixed_precision, family),
+        network_dtype=plan.network,
         optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
         attention=t.attention,

@@ -1,15 +1,16 @@
-"""Run one training step of a recipe's models, measuring live tensor bytes.
+"""Measure one optimizer step of ``loraforge train`` on full-size fake tensors.
 
-The same code runs on real CPU tensors (small models, for validation) and under
-``FakeTensorMode`` (full-size models with no memory behind them, for the traced estimate): only
-the mode differs, so the two measurements are comparable by construction.
+The step is ``train``'s own: :func:`loraforge.training.step.accumulate_batch` (batch seeding,
+:class:`~loraforge.training.conditioning.Conditioning`, noise and timesteps, the recipe's loss,
+backward under autocast and checkpointing) for each batch of the step, then
+:func:`~loraforge.training.step.apply_update` (clipping, the recipe's optimizer and scheduler,
+max-norm). Only the models and the batch are made here: the models from the architecture's
+configs (:mod:`loraforge.vram.build`), the batch as fake tensors of the largest bucket. The
+optimizer's state is created first by a step on zero gradients, so the measured step is a
+steady-state one, like steps 2 onwards of a run.
 
-The step mirrors sd-scripts' train_network.py: frozen models in the weight dtype, the network in
-fp32 (or fp16/bf16 with full_fp16/bf16), latents encoded live or taken from the cache, text
-encoders run with gradients only when trained, the UNet under autocast, an fp32 MSE loss,
-backward, gradient clipping, the optimizer step and ``zero_grad(set_to_none=True)``. The
-optimizer's state is created by a first step on zero gradients, so the measured step is a
-steady-state one (the first step of a run has no state yet and peaks lower).
+:mod:`loraforge.vram.probe` measures the same quantity on a real ``train`` run; the tests
+compare the two.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from loraforge.recipe.types import Recipe
-from loraforge.vram.amp import autocast, cuda_policy
+from loraforge.training.dtypes import torch_dtype
 from loraforge.vram.arch import Architecture
-from loraforge.vram.build import TORCH_DTYPES, StepModels, build_step_models
+from loraforge.vram.build import StepModels, build_step_models, trace_tokenizers
+from loraforge.vram.probe import categorize_by_module, register_resident
 from loraforge.vram.settings import TOKENS_PER_CHUNK, MemorySettings
 from loraforge.vram.tracker import LiveBytesTracker
 
-VAE_SCALE = 0.13025  # SDXL's latent scale; the value does not matter for memory
+TRACE_KEY = "trace"  # the one image key of the traced batch
+TRACE_CAPTION = "a photo"
 
 
 @dataclass(frozen=True)
@@ -51,79 +52,107 @@ class StepMeasurement:
     network_params: int
 
 
-def _autocast(settings: MemorySettings, device: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = None if settings.compute_dtype == "fp32" else TORCH_DTYPES[settings.compute_dtype]
-    return autocast(dtype, device)
+class TraceAccelerator:
+    """The part of ``accelerate.Accelerator`` a step uses, for a CPU trace.
+
+    Args:
+        compute_dtype: the autocast dtype name (``fp32``: none).
+        cuda_policy: autocast with CUDA's float32 policy (:mod:`loraforge.vram.amp`) and
+            multi-tensor clipping, as on a GPU; ``False`` behaves like a CPU run.
+    """
+
+    def __init__(self, compute_dtype: str, *, cuda_policy: bool, device: str = "cpu") -> None:
+        self._dtype = None if compute_dtype == "fp32" else torch_dtype(compute_dtype)
+        self._foreach = True if cuda_policy else None
+        self._device = device
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        from loraforge.vram.amp import autocast
+
+        return autocast(self._dtype, self._device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm_(self, params: Any, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=self._foreach)
 
 
-def _latents(models: StepModels, settings: MemorySettings, device: str) -> torch.Tensor:
-    width, height = settings.latent_size
-    compute = TORCH_DTYPES[settings.compute_dtype]
-    batch = settings.batch_size
-    if models.vae is None:  # cached latents, moved to the GPU in the weight dtype
-        return torch.randn(batch, 4, height, width, dtype=compute, device=device)
-    vae_dtype = TORCH_DTYPES[settings.vae_dtype]
-    pixels = torch.randn(batch, 3, settings.height, settings.width, dtype=vae_dtype, device=device)
-    with torch.no_grad():
-        latents = models.vae.encode(pixels).latent_dist.sample()
-    return (latents * VAE_SCALE).to(compute)
+def _conditioning(
+    models: StepModels, arch: Architecture, recipe: Recipe, s: MemorySettings, device: str
+) -> Any:
+    """``train``'s :class:`Conditioning`, over the live models or one-entry caches."""
+    from loraforge.data.cache import LatentCache, TextCache
+    from loraforge.training.conditioning import Conditioning, TextEncoding
+
+    latent_cache = text_cache = None
+    if models.vae is None:  # cached latents (kept in the VAE's dtype, in CPU memory)
+        width, height = s.latent_size
+        latent = torch.zeros(4, height, width, dtype=torch_dtype(s.vae_dtype))
+        latent_cache = LatentCache(memory={TRACE_KEY: latent})
+    if not models.text_encoders:  # cached text-encoder outputs (float32, CPU memory)
+        unet = arch.configs["unet"]
+        hidden = torch.zeros(_tokens(s), int(unet["cross_attention_dim"]))
+        pooled = None
+        if s.family == "sdxl":
+            pooled = torch.zeros(int(arch.configs["text_encoder_2"].get("projection_dim", 1280)))
+        text_cache = TextCache(memory={TRACE_CAPTION: (hidden, pooled)})
+    m = recipe.model
+    return Conditioning(
+        models.vae,
+        models.text_encoders,
+        trace_tokenizers(len(arch.text_encoder_names)),
+        TextEncoding(s.family, m.clip_skip, m.max_token_length),
+        torch.device(device),
+        latent_cache=latent_cache,
+        text_cache=text_cache,
+    )
 
 
-def _encode_text(
-    models: StepModels, arch: Architecture, settings: MemorySettings, device: str
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(encoder_hidden_states, pooled)``; pooled only for SDXL."""
-    batch, chunks = settings.batch_size, settings.token_chunks
-    compute = TORCH_DTYPES[settings.compute_dtype]
-    sdxl = settings.family == "sdxl"
-    if not models.text_encoders:  # cached outputs
-        width = int(arch.configs["unet"]["cross_attention_dim"])
-        hidden = torch.randn(batch, chunks * TOKENS_PER_CHUNK, width, dtype=compute, device=device)
-        if not sdxl:
-            return hidden, None
-        pooled_width = int(arch.configs["text_encoder_2"].get("projection_dim", 1280))
-        return hidden, torch.randn(batch, pooled_width, dtype=compute, device=device)
-    grad = torch.enable_grad() if settings.train_text_encoder else torch.no_grad()
-    states, pooled = [], None
-    with grad, _autocast(settings, device):
-        for index, encoder in enumerate(models.text_encoders):
-            vocab = int(encoder.config.vocab_size)
-            ids = torch.randint(0, vocab, (batch * chunks, TOKENS_PER_CHUNK), device=device)
-            out = encoder(ids, output_hidden_states=True)
-            # SD1/2: last layer (clip_skip 1); SDXL: penultimate layer of both encoders
-            hidden = out.hidden_states[-2] if sdxl else out.last_hidden_state
-            states.append(hidden.reshape(batch, chunks * TOKENS_PER_CHUNK, -1))
-            if index == 1:
-                pooled = out.text_embeds.reshape(batch, chunks, -1)[:, 0]
-    hidden = torch.cat(states, dim=-1) if len(states) > 1 else states[0]
-    return hidden.to(compute), None if pooled is None else pooled.to(compute)
+def _tokens(s: MemorySettings) -> int:
+    """Embedding length: 77, or 75 per window + BOS/EOS with max_token_length 150/225."""
+    return TOKENS_PER_CHUNK if s.token_chunks == 1 else s.token_chunks * 75 + 2
 
 
-def _unet_loss(
-    models: StepModels,
-    settings: MemorySettings,
-    latents: torch.Tensor,
-    hidden: torch.Tensor,
-    pooled: torch.Tensor | None,
-    device: str,
-) -> torch.Tensor:
-    batch = settings.batch_size
-    noise = torch.randn_like(latents)
-    timesteps = torch.randint(0, 1000, (batch,), device=device)
-    noisy = latents + noise  # stands in for scheduler.add_noise (same tensor sizes)
-    added = None
-    if pooled is not None:
-        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch, device=device)
-        added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.dtype)}
-    with _autocast(settings, device):
-        pred = models.unet(noisy, timesteps, hidden, added_cond_kwargs=added).sample
-    loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    return loss.mean()
+def _batch(s: MemorySettings, live_vae: bool) -> dict[str, Any]:
+    """A batch as the data loader gives it, at the largest bucket."""
+    b = s.batch_size
+    sizes = torch.tensor([[s.height, s.width]] * b, dtype=torch.int64)
+    batch: dict[str, Any] = {
+        "captions": [TRACE_CAPTION] * b,
+        "original_sizes_hw": sizes,
+        "crop_top_lefts": torch.zeros(b, 2, dtype=torch.int64),
+        "target_sizes_hw": sizes.clone(),
+        "loss_weights": torch.ones(b),
+        "flipped": [False] * b,
+        "keys": [TRACE_KEY] * b,
+        "is_reg": [False] * b,
+    }
+    if live_vae:
+        batch["images"] = torch.zeros(b, 3, s.height, s.width)
+    return batch
 
 
-def _initialise_optimizer_state(models: StepModels) -> None:
-    """One step on zero gradients: creates the optimizer's state as a real first step does."""
-    for p in models.trainable:
+def _loss_setup(
+    models: StepModels, recipe: Recipe, arch: Architecture, s: MemorySettings, device: str
+) -> Any:
+    from loraforge.training.build import loss_setup
+    from loraforge.training.settings import resolve_v_prediction
+
+    return loss_setup(
+        recipe.training,
+        models.unet,
+        s.family,
+        _conditioning(models, arch, recipe, s, device),
+        v_prediction=resolve_v_prediction(recipe, s.family == "sd2-v"),
+        weight_dtype=torch_dtype(s.compute_dtype),
+    )
+
+
+def _create_optimizer_state(models: StepModels) -> None:
+    """One optimizer step on zero gradients: the state a first real step leaves."""
+    params = [p for g in models.optimizer.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
         p.grad = torch.zeros_like(p)
     models.optimizer.step()
     models.optimizer.zero_grad(set_to_none=True)
@@ -135,55 +164,77 @@ def run_training_step(
     settings: MemorySettings,
     tracker: LiveBytesTracker,
     *,
+    cuda_policy: bool = True,
     device: str = "cpu",
     before_step: Callable[[], None] | None = None,
 ) -> StepMeasurement:
-    """Build the models, then measure one steady-state training step with ``tracker``.
+    """Build the models, then measure one steady-state optimizer step with ``tracker``.
 
-    Call it under ``FakeTensorMode`` for a trace, or plainly for a real (small) CPU run; on a
-    GPU build the models under ``with torch.device("cuda")`` and pass ``device="cuda"``.
+    Call it under ``FakeTensorMode`` (full-size models cost nothing there); on a GPU, build
+    under ``with torch.device("cuda")`` and pass ``device="cuda"`` (benchmarks/).
 
     Args:
-        before_step: called once the optimizer state exists, right before the measured step
-            (e.g. ``torch.cuda.reset_peak_memory_stats``).
+        cuda_policy: on the CPU, run with CUDA's autocast policy, as the GPU will (default);
+            ``False`` runs as a CPU ``train`` run does (to compare with one).
+        device: where the step runs.
+        before_step: called right before the measured step (``reset_peak_memory_stats``).
     """
-    models = build_step_models(recipe, arch, settings, device)
-    _register_resident(models, tracker)
-    with cuda_policy(device), tracker:
+    from loraforge.training.step import (
+        accumulate_batch,
+        apply_update,
+        trainable_parameters,
+    )
+    from loraforge.vram.amp import cuda_policy as policy
+
+    on_cpu = device == "cpu"
+    cuda_policy = cuda_policy and on_cpu  # on a GPU autocast has CUDA's policy anyway
+    models = build_step_models(recipe, arch, settings, cuda_policy=cuda_policy, foreach=not on_cpu)
+    setup = _loss_setup(models, recipe, arch, settings, device)
+    accelerator = TraceAccelerator(settings.compute_dtype, cuda_policy=cuda_policy, device=device)
+    generator = torch.Generator("cpu")
+    t = recipe.training
+    register_resident(
+        tracker, models.unet, models.text_encoders, models.vae, models.network, models.optimizer
+    )
+    with (
+        policy(cuda_policy),
+        tracker,
+        categorize_by_module(tracker, models.unet, models.text_encoders, models.vae),
+    ):
         tracker.phase("optimizer state")
-        _initialise_optimizer_state(models)
+        _create_optimizer_state(models)
         tracker.reset_peak()
         if before_step is not None:
             before_step()
-        tracker.phase("inputs" if models.vae is None else "vae encode")
-        latents = _latents(models, settings, device)
-        tracker.phase("text encoder activations" if models.text_encoders else "inputs")
-        hidden, pooled = _encode_text(models, arch, settings, device)
-        tracker.phase("unet activations")
-        loss = _unet_loss(models, settings, latents, hidden, pooled, device)
-        loss.backward()
-        del loss, latents, hidden, pooled
-        tracker.recategorize([p.grad for p in models.trainable if p.grad is not None], "gradients")
+        # a second batch of an accumulated step runs with the first one's gradients alive
+        for index in range(min(t.gradient_accumulation_steps, 2)):
+            tracker.phase("inputs")
+            batch = _batch(settings, live_vae=models.vae is not None)
+            accumulate_batch(
+                setup,
+                batch,
+                generator,
+                index,
+                accelerator,
+                accumulation=t.gradient_accumulation_steps,
+                train_text_encoder=settings.train_text_encoder,
+            )
+            del batch
+            params = trainable_parameters(models.optimizer)
+            tracker.recategorize([p.grad for p in params if p.grad is not None], "gradients")
         tracker.phase("optimizer step")
-        if settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(models.trainable, settings.max_grad_norm, foreach=True)
-        models.optimizer.step()
-        models.optimizer.zero_grad(set_to_none=True)
+        apply_update(
+            accelerator,
+            models.optimizer,
+            models.scheduler,
+            models.network,
+            params,
+            max_grad_norm=settings.max_grad_norm,
+            scale_weight_norms=t.scale_weight_norms,
+        )
     return StepMeasurement(
         peak_bytes=tracker.peak,
         at_peak=tracker.live_at_peak(),
-        trainable_params=sum(p.numel() for p in models.trainable),
+        trainable_params=sum(p.numel() for p in params),
         network_params=sum(p.numel() for p in models.network.parameters()),
     )
-
-
-def _register_resident(models: StepModels, tracker: LiveBytesTracker) -> None:
-    def tensors(module: nn.Module) -> list[torch.Tensor]:
-        return [*module.parameters(), *module.buffers()]
-
-    tracker.register(tensors(models.network), "network weights")
-    tracker.register(tensors(models.unet), "unet weights")
-    for index, encoder in enumerate(models.text_encoders):
-        tracker.register(tensors(encoder), f"text encoder {index + 1} weights")
-    if models.vae is not None:
-        tracker.register(tensors(models.vae), "vae weights")

@@ -1,9 +1,10 @@
 """The traced estimate: a real training step on full-size fake tensors, measured.
 
 The architecture is built under ``FakeTensorMode`` (shapes and dtypes, no memory), the recipe's
-network is created and hooked by its real backend, and one steady-state step runs: forward,
-backward, gradient clipping and the optimizer step, with the recipe's precision, checkpointing,
-attention and caching. :class:`~loraforge.vram.tracker.LiveBytesTracker` records the peak of
+network is created and hooked by its real backend, and ``train``'s own optimizer step runs once
+in steady state (:mod:`loraforge.vram.step`): conditioning, noise, the recipe's loss, backward,
+clipping, the optimizer and scheduler, with the recipe's precision, checkpointing, attention and
+caching. :class:`~loraforge.vram.tracker.LiveBytesTracker` records the peak of
 live tensor bytes and what was alive at that moment, which become the rows.
 """
 
@@ -41,8 +42,13 @@ def _quiet() -> Iterator[None]:
         transformers_logging.set_verbosity(levels[1])
 
 
-def trace_step(recipe: Recipe, arch: Architecture, settings: MemorySettings, *, fake: bool = True):
-    """Run one measured step; ``fake=False`` runs it for real (small models only!).
+def trace_step(
+    recipe: Recipe, arch: Architecture, settings: MemorySettings, *, cuda_policy: bool = True
+):
+    """Run ``train``'s step once on full-size fake tensors and measure it.
+
+    Args:
+        cuda_policy: autocast as on a GPU (the estimate); ``False`` as a CPU run does.
 
     Returns:
         :class:`loraforge.vram.step.StepMeasurement`.
@@ -52,9 +58,10 @@ def trace_step(recipe: Recipe, arch: Architecture, settings: MemorySettings, *, 
     from loraforge.vram.step import run_training_step
     from loraforge.vram.tracker import LiveBytesTracker
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with _quiet(), mode:
-        return run_training_step(recipe, arch, settings, LiveBytesTracker())
+    with _quiet(), FakeTensorMode(allow_non_fake_inputs=True):
+        return run_training_step(
+            recipe, arch, settings, LiveBytesTracker(), cuda_policy=cuda_policy
+        )
 
 
 def _row_label(category: str, s: MemorySettings) -> tuple[str, str]:
@@ -106,11 +113,13 @@ def _rows(at_peak: Mapping[str, int], s: MemorySettings, trainable: int) -> list
         elif category == "network weights":
             note = f"{trainable / 1e6:.1f}M trainable params"
         elif category == "optimizer state":
-            from loraforge.training.optim import canonical_name
-            from loraforge.vram.optimizers import REAL_OPTIMIZERS
+            from loraforge.vram.optimizers import stands_in
 
-            real = canonical_name(s.optimizer) in REAL_OPTIMIZERS
-            note = "measured" if real else "stand-in with the optimizer's state bytes per parameter"
+            note = (
+                "stand-in with the optimizer's state bytes per parameter"
+                if stands_in(s.optimizer)
+                else "measured"
+            )
         rows.append(VramRow(component, at_peak[category], note, kind))  # type: ignore[arg-type]
     if not s.text_encoders_on_gpu:
         rows.append(VramRow("text encoder weights", 0, "outputs cached: kept off the GPU", "info"))
@@ -125,6 +134,6 @@ def traced_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> Vr
     rows = _rows(measured.at_peak, s, measured.trainable_params)
     notes = [
         f"peak of live tensors {format_bytes(measured.peak_bytes)} measured through one steady-state "
-        "step (forward, backward, clipping, optimizer) on fake tensors",
+        "step of train (conditioning, loss, backward, clipping, optimizer) on fake tensors",
     ]
     return estimate_with_overheads("traced", s, arch, rows, measured.peak_bytes, notes)
