@@ -69,11 +69,7 @@ _LYCORIS_SCALARS = 3  # alpha, scalar and dtype_tensor buffers per module
 
 def _lycoris_unet_targets(unet: UNetStructure, preset: str) -> list[Layer]:
     owners, conv, _ = _LYCORIS_PRESETS.get(preset, _LYCORIS_PRESETS["full"])
-    return [
-        layer
-        for layer in unet.layers
-        if layer.owner in owners and (conv or layer.kernel <= 1)
-    ]
+    return [layer for layer in unet.layers if layer.owner in owners and (conv or layer.kernel <= 1)]
 
 
 def _tensor_sizes(algorithm: str, layer: Layer, rank: int, params: int) -> tuple[int, ...]:
@@ -185,7 +181,11 @@ def _lycoris_size(
     if config.train_text_encoder and trains_text:
         chosen += [(layer, config.dim) for encoder in text_encoders for layer in encoder.layers]
     return _sum_modules(
-        config, chosen, unet_modules, len(chosen) - unet_modules, scalars_per_module=_LYCORIS_SCALARS
+        config,
+        chosen,
+        unet_modules,
+        len(chosen) - unet_modules,
+        scalars_per_module=_LYCORIS_SCALARS,
     )
 
 

@@ -40,7 +40,10 @@ def test_fp8_base_and_full_bf16_shrink_the_weights_they_store():
 def test_live_vae_and_eager_attention_show_in_the_trace():
     cached = _trace({"training": {"mixed_precision": "bf16"}})
     live = _trace(
-        {"training": {"mixed_precision": "bf16", "attention": "eager"}, "cache": {"latents": "none"}}
+        {
+            "training": {"mixed_precision": "bf16", "attention": "eager"},
+            "cache": {"latents": "none"},
+        }
     )
     assert "vae weights" not in cached.at_peak and "vae weights" in live.at_peak
     assert live.at_peak["unet activations"] > cached.at_peak["unet activations"]
