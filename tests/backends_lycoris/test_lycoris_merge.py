@@ -12,13 +12,12 @@ pytest.importorskip("lycoris")
 
 import torch
 
-from loraforge.backends import get_backend
 from loraforge.ops.merge import WeightedLora
 from loraforge.ops.merge_into import merge_into_state_dict
 from loraforge.ops.modules import parse_lora
 from loraforge.ops.targets import diffusers_targets, flatten_components, split_components
 
-from .test_lycoris_models import CASES, _batch, _config, _predict
+from .test_lycoris_models import CASES, _batch, _config, _perturbed, _predict
 
 _COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -70,14 +69,7 @@ def test_loraforge_merge_equals_the_trained_forward(
 ) -> None:
     models = tiny_models(family)
     batch = _batch(models)
-    config = _config(lyco_config, algorithm, args)
-    network = get_backend("lycoris").create(config, family, models.unet, models.text_encoders)
-    network.apply_to()
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in network.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-    network.eval()
+    network = _perturbed(models, _config(lyco_config, algorithm, args), seed=2)
     with torch.no_grad():
         trained = _predict(models, batch)
     tensors = network.state_dict_for_save(torch.float32)

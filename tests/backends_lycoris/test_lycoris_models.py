@@ -133,6 +133,19 @@ def _create(models: Any, config: Any) -> Any:
     return get_backend("lycoris").create(config, models.family, models.unet, models.text_encoders)
 
 
+def _perturbed(models: Any, config: Any, seed: int) -> Any:
+    """The network on ``models``, applied, every parameter moved off its start (as training
+    would: up matrices start at zero), in eval mode."""
+    network = _create(models, config)
+    network.apply_to()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    network.eval()
+    return network
+
+
 def _assert_names_resolve(models: Any, tensors: dict[str, torch.Tensor]) -> None:
     """Each module name resolves, through loraforge's kohya naming, to a layer of the model."""
     unet_paths = [name for name, _ in models.unet.named_modules()]
@@ -231,13 +244,7 @@ def test_lycoris_own_reader_rebuilds_every_module(
 
     models = tiny_models("sd1")
     batch = _batch(models)
-    network = _create(models, _config(lyco_config, algorithm, args))
-    network.apply_to()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in network.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-    network.eval()
+    network = _perturbed(models, _config(lyco_config, algorithm, args), seed=1)
     with torch.no_grad():
         expected = _predict(models, batch)
     fresh = tiny_models("sd1")
