@@ -66,8 +66,6 @@ DORA_OUTPUT_AXIS_WARNING = (
 )
 # recipe algorithm (lycoris backend) -> the file-level algorithm names above
 _RECIPE_ALGORITHMS = {"ia3": "ia3", "diag-oft": "oft", "boft": "boft", "glora": "glora"}
-#: LyCORIS presets that train only some of a text-encoder layer's q/k/v/out projections
-PARTIAL_TE_ATTENTION_PRESETS = {"ia3": ("k_proj", "v_proj")}
 #: families whose text encoder A1111 runs as OpenCLIP (fused q/k/v): LoRA name prefix
 OPEN_CLIP_TEXT_ENCODERS = {"sd2": "lora_te_", "sd2-v": "lora_te_", "sdxl": "lora_te2_"}
 _ATTENTION = re.compile(
@@ -219,7 +217,8 @@ def recipe_gaps(config: NetworkConfig, family: str) -> list[tuple[str, str, str]
         ``(field path, message, hint)`` per finding (warnings: the file is valid, but a UI
         will not apply it as trained).
     """
-    from loraforge.backends.lycoris_config import dora_on_output
+    from loraforge.backends.lycoris_check import PRESETS
+    from loraforge.backends.lycoris_config import DEFAULT_PRESET, dora_on_output
 
     if config.backend != "lycoris":
         return []  # the kohya backend writes LoRA/LoCon files, which every UI loads
@@ -244,8 +243,12 @@ def recipe_gaps(config: NetworkConfig, family: str) -> list[tuple[str, str, str]
                 "remove wd_on_output: the default input-axis layout loads the same everywhere",
             )
         )
-    preset = str(config.args.get("preset", "full"))
-    partial = PARTIAL_TE_ATTENTION_PRESETS.get(preset)
+    preset = str(config.args.get("preset", DEFAULT_PRESET))
+    spec = PRESETS.get(preset)
+    # a preset naming only some of the text encoder's q/k/v/out projections (ia3: k and v)
+    partial = (
+        [n for n in spec.names if n.endswith("_proj")] if spec and spec.text == "names" else []
+    )
     if partial and config.train_text_encoder and family in (*OPEN_CLIP_TEXT_ENCODERS, "auto"):
         where = "on SD 2.x and SDXL " if family == "auto" else ""
         found.append(
