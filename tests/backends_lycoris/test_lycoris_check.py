@@ -113,7 +113,7 @@ def test_boft_dims_on_the_full_architectures_match_lycoris(family: str) -> None:
     assert boft_problem(good, boft_layers(good, unet, encoders), family) is None
 
 
-def test_text_encoder_only_boft_needs_less(tmp_path: Path) -> None:
+def test_text_encoder_only_boft_needs_less() -> None:
     unet, encoders = _structures(dict(published_architecture("sd1").configs))
     config = _boft_recipe("sd1", 6, train_unet=False).network
     assert boft_problem(config, boft_layers(config, unet, encoders), "sd1") is None  # 768 = 6·128
