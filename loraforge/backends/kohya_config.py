@@ -117,9 +117,10 @@ def network_args(config: NetworkConfig) -> dict[str, Any]:
         value = getattr(config, name)
         if value is not None:
             args[name] = _text(value)
-    if args:
-        # sd-scripts adds the network dropout (a number or None, not a string) to the args.
-        args["dropout"] = config.dropout
+    if args and config.dropout is not None:
+        # sd-scripts adds the network dropout (a number or null) to the args; readers of
+        # ss_network_args expect strings, so it is written as one, and left out when unset.
+        args["dropout"] = _text(config.dropout)
     return args
 
 

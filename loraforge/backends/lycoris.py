@@ -23,7 +23,12 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from loraforge.backends.base import LoadResult, MaxNormResult, Network
-from loraforge.backends.lycoris_config import check_config, network_metadata, resolve_options
+from loraforge.backends.lycoris_config import (
+    check_config,
+    dora_on_output,
+    network_metadata,
+    resolve_options,
+)
 from loraforge.console import warn
 from loraforge.errors import DependencyError, LoraFileError, RecipeError
 
@@ -80,6 +85,10 @@ class LycorisBackend:
         """See :meth:`loraforge.backends.base.NetworkBackend.create`."""
         check_config(config)
         require_lycoris()
+        if dora_on_output(config):
+            from loraforge.ops.ui_support import DORA_OUTPUT_AXIS_WARNING
+
+            warn(f"network.args.wd_on_output: {DORA_OUTPUT_AXIS_WARNING}")
         from loraforge.backends.lycoris_modules import build_module, lycoris_messages_to_console
         from loraforge.backends.lycoris_targets import load_preset, select_targets
 

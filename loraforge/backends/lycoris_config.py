@@ -6,8 +6,9 @@ but ignores (e.g. ``use_scalar`` on IA3, ``use_tucker`` on GLoRA, whose conv Tuc
 never run) are left out, so a recipe cannot believe it set something that has no effect.
 
 Files carry the metadata sd-scripts writes when it trains with ``--network_module lycoris.kohya``:
-``ss_network_args`` is the JSON of the ``--network_args`` (string values, plus the network
-dropout sd-scripts adds), so LyCORIS users can read the algorithm and its options back.
+``ss_network_args`` is the JSON of the ``--network_args`` (every value a string), so LyCORIS
+users can read the algorithm and its options back; a DoRA network also says its axis
+(``wd_on_output``), because lycoris.kohya's default axis is not loraforge's.
 
 Pure module: no torch, no lycoris import at module level.
 """
@@ -50,6 +51,7 @@ _ARG_ORDER = (
     "use_tucker",
     "use_scalar",
     "dora_wd",
+    "wd_on_output",
     "block_size",
     "constraint",
     "rescaled",
@@ -140,6 +142,11 @@ def check_config(config: NetworkConfig) -> None:
             "network.args: dora_wd and weight_decompose are the same option; give one",
             hint="keep dora_wd",
         )
+    if "wd_on_output" in config.args and not uses_dora(config):
+        raise RecipeError(
+            "network.args.wd_on_output: only chooses the DoRA axis, and DoRA is off",
+            hint="remove wd_on_output, or set network.args.dora_wd: true",
+        )
     if config.algorithm == "dylora":
         _check_dylora(config)
 
@@ -190,13 +197,29 @@ def _flag(config: NetworkConfig, *names: str) -> bool:
     return any(bool(config.args.get(name, False)) for name in names)
 
 
+def uses_dora(config: NetworkConfig) -> bool:
+    """Whether the network is weight-decomposed (``dora_wd`` / ``weight_decompose``)."""
+    return _flag(config, "dora_wd", "weight_decompose")
+
+
+def dora_on_output(config: NetworkConfig) -> bool:
+    """Whether DoRA normalises per output row (lycoris-lora's ``wd_on_output=True``).
+
+    loraforge's default is the input-axis layout (``dora_scale`` ``(1, in)``, one magnitude per
+    input column), the only one A1111, ComfyUI and Forge all apply the way training does; the
+    output axis is an explicit ``network.args.wd_on_output: true``.
+    """
+    return uses_dora(config) and _flag(config, "wd_on_output")
+
+
 def resolve_options(config: NetworkConfig) -> LycorisOptions:
     """Translate an accepted config (see :func:`check_config`) into lycoris-lora's terms."""
     args = config.args
     kwargs: dict[str, Any] = {
         "use_tucker": _flag(config, "use_tucker"),
         "use_scalar": _flag(config, "use_scalar"),
-        "weight_decompose": _flag(config, "dora_wd", "weight_decompose"),
+        "weight_decompose": uses_dora(config),
+        "wd_on_out": dora_on_output(config),
         "decompose_both": _flag(config, "decompose_both"),
         "full_matrix": _flag(config, "full_matrix"),
         "factor": int(args.get("factor", -1)),
@@ -249,6 +272,9 @@ def network_args(config: NetworkConfig, *, conv_enabled: bool) -> dict[str, Any]
     if config.algorithm == "dylora":
         given.pop("unit", None)
         given["block_size"] = dylora_block_size(config)
+    if uses_dora(config):
+        # lycoris.kohya's default axis is the output one: say which axis the file has
+        given["wd_on_output"] = dora_on_output(config)
     for name in _ARG_ORDER:
         if name in given:
             args[name] = _text(given[name])
@@ -256,8 +282,10 @@ def network_args(config: NetworkConfig, *, conv_enabled: bool) -> dict[str, Any]
         value = getattr(config, name)
         if value is not None:
             args[name] = _text(value)
-    # sd-scripts adds the network dropout itself (a number or None, not a string)
-    args["dropout"] = config.dropout
+    # sd-scripts adds the network dropout itself, as a number or null; readers of
+    # ss_network_args expect strings, so it is written as one, and left out when unset
+    if config.dropout is not None:
+        args["dropout"] = _text(config.dropout)
     return args
 
 

@@ -315,6 +315,14 @@ def _fit(tensor: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
     """``tensor`` in ``shape``; differences in size-1 axes only (Linear vs 1x1 conv) reshape."""
     if tensor.shape == shape:
         return tensor
+    if key.endswith(".dora_scale") and tuple(tensor.shape[:2]) != tuple(shape[:2]):
+        # (out, 1) and (1, in) squeeze alike on a square layer: never reshape one into the other
+        raise LoraFileError(
+            f"{key}: the file's DoRA magnitude {tuple(tensor.shape)} is {_dora_axis(tensor.shape)}, "
+            f"the network's {tuple(shape)} is {_dora_axis(shape)}",
+            hint="set network.args.wd_on_output to true for a per-output-row file "
+            "(lycoris-lora's default), leave it out for a per-input-column one",
+        )
     squeeze = [d for d in tensor.shape if d != 1]
     if squeeze == [d for d in shape if d != 1]:
         return tensor.reshape(shape)
@@ -323,6 +331,10 @@ def _fit(tensor: torch.Tensor, shape: torch.Size, key: str) -> torch.Tensor:
         hint="the file was trained with another rank, algorithm option or model; match "
         "network.dim / conv_dim / args to the file",
     )
+
+
+def _dora_axis(shape: tuple[int, ...] | torch.Size) -> str:
+    return "per input column" if shape[0] == 1 and len(shape) > 1 else "per output row"
 
 
 @torch.no_grad()

@@ -113,6 +113,8 @@ def check_recipe(path: Path, vram: VramRequest | None = None) -> FileReport:
     estimate = None
     if validation.recipe is not None:
         found = backend_problems(validation.recipe, str(path))
+        found += loader_problems(validation.recipe, str(path))
+        found += architecture_problems(validation.recipe, str(path))
         found += filesystem_problems(validation.recipe, str(path))
         problems += [validation.placed(p) for p in found]
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
@@ -159,6 +161,44 @@ def backend_problems(recipe: Recipe, source: str) -> list[Problem]:
             field, message = "network", e.message
         return [Problem("error", message, field, source, hint=e.hint)]
     return []
+
+
+def loader_problems(recipe: Recipe, source: str) -> list[Problem]:
+    """Warnings where the trained file will not load as trained in A1111, ComfyUI or Forge."""
+    from loraforge.ops.ui_support import recipe_gaps
+
+    return [
+        Problem("warning", message, field, source, hint=hint)
+        for field, message, hint in recipe_gaps(recipe.network, recipe.model.family)
+    ]
+
+
+def architecture_problems(recipe: Recipe, source: str) -> list[Problem]:
+    """What cannot be built on the model's layer widths (BOFT's block sizes), read from its
+    configs without torch. Nothing is said when the architecture cannot be told (an ``auto``
+    family with a hub id): training reports it then."""
+    n = recipe.network
+    if (n.backend, n.algorithm) != ("lycoris", "boft"):
+        return []
+    from loraforge.backends.lycoris_check import boft_layers, boft_problem
+    from loraforge.errors import LoraforgeError
+    from loraforge.vram.arch import resolve_architecture
+    from loraforge.vram.structure import text_structure, unet_structure
+
+    try:
+        arch = resolve_architecture(recipe.model.base, recipe.model.family, vae=recipe.model.vae)
+        unet = unet_structure(arch.configs["unet"])
+    except (LoraforgeError, ValueError, KeyError):
+        return []
+    encoders = [
+        text_structure(arch.configs[name], projection=name == "text_encoder_2")
+        for name in arch.text_encoder_names
+    ]
+    message = boft_problem(n, boft_layers(n, unet, encoders), arch.family)
+    if message is None:
+        return []
+    hint = "raise network.dim (and conv_dim) to a dim that works, or use diag-oft"
+    return [Problem("error", message, "network.dim", source, hint=hint)]
 
 
 def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:

@@ -80,6 +80,19 @@ def report_document(report: LoraReport) -> dict[str, Any]:
         "alphas": {f"{k:g}": v for k, v in sorted(report.alphas.items())},
         "problems": [asdict(p) for p in report.problems],
         "notes": list(report.notes),
+        "ui_support": [
+            {
+                "ui": s.ui,
+                "status": s.status,
+                "modules": s.total,
+                "applied": s.total - s.unapplied,
+                "gaps": [
+                    {"effect": g.effect, "modules": len(g.modules), "reason": g.reason}
+                    for g in s.gaps
+                ],
+            }
+            for s in report.ui_support
+        ],
         "metadata": asdict(report.metadata),
         "modules": [asdict(m) for m in report.modules],
     }
@@ -116,6 +129,7 @@ def _summary_rows(report: LoraReport) -> list[tuple[str, str]]:
         ("modules", _coverage_text(report)),
         ("ranks", _counter_text(report.ranks)),
         ("alphas", _counter_text(report.alphas)),
+        *((f"in {s.ui}", s.headline) for s in report.ui_support),
     ]
     optional = [
         ("network", " ".join(x for x in (m.network_module, _dim_alpha(m)) if x)),

@@ -111,7 +111,9 @@ def command(
     r"""Merge LoRAs into a checkpoint, several LoRAs into one, or extract a LoRA from two models.
 
     [bold]Into a checkpoint[/] (--base with --lora): W += ratio · ΔW for every module, for every
-    algorithm (LoRA/LoCon, LoHa, LoKr, IA3, OFT/BOFT, GLoRA, full, DoRA). A .safetensors base
+    algorithm (LoRA/LoCon, LoHa, LoKr, IA3, OFT/BOFT, GLoRA, full, DoRA, and the norm layers of
+    LyCORIS train_norm files); bias deltas (full diff_b, norm b_norm) go into the biases. The
+    table counts the modules and bias deltas applied. A .safetensors base
     gives a .safetensors file; a diffusers folder base gives a folder. A LoRA made for another
     family (SDXL LoRA, SD 1.5 model) is refused.
 
@@ -227,7 +229,7 @@ def _load(
 def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options) -> None:
     from loraforge.console import warn
     from loraforge.ops.base_model import load_base, resolver, write_base
-    from loraforge.ops.merge import check_base_family, merge_into_state_dict
+    from loraforge.ops.merge_into import check_base_family, merge_into_state_dict
 
     items = _load(specs, opts.allow_pickle)
     base = load_base(base_path, allow_pickle=opts.allow_pickle)
@@ -242,6 +244,14 @@ def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options)
             warn(
                 f"{label}: {len(names)} module(s) have no matching layer in {base.label} and "
                 f"were skipped (e.g. {', '.join(names[:3])})"
+            )
+    for loaded, _ in items:
+        unused = loaded.parsed.unused_keys
+        if unused:
+            warn(
+                f"{loaded.parsed.label}: {len(unused)} tensor(s) were not merged: they belong to "
+                f"no module or their module's algorithm does not use them (e.g. "
+                f"{', '.join(unused[:3])})"
             )
     merged = [
         {"file": str(p), "ratio": r, "sshs_model_hash": loaded.file.metadata.get("sshs_model_hash")}
@@ -258,10 +268,12 @@ def _into_base(base_path: Path, specs: list[tuple[Path, float]], opts: _Options)
             "family": loaded.family.display,
             "algorithm": loaded.parsed.algorithm,
             "modules": n,
+            "bias_deltas": biases,
             "skipped_modules": list(skipped),
+            "unused_tensors": list(loaded.parsed.unused_keys),
         }
-        for (p, r), (loaded, _), (_, n), skipped in zip(
-            specs, items, report.merged, report.skipped, strict=True
+        for (p, r), (loaded, _), (_, n), skipped, biases in zip(
+            specs, items, report.merged, report.skipped, report.biases, strict=True
         )
     ]
     summary = {
@@ -283,11 +295,16 @@ def _render_merge(summary: dict[str, Any], fmt: OutputFormat) -> None:
         print_json(summary)
         return
     table = Table(title=f"merge into {summary['base']} ({summary['family']})", title_justify="left")
-    for column in ("LoRA", "ratio", "family", "algorithm", "modules"):
+    for column in ("LoRA", "ratio", "family", "algorithm", "modules", "bias deltas"):
         table.add_column(column, overflow="fold")
     for row in summary["loras"]:
         table.add_row(
-            row["lora"], f"{row['ratio']:g}", row["family"], row["algorithm"], str(row["modules"])
+            row["lora"],
+            f"{row['ratio']:g}",
+            row["family"],
+            row["algorithm"],
+            str(row["modules"]),
+            str(row["bias_deltas"]),
         )
     out.print(table)
     out.print(f"{summary['changed_weights']} weights changed; wrote {summary['output']}")

@@ -13,7 +13,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: norm layers (LyCORIS train_norm modules) are layer names too
 
 
 def expected_names(family: str, conv: bool) -> tuple[frozenset[str], frozenset[str]] | None:
@@ -78,16 +78,17 @@ def _build_name_tables(family: str) -> dict[str, frozenset[str]]:
         if (folder / "text_encoder_2").is_dir():
             config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
             encoders.append(CLIPTextModelWithProjection(config))
+    layers = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
     every: set[str] = set()
     for path, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+        if isinstance(module, layers):
             try:
                 every.add(unet_lora_name(family, path, unet_config=dict(unet.config)))
             except ValueError:
                 continue
     for index, encoder in enumerate(encoders):
         for path, module in encoder.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear | torch.nn.LayerNorm):
                 every.add(text_encoder_lora_name(family, index, path))
     attn = lora_targets(family, unet, encoders, conv=False)
     conv = lora_targets(family, unet, encoders, conv=True)

@@ -142,7 +142,7 @@ def extraction_pairs(
 
 
 def resolver(base: BaseWeights):
-    """The name -> :class:`~loraforge.ops.merge.TargetRef` function merge needs."""
+    """The name -> :class:`~loraforge.ops.merge_into.TargetRef` function merge needs."""
 
     def resolve(name: str):
         target = base.targets.get(name)

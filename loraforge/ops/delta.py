@@ -9,12 +9,17 @@ The formulas are the ones the consumers of these files apply (A1111/Forge's ``ex
   ``t1``/``t2``).
 - LoKr: ``ΔW = kron(w1, w2) · alpha/rank``, each factor full or ``a @ b``; the rank is ``w2_b``'s
   (else ``w1_b``'s); with neither factor decomposed there is no scaling.
-- full: ``ΔW = diff``. IA3: ``ΔW = W ⊙ w`` (per output row, or per input column with ``on_input``).
+- full: ``ΔW = diff``, and ``diff_b`` is added to the bias. norm (LyCORIS ``train_norm``, a
+  LayerNorm/GroupNorm layer): ``ΔW = w_norm``, and ``b_norm`` is added to the bias. The bias
+  deltas are scaled by the ratio like ``ΔW`` (ComfyUI's ``diff`` patches, A1111's ``ex_bias``).
+- IA3: ``ΔW = W ⊙ w`` (per output row, or per input column with ``on_input``).
 - GLoRA: ``ΔW = (W @ a1 @ a2 + b1 @ b2) · alpha/rank`` (and the older layout).
 - OFT/BOFT: ``W' = R W`` with Cayley blocks ``R = (I + Q)(I − Q)⁻¹``, ``Q = B − Bᵀ`` (norm-clamped
   by alpha; sd-scripts' own OFT clamps by ``alpha · out_dim``).
-- DoRA (``dora_scale``): ``W' = (W + ΔW) · m / ‖W + ΔW‖`` (norm per output row when ``dora_scale``
-  is ``(out, 1, …)``, else per input column).
+- DoRA (``dora_scale``): ``W' = (W + ΔW) · m / ‖W + ΔW‖``, the norm per input column for a
+  ``(1, in, …)`` magnitude (loraforge's layout: the one A1111, ComfyUI and Forge all apply this
+  way), per output row for an ``(out, 1, …)`` one (lycoris-lora's ``wd_on_output``, as trained;
+  the UIs read that layout differently, see :mod:`loraforge.ops.ui_support`).
 
 A weight-dependent module at ratio ``r`` gives ``W + r · (W' − W)``, as ComfyUI does.
 
@@ -29,7 +34,7 @@ import torch
 
 from loraforge.ops.modules import LoraModule, glora_old_layout
 
-ADDITIVE_ALGORITHMS = ("lora", "loha", "lokr", "full")
+ADDITIVE_ALGORITHMS = ("lora", "loha", "lokr", "full", "norm")
 
 
 def is_additive(m: LoraModule) -> bool:
@@ -74,7 +79,7 @@ def module_delta(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The scaled ``ΔW`` of an additive module (LoRA/LoCon, LoHa, LoKr, full).
+    """The scaled ``ΔW`` of an additive module (LoRA/LoCon, LoHa, LoKr, full, norm).
 
     Args:
         m: the module; must satisfy :func:`is_additive`.
@@ -104,6 +109,8 @@ def _additive_delta(
         delta = _loha(t)
     elif m.algorithm == "lokr":
         delta = _lokr(t)
+    elif m.algorithm == "norm":
+        delta = t["w_norm"]
     else:
         delta = t["diff"]
     delta = delta * m.scale
@@ -179,8 +186,24 @@ def apply_module(
     else:
         delta = _oft(m, t, w) - w
     if m.dora:
-        delta = _weight_decompose(w, delta, t["dora_scale"]) - w
+        delta = _weight_decompose(w, delta, t["dora_scale"], bool(m.dora_on_output)) - w
     return w + ratio * delta
+
+
+def apply_bias(m: LoraModule, bias: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+    """The layer's bias with ``m``'s bias delta (full ``diff_b``, norm ``b_norm``) at ``ratio``.
+
+    Raises:
+        ValueError: the module has no bias delta, or it does not fit ``bias``.
+    """
+    delta = m.bias_delta
+    if delta is None:
+        raise ValueError(f"{m.name}: {m.algorithm} has no bias delta")
+    if delta.numel() != bias.numel():
+        raise ValueError(
+            f"{m.name}: bias delta {tuple(delta.shape)} does not fit {tuple(bias.shape)}"
+        )
+    return bias + ratio * delta.to(device=bias.device, dtype=bias.dtype).reshape(bias.shape)
 
 
 def _ia3(t: dict[str, torch.Tensor], w: torch.Tensor) -> torch.Tensor:
@@ -257,14 +280,15 @@ def _boft(
 
 
 def _weight_decompose(
-    w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+    w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, on_output: bool
 ) -> torch.Tensor:
+    """``(W + ΔW) · m / ‖W + ΔW‖``, the norm per output row or per input column."""
     merged = w + delta
-    if magnitude.dim() >= 2 and magnitude.shape[0] == w.shape[0] and magnitude.shape[1] == 1:
+    if on_output:
         norm = merged.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (w.dim() - 1))
-        return merged * (magnitude.reshape(norm.shape) / norm)
-    norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
-    norm = norm.reshape(1, -1, *[1] * (w.dim() - 2))
+    else:
+        norm = merged.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+        norm = norm.reshape(1, -1, *[1] * (w.dim() - 2))
     return merged * (magnitude.reshape(norm.shape) / norm)
 
 

@@ -26,11 +26,13 @@ from loraforge.ops.modules import (
     LoraModule,
     ParsedLora,
     Problem,
+    glora_old_layout,
     parse_lora,
     user_algorithm,
 )
 from loraforge.ops.resize import module_kind
 from loraforge.ops.svd import svd_of_products
+from loraforge.ops.ui_support import ModuleFacts, UiSupport, file_support
 
 _TE_LAYER = re.compile(r"^(lora_te[12]?)_text_model_encoder_layers_(\d+)_")
 
@@ -82,6 +84,7 @@ class LoraReport:
     notes: tuple[str, ...]
     metadata: MetadataSummary
     coverage: tuple[tuple[str, int, int | None], ...]
+    ui_support: tuple[UiSupport, ...] = ()
 
     @property
     def broken(self) -> bool:
@@ -143,6 +146,8 @@ def inspect_lora(file: LoraFile, expected: ExpectedNames | None = None) -> LoraR
         names = expected(family.family, any(m.is_conv3x3 for m in parsed.modules.values()))
     known, targets = names if names is not None else (None, None)
     problems.extend(_name_problems(parsed, known))
+    support = file_support([_ui_facts(m) for m in parsed.modules.values()], family.family)
+    problems.extend(Problem("warning", None, str(gap)) for ui in support for gap in ui.gaps)
     stats = _module_stats(parsed)
     problems.extend(_value_problems(stats, file, notes))
     summary = summarize_metadata(file)
@@ -161,7 +166,14 @@ def inspect_lora(file: LoraFile, expected: ExpectedNames | None = None) -> LoraR
         notes=tuple(notes),
         metadata=summary,
         coverage=_coverage(parsed, targets),
+        ui_support=support if parsed.modules else (),
     )
+
+
+def _ui_facts(m: LoraModule) -> ModuleFacts:
+    algorithm = "boft" if m.boft else m.algorithm
+    old_glora = m.algorithm == "glora" and glora_old_layout(m.tensors)
+    return ModuleFacts(m.name, algorithm, m.dora_on_output, old_glora)
 
 
 def _name_problems(parsed: ParsedLora, expected: Collection[str] | None) -> list[Problem]:

@@ -1,28 +1,25 @@
-"""Merge LoRAs: several into one LoRA (exact or concat), or any number into base weights.
+"""Merge LoRAs into one: exact or concat (merging into base weights: :mod:`loraforge.ops.merge_into`).
 
 - **concat**: ``up = [r₁·s₁·up₁ | r₂·s₂·up₂ | …]``, ``down = [down₁; down₂; …]``, alpha = rank
   (``rᵢ`` the ratio, ``sᵢ = alphaᵢ/rankᵢ``). The rank is the sum of the ranks; nothing is lost.
 - **exact**: the same sum, truncated by SVD to ``rank`` (or a dynamic rule) — the best rank-``k``
   approximation of ``Σ rᵢ ΔWᵢ``. LoRA/LoCon sums are factorised without forming ``ΔW``; LoHa,
   LoKr and full deltas are summed densely.
-- **into weights**: ``W ← apply(W)`` for every module at its ratio
-  (:func:`~loraforge.ops.delta.apply_module`), where a resolver maps each LoRA module name to a
-  weight key (and, for fused ``in_proj`` tensors, a row range).
 
 Ratios may be negative (subtracting a LoRA). Modules that depend on the base weight (DoRA, OFT,
-BOFT, IA3, GLoRA) cannot be merged into a LoRA without it; they merge into weights only.
+BOFT, IA3, GLoRA), and what a LoRA cannot hold (norm-layer deltas, the bias deltas of full and
+norm modules), merge into weights only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.ops.delta import (
-    apply_module,
     is_additive,
     lora_factors,
     lora_weight_shape,
@@ -42,22 +39,6 @@ class WeightedLora:
     parsed: ParsedLora
     ratio: float
     family: FamilyGuess | None = None
-
-
-@dataclass(frozen=True)
-class TargetRef:
-    """Where a LoRA module lands in a state dict.
-
-    Attributes:
-        key: the weight's key.
-        rows: ``(start, stop)`` rows of a fused tensor (OpenCLIP ``in_proj_weight`` q/k/v).
-    """
-
-    key: str
-    rows: tuple[int, int] | None = None
-
-
-Resolver = Callable[[str], "TargetRef | None"]
 
 
 def check_lora_families(loras: Sequence[WeightedLora]) -> str | None:
@@ -81,23 +62,6 @@ def check_lora_families(loras: Sequence[WeightedLora]) -> str | None:
     return seen[0] if seen else None
 
 
-def check_base_family(lora: WeightedLora, base_family: str | None, base_label: str) -> None:
-    """Refuse a LoRA made for another family than the base model.
-
-    Raises:
-        LoraFileError: naming both families.
-    """
-    family = lora.family.family if lora.family else None
-    if family is None or base_family is None or family == base_family:
-        return
-    raise LoraFileError(
-        f"{lora.parsed.label} is an {FAMILY_NAMES[family]} LoRA but {base_label} is an "
-        f"{FAMILY_NAMES[base_family]} model",
-        hint=f"use an {FAMILY_NAMES[base_family]} LoRA with this model, "
-        f"or an {FAMILY_NAMES[family]} base",
-    )
-
-
 def _contributions(
     loras: Sequence[WeightedLora],
 ) -> dict[str, list[tuple[LoraModule, WeightedLora]]]:
@@ -109,13 +73,23 @@ def _contributions(
     return table
 
 
-def _refuse_weight_dependent(name: str, parts: list[tuple[LoraModule, WeightedLora]]) -> None:
+def _refuse_what_a_lora_cannot_hold(
+    name: str, parts: list[tuple[LoraModule, WeightedLora]]
+) -> None:
+    hint = "merge it into a checkpoint: `loraforge merge --base MODEL --lora FILE`"
     for module, item in parts:
         if not is_additive(module):
             raise LoraFileError(
                 f"{item.parsed.label}: module {name} is {user_algorithm(module)}, whose effect "
                 "depends on the base weights, so it cannot be merged into a LoRA",
-                hint="merge it into a checkpoint: `loraforge merge --base MODEL --lora FILE`",
+                hint=hint,
+            )
+        if module.algorithm == "norm" or module.bias_delta is not None:
+            what = "a norm layer" if module.algorithm == "norm" else "a bias (diff_b)"
+            raise LoraFileError(
+                f"{item.parsed.label}: module {name} changes {what}, which a LoRA file "
+                "(matrix deltas only) cannot hold, so it cannot be merged into a LoRA",
+                hint=hint,
             )
 
 
@@ -136,7 +110,7 @@ def merge_loras_concat(loras: Sequence[WeightedLora], save_dtype: torch.dtype) -
     tensors: dict[str, torch.Tensor] = {}
     rows = []
     for name, parts in _contributions(loras).items():
-        _refuse_weight_dependent(name, parts)
+        _refuse_what_a_lora_cannot_hold(name, parts)
         shape = _lora_only_shape(name, parts, "concat")
         ups, downs = [], []
         for module, item in parts:
@@ -238,7 +212,7 @@ def _exact_svds(
     factored: list[tuple[str, tuple[int, ...], torch.Tensor, torch.Tensor]] = []
     dense: list[tuple[str, tuple[int, ...], torch.Tensor]] = []
     for name, parts in table.items():
-        _refuse_weight_dependent(name, parts)
+        _refuse_what_a_lora_cannot_hold(name, parts)
         shape = _layer_shape(name, parts)
         if all(m.algorithm == "lora" for m, _ in parts):
             ups, downs = zip(*(lora_factors(m) for m, _ in parts), strict=True)
@@ -290,94 +264,3 @@ def _implied_shape(m: LoraModule) -> tuple[int, ...] | None:
 _SPATIAL_CONV_SUFFIXES = (
     "_conv1", "_conv2", "_conv", "_op", "conv_in", "conv_out", "_in_layers_2", "_out_layers_3",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class MergeIntoReport:
-    """What merging into weights did.
-
-    Attributes:
-        merged: ``(lora label, modules merged)`` per input.
-        skipped: per input, the names of its modules that have no layer in the model.
-        keys: the weight keys that changed.
-    """
-
-    merged: tuple[tuple[str, int], ...]
-    skipped: tuple[tuple[str, ...], ...]
-    keys: tuple[str, ...]
-
-
-def merge_into_state_dict(
-    state_dict: dict[str, torch.Tensor],
-    loras: Sequence[WeightedLora],
-    resolve: Resolver,
-    *,
-    device: str = "cpu",
-    compute_dtype: torch.dtype = torch.float32,
-    base_label: str = "the base model",
-) -> MergeIntoReport:
-    """Apply every module of every input to ``state_dict`` **in place**.
-
-    Modules with no layer in the model are skipped and reported (sd-scripts warns and goes on,
-    e.g. for a text-encoder projection a checkpoint stores differently); an input none of whose
-    modules has a layer was made for another model and is refused.
-
-    Args:
-        state_dict: the base weights; changed entries keep their dtype.
-        loras: the inputs with their ratios.
-        resolve: maps a LoRA module name to its :class:`TargetRef` (``None``: not in this model).
-        device, compute_dtype: where and in which precision to compute (float32 default).
-        base_label: how messages name the base model.
-
-    Raises:
-        LoraFileError: an input with no module in the model, or a module whose shape does not fit.
-    """
-    by_key: dict[str, list[tuple[LoraModule, WeightedLora, TargetRef]]] = {}
-    counts, skipped = [], []
-    for item in loras:
-        item.parsed.require_valid()
-        missing = []
-        for name, module in item.parsed.modules.items():
-            target = resolve(name)
-            if target is None or target.key not in state_dict:
-                missing.append(name)
-                continue
-            by_key.setdefault(target.key, []).append((module, item, target))
-        if missing and len(missing) == len(item.parsed.modules):
-            raise LoraFileError(
-                f"{item.parsed.label}: none of its {len(missing)} modules has a matching layer "
-                f"in {base_label} (e.g. {', '.join(missing[:3])})",
-                hint="the LoRA was made for another model family or architecture; check it with "
-                "`loraforge check LORA`",
-            )
-        counts.append((item.parsed.label, len(item.parsed.modules) - len(missing)))
-        skipped.append(tuple(missing))
-    for key, entries in by_key.items():
-        state_dict[key] = _apply_all(state_dict[key], entries, device, compute_dtype, base_label)
-    return MergeIntoReport(tuple(counts), tuple(skipped), tuple(by_key))
-
-
-def _apply_all(
-    original: torch.Tensor,
-    entries: list[tuple[LoraModule, WeightedLora, TargetRef]],
-    device: str,
-    dtype: torch.dtype,
-    base_label: str,
-) -> torch.Tensor:
-    weight = original.to(device=device, dtype=dtype)
-    for module, item, target in entries:
-        part = weight if target.rows is None else weight[target.rows[0] : target.rows[1]]
-        try:
-            updated = apply_module(module, part, item.ratio)
-        except (ValueError, RuntimeError) as e:
-            raise LoraFileError(
-                f"{item.parsed.label}: module {module.name} does not fit {target.key} "
-                f"{tuple(part.shape)} in {base_label}: {e}",
-                hint="the LoRA was made for a different model (family or size)",
-            ) from e
-        if target.rows is None:
-            weight = updated
-        else:
-            weight = weight.clone()
-            weight[target.rows[0] : target.rows[1]] = updated
-    return weight.to(device=original.device, dtype=original.dtype)

@@ -38,7 +38,11 @@ ALGORITHM_TENSORS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "oft": (frozenset({"oft_blocks"}), frozenset({"rescale"})),
     "glora": (frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight"}), frozenset()),
     "full": (frozenset({"diff"}), frozenset({"diff_b"})),
+    # LyCORIS train_norm: LayerNorm/GroupNorm weight and bias deltas
+    "norm": (frozenset({"w_norm"}), frozenset({"b_norm"})),
 }
+#: per algorithm, the tensor that is a delta of the layer's bias (``bias += ratio · delta``)
+BIAS_TENSORS = {"full": "diff_b", "norm": "b_norm"}
 #: tensors any algorithm may carry.
 COMMON_TENSORS = frozenset({"alpha", "dora_scale"})
 
@@ -48,7 +52,9 @@ COMMON_TENSORS = frozenset({"alpha", "dora_scale"})
 TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_encoder_layers_")
 
 #: every algorithm name this module reports (``locon``/``boft``/``dora`` are refinements).
-ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "oft", "boft", "full", "glora", "dora")
+ALGORITHMS = (
+    "lora", "locon", "loha", "lokr", "ia3", "oft", "boft", "full", "glora", "norm", "dora",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class LoraModule:
     Attributes:
         name: the kohya module name (``lora_unet_…``).
         algorithm: ``lora`` (incl. LoCon), ``loha``, ``lokr``, ``ia3``, ``oft`` (incl. BOFT),
-            ``glora`` or ``full``.
+            ``glora``, ``full`` or ``norm`` (a LayerNorm/GroupNorm delta, LyCORIS train_norm).
         tensors: the module's tensors by their name after the module name (without ``alpha``).
         alpha: the stored alpha, ``None`` when the file has none.
     """
@@ -90,6 +96,21 @@ class LoraModule:
     def dora(self) -> bool:
         """Weight-decomposed (DoRA / DoHa / DoKr): a ``dora_scale`` tensor is present."""
         return "dora_scale" in self.tensors
+
+    @property
+    def dora_on_output(self) -> bool | None:
+        """DoRA magnitude per output row (``dora_scale`` ``(out, 1, …)``, lycoris-lora's
+        ``wd_on_output``) rather than per input column (``(1, in, …)``); ``None`` without DoRA."""
+        if not self.dora:
+            return None
+        scale = self.tensors["dora_scale"]
+        return scale.dim() >= 2 and scale.shape[0] != 1
+
+    @property
+    def bias_delta(self) -> torch.Tensor | None:
+        """What the module adds to the layer's bias (full ``diff_b``, norm ``b_norm``)."""
+        key = BIAS_TENSORS.get(self.algorithm)
+        return None if key is None else self.tensors.get(key)
 
     @property
     def boft(self) -> bool:
@@ -118,7 +139,7 @@ class LoraModule:
     def scale(self) -> float:
         """``alpha / rank`` as A1111/ComfyUI apply it (1.0 without alpha or rank)."""
         rank = self.rank
-        if self.algorithm in ("ia3", "oft", "full") or rank is None or self.alpha is None:
+        if self.algorithm in ("ia3", "oft", "full", "norm") or rank is None or self.alpha is None:
             return 1.0
         return self.alpha / rank
 
@@ -167,12 +188,19 @@ class ParsedLora:
         problems: structural problems found while grouping (errors and warnings).
         stray_keys: keys that belong to no module (e.g. a diffusers/PEFT key).
         label: how messages name the source (a file path).
+        unrecognised_keys: tensors of a module that its algorithm does not use.
     """
 
     modules: dict[str, LoraModule]
     problems: tuple[Problem, ...] = ()
     stray_keys: tuple[str, ...] = ()
     label: str = "<state dict>"
+    unrecognised_keys: tuple[str, ...] = ()
+
+    @property
+    def unused_keys(self) -> tuple[str, ...]:
+        """Every key no operation reads: stray keys and unrecognised module tensors."""
+        return self.stray_keys + self.unrecognised_keys
 
     @property
     def errors(self) -> tuple[Problem, ...]:
@@ -276,7 +304,13 @@ def parse_lora(tensors: Mapping[str, torch.Tensor], label: str = "<state dict>")
         problems.append(
             Problem("warning", None, f"{len(stray)} key(s) belong to no module: {stray[:3]}")
         )
-    return ParsedLora(modules, tuple(problems), tuple(stray), label)
+    unrecognised = tuple(
+        f"{name}.{suffix}"
+        for name, module in modules.items()
+        for suffix in groups[name]
+        if suffix not in module.tensors and suffix != "alpha"
+    )
+    return ParsedLora(modules, tuple(problems), tuple(stray), label, unrecognised)
 
 
 def _build_module(
@@ -326,6 +360,8 @@ def _detect_algorithm(parts: Mapping[str, torch.Tensor]) -> str | None:
         return "glora"
     if "diff" in keys:
         return "full"
+    if "w_norm" in keys or "b_norm" in keys:
+        return "norm"
     if "on_input" in keys or set(keys) == {"weight"}:
         return "ia3"
     return None

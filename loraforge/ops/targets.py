@@ -12,8 +12,9 @@ instantiating the models:
   q, k and v, and ``mlp.c_fc``/``mlp.c_proj`` for ``fc1``/``fc2``.
 
 Each target also says which kohya target group it belongs to: ``attn`` (layers inside
-Transformer2DModel blocks and the text encoders' attention/MLP: the default LoRA targets) or
-``conv`` (ResNet and sampler layers: LoCon's extra targets).
+Transformer2DModel blocks and the text encoders' attention/MLP: the default LoRA targets),
+``conv`` (ResNet and sampler layers: LoCon's extra targets), ``norm`` (the UNet's GroupNorm and
+LayerNorm layers, which LyCORIS ``train_norm`` files change) or ``other``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from loraforge.models.naming import text_encoder_lora_name, unet_lora_name
 from loraforge.models.sgm import SD_LAYOUT, SDXL_LAYOUT, UNetLayout, diffusers_unet_path
-from loraforge.ops.merge import TargetRef
+from loraforge.ops.merge_into import TargetRef
 
 UNET_PREFIX = "model.diffusion_model."
 SINGLE_FILE_TEXT = {
@@ -79,7 +80,7 @@ def unet_targets(
     prefix: str = "",
     sgm: bool = False,
 ) -> dict[str, Target]:
-    """Targets of a UNet's matrix/conv weights.
+    """Targets of a UNet's matrix/conv weights and of its norm layers (1-D weights).
 
     Args:
         family: ``sd1``, ``sd2`` or ``sdxl``.
@@ -97,7 +98,7 @@ def unet_targets(
     config = dict(unet_config) if (unet_config is not None and family == "sdxl") else None
     table: dict[str, Target] = {}
     for key, value in state.items():
-        if not (key.startswith(prefix) and key.endswith(".weight") and value.dim() in (2, 4)):
+        if not (key.startswith(prefix) and key.endswith(".weight") and value.dim() in (1, 2, 4)):
             continue
         path = key[len(prefix) : -len(".weight")]
         try:
@@ -105,7 +106,8 @@ def unet_targets(
             name = unet_lora_name(naming_family, diffusers_path, unet_config=config)
         except ValueError:
             continue  # modules outside the SGM blocks that have no kohya name
-        table[name] = Target(TargetRef(key), _unet_group(diffusers_path), "unet")
+        group = "norm" if value.dim() == 1 else _unet_group(diffusers_path)
+        table[name] = Target(TargetRef(key), group, "unet")
     return table
 
 

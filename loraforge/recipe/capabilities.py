@@ -8,7 +8,9 @@ SINGLE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptSGD")
 ADAPTIVE_OPTIMIZERS = ("Prodigy", "DAdaptAdam", "DAdaptLion", "DAdaptAdaGrad", "DAdaptSGD")
 
 _LYCORIS_COMMON = frozenset({"preset", "train_norm"})
-_LYCORIS_LORA = frozenset({"use_tucker", "use_scalar", "dora_wd", "weight_decompose"})
+_LYCORIS_LORA = frozenset(
+    {"use_tucker", "use_scalar", "dora_wd", "weight_decompose", "wd_on_output"}
+)
 # Which network.args each algorithm takes: what lycoris-lora 4.x's module classes actually use
 # (arguments a class accepts but ignores are left out, so a recipe cannot set something inert).
 # The backends read their accepted sets from here too.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import __version__
+from loraforge.data.metadata import capped_tag_frequency
 from loraforge.ops.metadata import BASE_MODEL_VERSION
 from loraforge.recipe import shareable_dict
 
@@ -206,7 +207,8 @@ def _model_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         "ss_cache_latents": recipe.cache.latents != "none",
     }
     if facts.network_args:
-        keys["ss_network_args"] = json.dumps({k: str(v) for k, v in facts.network_args.items()})
+        args = {k: str(v) for k, v in facts.network_args.items() if v is not None}
+        keys["ss_network_args"] = json.dumps(args)
     keys["ss_sd_model_name"] = _model_name(model.base)
     if facts.base_model_hashes is not None:
         keys["ss_sd_model_hash"] = facts.base_model_hashes.legacy
@@ -264,6 +266,7 @@ def _subset_entry(subset: SubsetFacts) -> dict[str, Any]:
 
 def _dataset_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     d, t = recipe.dataset, recipe.training
+    tag_frequency, note = capped_tag_frequency(facts.tag_frequency)
     subsets = list(facts.subsets)
     configs = [s.config for s in subsets]
     train = [s for s in subsets if not s.config.is_reg]
@@ -279,11 +282,11 @@ def _dataset_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         "enable_bucket": d.enable_bucket,
         "min_bucket_reso": d.min_bucket_reso,
         "max_bucket_reso": d.max_bucket_reso,
-        "tag_frequency": facts.tag_frequency,
+        "tag_frequency": tag_frequency,
         "bucket_info": facts.bucket_info,
         "subsets": [_subset_entry(s) for s in subsets],
     }
-    return {
+    keys = {
         "ss_num_train_images": num_train,
         "ss_num_reg_images": num_reg,
         "ss_batch_size_per_device": t.batch_size,
@@ -307,10 +310,13 @@ def _dataset_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         ),
         "ss_dataset_dirs": json.dumps(_dirs_info(train)),
         "ss_reg_dataset_dirs": json.dumps(_dirs_info(reg)),
-        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "ss_tag_frequency": json.dumps(tag_frequency),
         "ss_bucket_info": json.dumps(facts.bucket_info),
         "ss_datasets": json.dumps([dataset_entry]),
     }
+    if note is not None:
+        keys["loraforge_tag_frequency"] = note
+    return keys
 
 
 def modelspec_metadata(recipe: Recipe, facts: RunFacts, saved_at: float) -> dict[str, str]:

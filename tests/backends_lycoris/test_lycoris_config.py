@@ -18,7 +18,11 @@ from loraforge.backends.lycoris_config import (
 from loraforge.errors import DependencyError, RecipeError
 
 # network.args name -> the keyword lycoris-lora's module constructors take
-_MODULE_KWARG = {"dora_wd": "weight_decompose", "weight_decompose": "weight_decompose"}
+_MODULE_KWARG = {
+    "dora_wd": "weight_decompose",
+    "weight_decompose": "weight_decompose",
+    "wd_on_output": "wd_on_out",
+}
 _NOT_MODULE_KWARGS = {"preset", "train_norm", "unit"}  # network-level, handled by loraforge
 
 
@@ -72,6 +76,7 @@ def test_an_argument_the_algorithm_does_not_take_names_the_algorithm(
         ({"algorithm": "dylora", "dim": 6}, "network.dim"),
         ({"algorithm": "dylora", "args": {"block_size": 2}, "conv_dim": 3}, "network.conv_dim"),
         ({"args": {"dora_wd": True, "weight_decompose": True}}, "network.args"),
+        ({"args": {"wd_on_output": True}}, "network.args.wd_on_output: .*DoRA is off"),
         ({"algorithm": "ia3", "conv_dim": 4}, "network.conv_dim: algorithm 'ia3' does not use"),
         ({"algorithm": "full", "conv_alpha": 1.0}, "network.conv_alpha: algorithm 'full'"),
         ({"algorithm": "diag-oft", "conv_alpha": 1.0}, "network.conv_alpha"),
@@ -103,6 +108,9 @@ def test_options_follow_lycoris_defaults(lyco_config: Any) -> None:
         lyco_config(algorithm="lora", args={"weight_decompose": True}, conv_dim=2, conv_alpha=1)
     )
     assert options.module_kwargs["weight_decompose"] is True
+    assert options.module_kwargs["wd_on_out"] is False  # the axis every UI applies alike
+    on_output = lyco_config(algorithm="loha", args={"dora_wd": True, "wd_on_output": True})
+    assert resolve_options(on_output).module_kwargs["wd_on_out"] is True
     assert (options.conv_dim, options.conv_alpha) == (2, 1)
     assert resolve_options(lyco_config(algorithm="dylora", dim=8)).module_kwargs["block_size"] == 4
 
@@ -129,15 +137,16 @@ def test_metadata_is_what_sd_scripts_writes_for_lycoris_kohya(lyco_config: Any) 
         "factor": "8",
         "decompose_both": "True",
         "dora_wd": "True",
+        "wd_on_output": "False",
         "rank_dropout": "0.05",
-        "dropout": None,
     }
+    assert all(isinstance(v, str) for v in args.values())
 
 
 def test_metadata_without_conv_and_dylora_block(lyco_config: Any) -> None:
     config = lyco_config(algorithm="dylora", dim=8, alpha=None, args={"unit": 2})
     args = json.loads(network_metadata(config, conv_enabled=False)["ss_network_args"])
-    assert args == {"algo": "dylora", "preset": "full", "block_size": "2", "dropout": None}
+    assert args == {"algo": "dylora", "preset": "full", "block_size": "2"}
     meta = network_metadata(config, conv_enabled=False)
     assert meta["ss_network_alpha"] == "8.0"  # alpha null = dim
 

@@ -160,9 +160,13 @@ def test_forward_matches_the_file_as_other_tools_read_it(
         torch.testing.assert_close(hooked[name], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_dora_rescales_rows_to_the_trained_magnitude(lyco_config: Any) -> None:
+@pytest.mark.parametrize("on_output", [False, True], ids=["input-axis", "output-axis"])
+def test_dora_rescales_to_the_trained_magnitude(on_output: bool, lyco_config: Any) -> None:
+    """Default: one magnitude per input column, ``dora_scale`` ``(1, in, …)``; with
+    ``wd_on_output`` one per output row, ``(out, 1, …)``."""
     layers = Layers()
-    network = _network(layers, lyco_config(algorithm="lora", args={"dora_wd": True}, alpha=3))
+    args = {"dora_wd": True, **({"wd_on_output": True} if on_output else {})}
+    network = _network(layers, lyco_config(algorithm="lora", args=args, alpha=3))
     network.apply_to()
     _randomize(network)
     network.eval()
@@ -171,9 +175,13 @@ def test_dora_rescales_rows_to_the_trained_magnitude(lyco_config: Any) -> None:
     for name, layer in layers.targets().items():
         tensors = _module_tensors(saved, name)
         merged = layer.weight + _lora_delta(tensors, layer.weight.shape)
-        norm = merged.reshape(merged.shape[0], -1).norm(dim=1)
-        scale = tensors["dora_scale"].reshape(-1) / norm
-        weight = merged * scale.reshape(-1, *[1] * (merged.dim() - 1))
+        axis = 0 if on_output else 1
+        norm = merged.transpose(0, axis).reshape(merged.shape[axis], -1).norm(dim=1)
+        magnitude = tensors["dora_scale"]
+        assert magnitude.shape[axis] == merged.shape[axis] and magnitude.shape[1 - axis] == 1
+        view = [1] * merged.dim()
+        view[axis] = -1
+        weight = merged * (magnitude.reshape(-1) / norm).reshape(view)
         x = _inputs()[name]
         if isinstance(layer, nn.Conv2d):
             expected = F.conv2d(x, weight, layer.bias, padding=1)

@@ -11,14 +11,12 @@ from loraforge.errors import LoraFileError
 from loraforge.ops.family import detect_family
 from loraforge.ops.merge import (
     ExactSpec,
-    TargetRef,
     WeightedLora,
-    check_base_family,
     check_lora_families,
-    merge_into_state_dict,
     merge_loras_concat,
     merge_loras_exact,
 )
+from loraforge.ops.merge_into import TargetRef, check_base_family, merge_into_state_dict
 from loraforge.ops.modules import parse_lora
 
 A = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -103,6 +101,20 @@ def test_weight_dependent_modules_cannot_become_a_lora(synth) -> None:
     }
     with pytest.raises(LoraFileError, match="--mode exact"):
         merge_loras_concat([_weighted(loha, 1.0)], torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [
+        ({f"{C}_norm1.w_norm": torch.ones(8), f"{C}_norm1.b_norm": torch.ones(8)}, "a norm layer"),
+        ({f"{B}.diff": torch.ones(24, 16), f"{B}.diff_b": torch.ones(24)}, r"a bias \(diff_b\)"),
+    ],
+)
+def test_norm_and_bias_deltas_cannot_become_a_lora(synth, extra, what) -> None:
+    """A LoRA file holds matrix deltas only: exact merging must not drop them silently."""
+    tensors = {**synth.lora(A, 24, 16, 4, alpha=4), **extra}
+    with pytest.raises(LoraFileError, match=f"changes {what}.*cannot be merged into a LoRA"):
+        merge_loras_exact([_weighted(tensors, 1.0)], ExactSpec(rank=4), torch.float32)
 
 
 def test_shape_and_family_mismatches_name_both_files(synth) -> None:

@@ -181,6 +181,32 @@ def test_dataset_counts_and_dirs():
     assert dataset["subsets"][2]["is_reg"] is True and dataset["resolution"] == [512, 768]
 
 
+def test_a_huge_tag_frequency_is_cut_to_each_folders_most_frequent_tags():
+    """Tens of thousands of distinct tags (a tagger's long tail): the header stays well under the
+    1 MiB ComfyUI's metadata view reads, and the most frequent tags keep their exact counts."""
+    tags = {f"tag_{i:06d}_{'x' * 12}": 1 + (i * 7919) % 5000 for i in range(30000)}
+    frequency = {"10_cat": tags, "5_dog": {**tags, "dog": 99999}}
+    assert len(json.dumps(frequency)) > 1_500_000
+    m = build(facts=facts_for(recipe_from(), tag_frequency=frequency))
+    assert len(json.dumps(m).encode()) < 512 * 1024
+    kept = json.loads(m["ss_tag_frequency"])
+    assert set(kept) == {"10_cat", "5_dog"} and 100 < len(kept["10_cat"]) == len(kept["5_dog"])
+    assert kept["5_dog"]["dog"] == 99999
+    for folder, counts in kept.items():  # the most frequent, with their exact counts
+        cutoff = min(counts.values())
+        assert all(frequency[folder][t] == n for t, n in counts.items())
+        assert all(n <= cutoff for t, n in frequency[folder].items() if t not in counts)
+    (dataset,) = json.loads(m["ss_datasets"])
+    assert dataset["tag_frequency"] == kept
+    assert "most frequent tags" in m["loraforge_tag_frequency"]
+    assert "loraforge_tag_frequency" not in build()  # nothing cut: no note
+
+
+def test_network_args_hold_only_strings():
+    m = build(facts=facts_for(recipe_from(), network_args={"algo": "lora", "dropout": None}))
+    assert json.loads(m["ss_network_args"]) == {"algo": "lora"}
+
+
 def test_modelspec_for_sd1():
     m = build()
     assert m["modelspec.sai_model_spec"] == "1.0.1"
