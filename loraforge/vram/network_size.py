@@ -120,7 +120,8 @@ def _module_params(algorithm: str, layer: Layer, rank: int, args: Mapping[str, A
     else:  # diag-oft / boft: block-diagonal rotations of block size `rank`
         params = fan_out * rank
     if args.get("dora_wd") or args.get("weight_decompose"):
-        params += fan_out
+        # the magnitude per input column (1, in), or per output row with wd_on_output
+        params += fan_out if args.get("wd_on_output") else fan_in
     return params
 
 
