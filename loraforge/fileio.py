@@ -1,4 +1,5 @@
-"""Atomic, no-clobber file writing shared by every command that writes outputs.
+"""Atomic, no-clobber file writing shared by every command that writes outputs, and the one
+JSON reader for model configs.
 
 Outputs are written to a temporary file in the destination folder and renamed into place, so a
 crash or Ctrl-C never leaves a half-written file under the final name.
@@ -7,12 +8,14 @@ crash or Ctrl-C never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from loraforge.errors import OutputExistsError
+from loraforge.errors import ModelError, OutputExistsError
 
 
 def refuse_overwrite(path: Path, force: bool) -> None:
@@ -59,3 +62,15 @@ def write_text_atomic(path: Path | str, text: str, *, force: bool = True) -> Non
     """Write UTF-8 text to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path, force=force) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: Path, *, hint: str = "is the model folder complete?") -> dict[str, Any]:
+    """Read a JSON file (a model's ``config.json``, ``model_index.json``…).
+
+    Raises:
+        ModelError: the file is missing, unreadable or not JSON, with ``hint``.
+    """
+    try:
+        return json.loads(Path(path).read_text("utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot read {path} ({e})", hint=hint) from e

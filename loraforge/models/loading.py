@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tempfile
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import ModelError
+from loraforge.fileio import read_json
 from loraforge.models.families import (
     FAMILIES,
     architecture_config_dir,
@@ -157,15 +157,6 @@ def make_noise_scheduler(family: str, scheduler_config: dict[str, Any] | None = 
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(
-            f"cannot read {path} ({e})", hint="is this a complete diffusers folder?"
-        ) from e
-
-
 def _load_folder(
     folder: Path, requested: str, dtype: torch.dtype, *, source: str | None = None
 ) -> dict[str, Any]:
@@ -177,10 +168,10 @@ def _load_folder(
             f"{folder} is not a diffusers model folder (no model_index.json)",
             hint="point model.base at the folder that holds model_index.json, or at a checkpoint",
         )
-    model_index = _read_json(folder / "model_index.json")
-    unet_config = _read_json(folder / "unet" / "config.json")
+    model_index = read_json(folder / "model_index.json")
+    unet_config = read_json(folder / "unet" / "config.json")
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else None
+    scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else None
     detection = detect_family_from_configs(model_index, unet_config, scheduler_config)
     family = resolve_family(requested, detection, source=source)
     try:
@@ -228,7 +219,7 @@ def _load_single_file(
             config_dir = architecture_config_dir(family)
         parts = _components_from_state(state, family, config_dir, dtype, str(path))
         scheduler_path = config_dir / "scheduler" / "scheduler_config.json"
-        parts["scheduler_config"] = _read_json(scheduler_path) if scheduler_path.is_file() else None
+        parts["scheduler_config"] = read_json(scheduler_path) if scheduler_path.is_file() else None
     parts["family"] = family
     parts["prediction_known"] = detection.prediction_known
     parts["identity"] = weights_identity(path)
@@ -294,7 +285,7 @@ def _tokenizer_for(family: str, index: int, config_dir: Path) -> Any:
     folder = config_dir / ("tokenizer" if index == 0 else "tokenizer_2")
     if (folder / "vocab.json").is_file():
         return CLIPTokenizer.from_pretrained(folder)
-    specials = _read_json(folder / "special_tokens_map.json")
+    specials = read_json(folder / "special_tokens_map.json")
     with tempfile.TemporaryDirectory(prefix="loraforge-tokenizer-") as tmp:
         out = write_clip_tokenizer(Path(tmp), clip_merges(), pad_token=specials["pad_token"])
         return CLIPTokenizer.from_pretrained(out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import ModelError
+from loraforge.fileio import read_json
 from loraforge.ops.checkpoint import (
     is_diffusers_folder,
     read_diffusers_components,
@@ -73,11 +74,8 @@ def load_base(path: Path, *, allow_pickle: bool = False) -> BaseWeights:
     return _load_single_file(path, allow_pickle)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8")) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: cannot be read as JSON ({e})") from e
+def _read_json_if_present(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
 
 
 def _load_diffusers(path: Path) -> BaseWeights:
@@ -85,9 +83,9 @@ def _load_diffusers(path: Path) -> BaseWeights:
 
     components = read_diffusers_components(path)
     unet_config = components["unet"].config
-    scheduler = _read_json(path / "scheduler" / "scheduler_config.json")
+    scheduler = _read_json_if_present(path / "scheduler" / "scheduler_config.json")
     detection = detect_family_from_configs(
-        _read_json(path / "model_index.json"), unet_config, scheduler
+        _read_json_if_present(path / "model_index.json"), unet_config, scheduler
     )
     family = "sd2" if detection.family == "sd2-v" else detection.family
     states = {name: c.state for name, c in components.items()}

@@ -10,7 +10,6 @@ place, so an interrupted merge leaves no partial checkpoint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import ModelError, OutputExistsError
-from loraforge.fileio import atomic_path
+from loraforge.fileio import atomic_path, read_json
 
 #: the components whose weights LoRAs change, in text-encoder index order after the UNet.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -71,7 +70,7 @@ def read_diffusers_components(folder: Path) -> dict[str, DiffusersComponent]:
                 state.update(load_file(str(file), device="cpu"))
             except Exception as e:  # safetensors raises its own error type or OSError
                 raise ModelError(f"{file}: not a readable safetensors file ({e})") from e
-        config = _read_json(sub / "config.json")
+        config = read_json(sub / "config.json")
         components[name] = DiffusersComponent(state, config, tuple(files))
     if "unet" not in components:
         raise ModelError(
@@ -88,7 +87,7 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
         return [single]
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         return [folder / s for s in shards]
     if any(folder.glob("*.bin")):
         raise ModelError(
@@ -96,13 +95,6 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
             hint="re-save the model with safe_serialization=True (diffusers' default)",
         )
     raise ModelError(f"{folder}: no {stem}.safetensors found")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: cannot be read as JSON ({e})") from e
 
 
 def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.errors import ModelError, RecipeError
+from loraforge.fileio import read_json
 from loraforge.models.families import (
     architecture_config_dir,
     detect_family_from_configs,
@@ -54,13 +55,6 @@ class Architecture:
         return tuple(n for n in ("text_encoder", "text_encoder_2") if n in self.configs)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text("utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read {path} ({e})", hint="is the model folder complete?") from e
-
-
 def read_config_dir(folder: Path, family: str, *, source: str | None = None) -> Architecture:
     """Read the component configs of a diffusers folder (no weights needed).
 
@@ -72,19 +66,19 @@ def read_config_dir(folder: Path, family: str, *, source: str | None = None) -> 
     Raises:
         ModelError: a config is missing or unreadable, or the family does not match.
     """
-    unet = _read_json(folder / "unet" / "config.json")
+    unet = read_json(folder / "unet" / "config.json")
     index_path = folder / "model_index.json"
-    model_index = _read_json(index_path) if index_path.is_file() else {}
+    model_index = read_json(index_path) if index_path.is_file() else {}
     if not model_index:
         model_index = {n: [] for n in COMPONENTS if (folder / n / "config.json").is_file()}
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else None
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else None
     detection = detect_family_from_configs(model_index, unet, scheduler)
     resolved = resolve_family(family, detection, source=str(folder))
     configs: dict[str, Mapping[str, Any]] = {"unet": unet}
     names = ["vae", "text_encoder", "text_encoder_2"][: 1 + family_spec(resolved).num_text_encoders]
     for name in names:
-        configs[name] = _read_json(folder / name / "config.json")
+        configs[name] = read_json(folder / name / "config.json")
     return Architecture(resolved, configs, source or str(folder))
 
 
@@ -155,7 +149,7 @@ def _vae_override(vae: str | None) -> Mapping[str, Any] | None:
     folder = Path(vae).expanduser()
     for candidate in (folder / "config.json", folder / "vae" / "config.json"):
         if candidate.is_file():
-            return _read_json(candidate)
+            return read_json(candidate)
     return None
 
 
