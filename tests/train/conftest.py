@@ -106,3 +106,17 @@ def write_recipe(tmp_path: Path, make_recipe: Callable[..., Path]) -> RecipeFact
         return make_recipe(tmp_path, overrides, **kwargs)
 
     return factory
+
+
+def train_quietly(run: Any, probe: Any = None) -> Any:
+    """Run :func:`loraforge.training.loop.train` on a set-up run with the display off."""
+    from loraforge.console import err
+    from loraforge.training.display import TrainingDisplay
+    from loraforge.training.loop import StopFlag, train
+
+    length = run.settings.length
+    display = TrainingDisplay(
+        err, total_steps=length.max_train_steps, num_epochs=length.num_epochs,
+        start_step=run.start.global_step, device=run.device, enabled=False,
+    )  # fmt: skip
+    return train(run, display, StopFlag(), probe)

@@ -10,22 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge.console import err
 from loraforge.recipe import load_recipe
-from loraforge.training.display import TrainingDisplay
-from loraforge.training.loop import StopFlag, train
 from loraforge.training.run import run_training
 from loraforge.training.setup import setup_run
+
+from .conftest import train_quietly
 
 
 def _train_quietly(recipe_path: Path):
     run = setup_run(load_recipe(recipe_path))
-    length = run.settings.length
-    display = TrainingDisplay(
-        err, total_steps=length.max_train_steps, num_epochs=length.num_epochs, start_step=0,
-        device=run.device, enabled=False,
-    )  # fmt: skip
-    return run, train(run, display, StopFlag())
+    return run, train_quietly(run)
 
 
 @pytest.mark.parametrize(

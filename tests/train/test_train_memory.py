@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.console import err
 from loraforge.recipe import load_recipe
-from loraforge.training.display import TrainingDisplay
-from loraforge.training.loop import StopFlag, train
 from loraforge.training.setup import setup_run
 from loraforge.vram.analytic import analytic_estimate
 from loraforge.vram.arch import resolve_architecture
 from loraforge.vram.probe import MemoryProbe
 from loraforge.vram.settings import memory_settings
 from loraforge.vram.traced import trace_step
+
+from .conftest import train_quietly
 
 # Every batch has the same size (no buckets), so each step's peak is the same.
 _FIXED_SIZE = {"resolution": 128, "enable_bucket": False}
@@ -97,13 +96,8 @@ _DEFAULT = ("sd1-lora-adamw-te-live-vae-b1", "sdxl-locon-adamw-bf16-unet-only-ca
 
 def _measure_real_run(recipe_path: Path) -> MemoryProbe:
     run = setup_run(load_recipe(recipe_path))
-    length = run.settings.length
-    display = TrainingDisplay(
-        err, total_steps=length.max_train_steps, num_epochs=length.num_epochs, start_step=0,
-        device=run.device, enabled=False,
-    )  # fmt: skip
     probe = MemoryProbe(run, first=2, last=3)
-    train(run, display, StopFlag(), probe)
+    train_quietly(run, probe)
     assert probe.done
     return probe
 

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from loraforge.console import err
 from loraforge.recipe import load_recipe
-from loraforge.training.display import TrainingDisplay
-from loraforge.training.loop import StopFlag, train
 from loraforge.training.setup import setup_run
+
+from .conftest import train_quietly
 
 SEED = 7
 STEPS = 6
@@ -82,12 +81,7 @@ def _train_with_loraforge(recipe_path: Path) -> tuple[dict[str, torch.Tensor], R
     initial = run.network.state_dict_for_save(torch.float32)
     recorder = RecordingLoader(run.loader)
     run.loader = recorder
-    length = run.settings.length
-    display = TrainingDisplay(
-        err, total_steps=length.max_train_steps, num_epochs=length.num_epochs, start_step=0,
-        device=run.device, enabled=False,
-    )  # fmt: skip
-    train(run, display, StopFlag())
+    train_quietly(run)
     return initial, recorder
 
 
