@@ -123,16 +123,16 @@ def test_existing_outputs_need_force(write_recipe, tmp_path, capsys) -> None:
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(
     write_recipe, tmp_path, monkeypatch, capsys
 ) -> None:
-    import loraforge.training.loop as loop
+    import loraforge.training.step as step
 
-    real, calls = loop.batch_loss, []
+    real, calls = step.batch_loss, []
 
     def poisoned(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) >= 3 else loss
 
-    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    monkeypatch.setattr(step, "batch_loss", poisoned)
     recipe = write_recipe({"training": {"max_train_steps": 5}, "output": {"save_every_n_steps": 2}})
     assert cli("train", str(recipe)) == 2
     stderr = stderr_of(capsys)
