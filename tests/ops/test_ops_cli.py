@@ -45,6 +45,31 @@ def test_resize_writes_default_output_with_updated_metadata(cli, lora: Path) -> 
     assert cli("resize", lora, "--rank", "4", "--force").code == 0
 
 
+def test_resize_and_merge_print_a_summary_and_the_table_only_with_verbose(
+    cli, lora: Path, tmp_path: Path
+) -> None:
+    quiet = cli("resize", lora, "-r", "4", "-o", tmp_path / "q.safetensors")
+    assert quiet.code == 0, quiet.err
+    lines = quiet.out.strip().splitlines()
+    assert "┃" not in quiet.out and len(lines) <= 6, quiet.out
+    text = " ".join(quiet.out.split())
+    assert "2 modules; new ranks: 4 x2 (was up to 16)" in text
+    assert "lowest" in text and "median" in text and "overall" in text
+    assert K not in text or Q not in text  # only the lowest module is named
+    loud = cli("resize", lora, "-r", "4", "-o", tmp_path / "l.safetensors", "--verbose")
+    assert loud.code == 0 and "largest dropped" in " ".join(loud.out.split())
+    merged = cli(
+        "merge", "-l", str(lora), "-l", str(lora), "-r", "2", "-o", tmp_path / "m.safetensors"
+    )
+    assert merged.code == 0, merged.err
+    assert "┃" not in merged.out and "new ranks: 2 x2" in merged.out
+    doc = json.loads(
+        cli("resize", lora, "-r", "4", "-o", tmp_path / "j.safetensors", "-f", "json").out
+    )
+    assert len(doc["modules"]) == 2 and doc["overall"]["rank_histogram"] == {"4": 2}
+    assert 0 < doc["overall"]["median_retained_fro"] <= 1
+
+
 def test_resize_json_dynamic_and_precision(cli, lora: Path, tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     result = cli(
