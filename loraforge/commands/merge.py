@@ -307,7 +307,7 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
         merge_loras_concat,
         merge_loras_exact,
     )
-    from loraforge.ops.metadata import derived_lora_metadata
+    from loraforge.ops.metadata import derived_lora_metadata, inherited_metadata
 
     items = _load(specs, opts.allow_pickle)
     weighted = [w for _, w in items]
@@ -328,6 +328,7 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
     meta = derived_lora_metadata(
         family.family, family.v_prediction, opts.output.stem, modules, comment
     )
+    meta.update(inherited_metadata([loaded.file.metadata for loaded, _ in items]))
     meta["modelspec.merged_from"] = ", ".join(loaded.file.label for loaded, _ in items)
     write_lora_file(opts.output, result.tensors, meta, force=opts.force)
     summary = {
