@@ -96,6 +96,7 @@ KOHYA_OPTIONS: dict[str, str | None] = {
     "sample_every_n_epochs": "sample.every_n_epochs",
     "sample_sampler": "sample.sampler",
     "sample_prompts": "sample.prompts",
+    "sample_at_first": "sample.at_first",
     "logging_dir": "logging.dir",
     "log_with": "logging.log_with",
 }  # fmt: skip
@@ -134,7 +135,6 @@ for _name in [
     "log_config",
     "lowram",
     "highvram",
-    "sample_at_first",
     "config_file",
     "output_config",
     "conditioning_data_dir",
