@@ -316,7 +316,7 @@ def _download(repo_id: str) -> Path:
             raise ModelError(
                 f"{repo_id} is not in the Hugging Face cache and the hub cannot be reached",
                 hint="download the model and set model.base to its folder, or run once online "
-                "to fill the cache",
+                "to fill the cache (with HF_HUB_OFFLINE=1 only cached models are used)",
             ) from e
         raise ModelError(
             f"cannot get {repo_id} from the Hugging Face hub ({type(e).__name__}: {e})",
