@@ -44,6 +44,7 @@ def command(
         from loraforge.data.discovery import discover
         from loraforge.data.plan import plan_buckets
         from loraforge.models.loading import load_model
+        from loraforge.training.precision import move_module
 
         target = torch.device(
             "cuda"
@@ -58,9 +59,9 @@ def command(
             vae=recipe.model.vae,
             allow_pickle=recipe.model.allow_pickle,
         )
-        model.vae.to(target, vae_dtype(recipe, model.family, target))
+        move_module(model.vae, target, vae_dtype(recipe, model.family, target))
         for encoder in model.text_encoders:
-            encoder.to(target)
+            move_module(encoder, target)
     from functools import partial
 
     from loraforge.progress import progress_callback

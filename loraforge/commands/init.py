@@ -28,17 +28,40 @@ def command(
         Path | None, typer.Option("--dir", help="Project folder for the demo presets.")
     ] = None,
     list_: Annotated[bool, typer.Option("--list", "-l", help="List the presets.")] = False,
+    from_kohya: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-kohya",
+            help="Convert an sd-scripts config (.toml) or kohya_ss config (.json) instead.",
+            show_default=False,
+        ),
+    ] = None,
+    dataset_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset-config",
+            help="With --from-kohya: the sd-scripts --dataset_config TOML, when the config "
+            "does not name it.",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write a recipe from a preset.
+    """Write a recipe from a preset, or convert a kohya config.
 
     Example:
 
         loraforge init --list
         loraforge init --preset char-12gb -o recipe.yaml
+        loraforge init --from-kohya config.toml --dataset-config dataset.toml -o recipe.yaml
     """
     if list_:
         _print_presets()
+        return
+    if from_kohya is not None:
+        from loraforge.commands.from_kohya import write_recipe_from_kohya
+
+        write_recipe_from_kohya(from_kohya, output, dataset_config=dataset_config, force=force)
         return
     if preset is None:
         raise RecipeError(

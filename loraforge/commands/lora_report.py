@@ -150,10 +150,15 @@ def _summary_rows(report: LoraReport) -> list[tuple[str, str]]:
 
 
 def _coverage_text(report: LoraReport) -> str:
-    parts = []
-    for component, found, expected in report.coverage:
-        parts.append(f"{component} {found}" + (f"/{expected}" if expected is not None else ""))
-    return f"{len(report.modules)} ({', '.join(parts)})" if parts else str(len(report.modules))
+    """``216 (unet 192, te 24)``, then kohya's default targets on the family's full-size model
+    when the file differs from them (a recipe chose other targets, or trained a smaller model)."""
+    found = ", ".join(f"{c} {n}" for c, n, _ in report.coverage if n)
+    text = f"{len(report.modules)} ({found})" if found else str(len(report.modules))
+    defaults = [(c, e) for c, _, e in report.coverage if e]
+    if any(n != e for _, n, e in report.coverage if e is not None) and defaults:
+        full = ", ".join(f"{c} {e}" for c, e in defaults)
+        text += f"; kohya's default targets on the full-size model: {full}"
+    return text
 
 
 def _counter_text(counter) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat
+from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, VerboseOpt
 from loraforge.commands.resize import (
     AllowPickleOpt,
     Device,
@@ -105,6 +105,7 @@ def command(
     save_precision: SavePrecisionOpt = None,
     device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = OutputFormat.table,
+    verbose: VerboseOpt = False,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
@@ -119,7 +120,8 @@ def command(
 
     [bold]LoRAs into one[/] (--lora only): concat stacks the ranks (rank = sum of ranks, exact);
     exact sums the deltas and cuts the sum to --rank by SVD (best approximation of that rank;
-    the table shows how much of each module's norm is kept). Ratios may be negative.
+    the summary says how much of the modules' norm is kept, --verbose per module). Ratios may
+    be negative.
 
     [bold]Extract[/] (--extract --base ORIGINAL --tuned FINETUNED --rank R): a kohya LoRA of
     the difference; --conv-rank adds the ResNet 3x3 convs (LoCon). Text encoders that did not
@@ -154,6 +156,7 @@ def command(
         fmt,
         force,
         allow_pickle,
+        verbose,
     )
     if extract:
         _usage(bool(lora), "--extract takes --base and --tuned, not --lora")
@@ -196,6 +199,7 @@ class _Options:
     fmt: OutputFormat
     force: bool
     allow_pickle: bool
+    verbose: bool = False
 
 
 def _usage(failed: bool, message: str) -> None:
@@ -320,7 +324,7 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
         merge_loras_concat,
         merge_loras_exact,
     )
-    from loraforge.ops.metadata import derived_lora_metadata
+    from loraforge.ops.metadata import derived_lora_metadata, inherited_metadata
 
     items = _load(specs, opts.allow_pickle)
     weighted = [w for _, w in items]
@@ -341,6 +345,7 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
     meta = derived_lora_metadata(
         family.family, family.v_prediction, opts.output.stem, modules, comment
     )
+    meta.update(inherited_metadata([loaded.file.metadata for loaded, _ in items]))
     meta["modelspec.merged_from"] = ", ".join(loaded.file.label for loaded, _ in items)
     write_lora_file(opts.output, result.tensors, meta, force=opts.force)
     summary = {
@@ -349,7 +354,8 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
         "inputs": [{"file": str(p), "ratio": r} for p, r in specs],
         "output": str(opts.output),
     }
-    render_rows(result.rows, summary, opts.fmt, title=f"merge ({mode.value}) -> {opts.output.name}")
+    title = f"merge ({mode.value}) -> {opts.output.name}"
+    render_rows(result.rows, summary, opts.fmt, title=title, verbose=opts.verbose)
 
 
 def _input_dtype(items: list[tuple[LoadedLora, WeightedLora]]) -> Any:
@@ -397,7 +403,7 @@ def _extract(base_path: Path, tuned_path: Path, opts: _Options) -> None:
         "skipped": skipped,
     }
     title = f"extract {tuned_path.name} - {base_path.name} -> {opts.output.name}"
-    render_rows(result.rows, summary, opts.fmt, title=title)
+    render_rows(result.rows, summary, opts.fmt, title=title, verbose=opts.verbose)
     if opts.fmt == OutputFormat.table:
         for what, why in result.skipped:
             info(f"left out {what}: {why}")

@@ -21,3 +21,9 @@ FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", "-f", help="table for people, json for machines.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Also print the per-module table (--format json always has it)."
+    ),
+]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat
+from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, VerboseOpt
 
 if TYPE_CHECKING:
     import torch
@@ -83,15 +83,17 @@ def command(
     save_precision: SavePrecisionOpt = None,
     device: DeviceOpt = Device.cpu,
     fmt: FormatOpt = OutputFormat.table,
+    verbose: VerboseOpt = False,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
 ) -> None:
     r"""Shrink a LoRA/LoCon to a lower rank (truncated SVD of every module's delta).
 
     Each module's up @ down is re-factorised and cut to the new rank: the best approximation
-    of that rank (Eckart–Young). Alpha is rescaled so the strength stays the same. The table
-    shows, per module, the old and new rank, the share of the delta's Frobenius norm kept and
-    the largest singular value dropped.
+    of that rank (Eckart–Young). Alpha is rescaled so the strength stays the same. The summary
+    gives the module count, the new ranks and the share of the deltas' Frobenius norm kept
+    (lowest, median, overall); --verbose adds a table with, per module, the old and new rank,
+    the share kept and the largest singular value dropped.
 
     [bold]Rank rules[/] (--method, capped by --rank / --conv-rank):
     fixed: every module gets --rank.
@@ -134,7 +136,8 @@ def command(
         "conv_rank": conv_rank,
         "dtype": str(next(iter(result.tensors.values())).dtype).removeprefix("torch."),
     }
-    render_rows(result.rows, summary, fmt, title=f"resize {lora.name} -> {out_path.name}")
+    title = f"resize {lora.name} -> {out_path.name}"
+    render_rows(result.rows, summary, fmt, title=title, verbose=verbose)
 
 
 def load_input(path: Path, allow_pickle: bool) -> LoadedLora:
@@ -189,30 +192,55 @@ def to_dtype(precision: Precision | None) -> torch.dtype | None:
 
 
 def overall(rows: tuple[ModuleResize, ...]) -> dict[str, Any]:
-    """Totals over all modules: retention (norm-weighted and mean), ranks, worst module."""
+    """Totals over all modules: retention (norm-weighted, mean, median, lowest) and ranks."""
     import math
+    import statistics
+    from collections import Counter
 
     total = sum(r.norm**2 for r in rows)
     kept = sum((r.norm * r.retained_fro) ** 2 for r in rows)
     worst = min(rows, key=lambda r: r.retained_fro) if rows else None
+    histogram = Counter(r.new_rank for r in rows)
     return {
         "modules": len(rows),
         "retained_fro": math.sqrt(kept / total) if total > 0 else 1.0,
         "mean_retained_fro": sum(r.retained_fro for r in rows) / len(rows) if rows else 1.0,
+        "median_retained_fro": statistics.median(r.retained_fro for r in rows) if rows else 1.0,
         "old_rank_max": max((r.old_rank for r in rows), default=0),
         "new_rank_max": max((r.new_rank for r in rows), default=0),
         "new_rank_mean": sum(r.new_rank for r in rows) / len(rows) if rows else 0.0,
+        "rank_histogram": {str(rank): histogram[rank] for rank in sorted(histogram)},
         "worst_module": worst.name if worst else None,
         "worst_retained_fro": worst.retained_fro if worst else None,
     }
 
 
+def summary_lines(totals: dict[str, Any]) -> list[str]:
+    """The default output of resize/merge/extract: a few lines instead of a row per module."""
+    if not totals["modules"]:
+        return ["0 modules"]
+    ranks = ", ".join(f"{rank} x{count}" for rank, count in totals["rank_histogram"].items())
+    return [
+        f"{totals['modules']} modules; new ranks: {ranks} (was up to {totals['old_rank_max']})",
+        f"Frobenius norm kept: lowest {100 * totals['worst_retained_fro']:.2f}% "
+        f"({totals['worst_module']}), median {100 * totals['median_retained_fro']:.2f}%, "
+        f"overall {100 * totals['retained_fro']:.2f}%",
+    ]
+
+
 def render_rows(
-    rows: tuple[ModuleResize, ...], summary: dict[str, Any], fmt: OutputFormat, *, title: str
+    rows: tuple[ModuleResize, ...],
+    summary: dict[str, Any],
+    fmt: OutputFormat,
+    *,
+    title: str,
+    verbose: bool = False,
 ) -> None:
-    """Per-module table and totals (or one JSON document) for resize/merge/extract results."""
+    """A summary (and with ``verbose`` the per-module table), or one JSON document with every
+    module, for resize/merge/extract results."""
     from dataclasses import asdict
 
+    from rich.markup import escape
     from rich.table import Table
 
     from loraforge.console import out, print_json
@@ -221,23 +249,22 @@ def render_rows(
     if fmt == OutputFormat.json:
         print_json({**summary, "overall": totals, "modules": [asdict(r) for r in rows]})
         return
-    table = Table(title=title, title_justify="left")
-    for column, justify in (
-        ("module", "left"), ("kind", "left"), ("rank", "right"), ("new", "right"),
-        ("alpha", "right"), ("kept ‖ΔW‖_F", "right"), ("largest dropped σ", "right"),
-    ):  # fmt: skip
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for r in rows:
-        table.add_row(
-            r.name, r.kind, str(r.old_rank), str(r.new_rank), f"{r.new_alpha:g}",
-            f"{100 * r.retained_fro:.2f}%", f"{r.largest_discarded:.3g}",
-        )  # fmt: skip
-    out.print(table)
-    out.print(
-        f"{totals['modules']} modules, rank {totals['old_rank_max']} -> "
-        f"{totals['new_rank_max']} (mean {totals['new_rank_mean']:.1f}); Frobenius norm kept: "
-        f"{100 * totals['retained_fro']:.2f}% overall, {100 * totals['mean_retained_fro']:.2f}% "
-        f"mean per module; lowest {100 * (totals['worst_retained_fro'] or 1):.2f}% "
-        f"({totals['worst_module']})"
-    )
-    out.print(f"wrote {summary['output']}")
+    if verbose:
+        table = Table(title=title, title_justify="left")
+        for column, justify in (
+            ("module", "left"), ("kind", "left"), ("rank", "right"), ("new", "right"),
+            ("alpha", "right"), ("kept ‖ΔW‖_F", "right"), ("largest dropped σ", "right"),
+        ):  # fmt: skip
+            table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        for r in rows:
+            table.add_row(
+                r.name, r.kind, str(r.old_rank), str(r.new_rank), f"{r.new_alpha:g}",
+                f"{100 * r.retained_fro:.2f}%", f"{r.largest_discarded:.3g}",
+            )  # fmt: skip
+        out.print(table)
+    else:
+        out.print(escape(title))
+    for line in summary_lines(totals):
+        out.print(escape(line))
+    hint = "" if verbose else "  (--verbose: the per-module table)"
+    out.print(f"wrote {escape(summary['output'])}{hint}")

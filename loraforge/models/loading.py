@@ -295,9 +295,20 @@ def _download(repo_id: str) -> Path:
     """Fetch (or find in the cache) the parts of a hub model that training needs."""
     from huggingface_hub import snapshot_download
 
+    from loraforge.models.hub import hub_reachable
+
+    online = hub_reachable()
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=not online)
+        )
     except Exception as e:  # hub errors have no common base class below Exception
+        if not online:
+            raise ModelError(
+                f"{repo_id} is not in the Hugging Face cache and the hub cannot be reached",
+                hint="download the model and set model.base to its folder, or run once online "
+                "to fill the cache (with HF_HUB_OFFLINE=1 only cached models are used)",
+            ) from e
         raise ModelError(
             f"cannot get {repo_id} from the Hugging Face hub ({type(e).__name__}: {e})",
             hint="check the id and your connection (HF_HUB_OFFLINE=1 allows only cached models), "

@@ -134,20 +134,33 @@ def _model_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
 
 
-def write_tiny_model(family: TinyFamily, out_dir: Path, *, seed: int = 0) -> Path:
+def write_tiny_model(
+    family: TinyFamily, out_dir: Path, *, seed: int = 0, pretrained: bool = False
+) -> Path:
     """Write a tiny model as a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, …).
 
     Args:
-        family: ``"sd1"`` or ``"sdxl"``.
+        family: ``"sd1"``, ``"sd2"``, ``"sd2-v"`` or ``"sdxl"``.
         out_dir: the folder to create (must not hold another model).
         seed: weight seed; the same seed writes the same weights.
+        pretrained: SD1 only: the demo's pretrained weights
+            (:mod:`loraforge.models.pretrained`) instead of seeded random ones.
 
     Returns:
         ``out_dir``.
+
+    Raises:
+        ValueError: ``pretrained`` for a family without pretrained weights.
     """
     out_dir = Path(out_dir)
     configs = tiny_component_configs(family)
     components = build_tiny_components(family, seed=seed)
+    if pretrained:
+        if family != "sd1":
+            raise ValueError(f"no pretrained tiny model for family {family!r}; only sd1")
+        from loraforge.models.pretrained import load_demo_weights
+
+        load_demo_weights(components)
     out_dir.mkdir(parents=True, exist_ok=True)
     with no_hf_progress_bars():
         for name, module in components.items():

@@ -21,6 +21,7 @@ import torch
 from loraforge.ops.delta import is_additive, lora_factors, module_delta
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, sshs_hashes
+from loraforge.ops.metadata import resolution_of, resolution_text, training_comment
 from loraforge.ops.modules import (
     TE_WITHOUT_TEXT_MODEL,
     LoraModule,
@@ -314,6 +315,7 @@ def summarize_metadata(file: LoraFile, top: int = 10) -> MetadataSummary:
     """The training facts the metadata records (sd-scripts ``ss_*`` and ``modelspec.*`` keys)."""
     meta = file.metadata
     trigger, source = _trigger(meta)
+    size = resolution_of(meta)
     hash_ok = None
     if "sshs_model_hash" in meta and file.tensors:
         hash_ok = sshs_hashes(file.tensors, meta)[0] == meta["sshs_model_hash"]
@@ -322,7 +324,7 @@ def summarize_metadata(file: LoraFile, top: int = 10) -> MetadataSummary:
         network_dim=meta.get("ss_network_dim"),
         network_alpha=meta.get("ss_network_alpha"),
         base_model=meta.get("ss_sd_model_name"),
-        resolution=meta.get("ss_resolution") or meta.get("modelspec.resolution"),
+        resolution=None if size is None else resolution_text(size),
         clip_skip=meta.get("ss_clip_skip"),
         steps=meta.get("ss_steps") or meta.get("ss_max_train_steps"),
         epochs=meta.get("ss_epoch") or meta.get("ss_num_epochs"),
@@ -330,7 +332,7 @@ def summarize_metadata(file: LoraFile, top: int = 10) -> MetadataSummary:
         trigger_phrase=trigger,
         trigger_source=source,
         top_tags=_top_tags(meta.get("ss_tag_frequency"), top),
-        comment=meta.get("ss_training_comment") or None,
+        comment=training_comment(meta) or None,
         recipe_embedded="loraforge_recipe" in meta,
         hash_ok=hash_ok,
     )

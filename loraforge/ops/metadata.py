@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Mapping, Sequence
 
 #: sd-scripts' ``ss_base_model_version`` values.
 BASE_MODEL_VERSION = {
@@ -101,4 +103,76 @@ def derived_lora_metadata(
     conv = [(r, a) for r, a, is_conv in modules if is_conv]
     dims = common_rank_alpha(linear) if linear else ("Dynamic", "Dynamic")
     meta.update(network_metadata(dims, common_rank_alpha(conv) if conv else None, comment))
+    return meta
+
+
+def training_comment(metadata: Mapping[str, str]) -> str:
+    """``ss_training_comment``, or ``""`` when absent (sd-scripts writes ``"None"`` for none)."""
+    comment = (metadata.get("ss_training_comment") or "").strip()
+    return "" if comment == "None" else comment
+
+
+def resolution_of(metadata: Mapping[str, str]) -> tuple[int, int] | None:
+    """``(width, height)`` from ``modelspec.resolution`` (``96x96``) or ``ss_resolution``
+    (``(96, 96)``, as sd-scripts writes it); ``None`` when neither says."""
+    for key in ("modelspec.resolution", "ss_resolution"):
+        numbers = re.findall(r"\d+", metadata.get(key) or "")
+        if len(numbers) == 1:
+            return int(numbers[0]), int(numbers[0])
+        if len(numbers) == 2:
+            return int(numbers[0]), int(numbers[1])
+    return None
+
+
+def resolution_text(resolution: tuple[int, int]) -> str:
+    """``96x96``: the one way loraforge shows a resolution."""
+    return f"{resolution[0]}x{resolution[1]}"
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _json_dict(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "")
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def inherited_metadata(inputs: Sequence[Mapping[str, str]]) -> dict[str, str]:
+    """What a LoRA merged from ``inputs`` keeps of their metadata.
+
+    The training resolution (the largest when they differ, in both sd-scripts' and modelspec's
+    form), trigger phrases and tags (each once, in order), and the dataset folders and tag
+    counts (``ss_dataset_dirs``, ``ss_tag_frequency``: counts of a folder in several inputs
+    are added), so ``check`` and the UIs show what the merged LoRA responds to.
+    """
+    meta: dict[str, str] = {}
+    sizes = [size for size in map(resolution_of, inputs) if size is not None]
+    if sizes:
+        width, height = max(sizes, key=lambda s: (s[0] * s[1], s))
+        meta["modelspec.resolution"] = resolution_text((width, height))
+        meta["ss_resolution"] = str((width, height))
+    for key in ("modelspec.trigger_phrase", "modelspec.tags"):
+        values: list[str] = []
+        for m in inputs:
+            values += [v for v in _split(m.get(key)) if v not in values]
+        if values:
+            meta[key] = ", ".join(values)
+    dirs: dict[str, dict] = {}
+    tags: dict[str, dict[str, int]] = {}
+    for m in inputs:
+        for folder, info in _json_dict(m.get("ss_dataset_dirs")).items():
+            dirs.setdefault(folder, info)
+        for folder, counts in _json_dict(m.get("ss_tag_frequency")).items():
+            merged = tags.setdefault(folder, {})
+            for tag, n in (counts if isinstance(counts, dict) else {}).items():
+                if isinstance(n, int | float):
+                    merged[tag] = merged.get(tag, 0) + int(n)
+    if dirs:
+        meta["ss_dataset_dirs"] = json.dumps(dirs)
+    if tags:
+        meta["ss_tag_frequency"] = json.dumps(tags)
     return meta

@@ -20,7 +20,7 @@ import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.ops.delta import lora_factors, lora_weight_shape, make_lora_tensors
-from loraforge.ops.metadata import common_rank_alpha
+from loraforge.ops.metadata import common_rank_alpha, training_comment
 from loraforge.ops.modules import LoraModule, ParsedLora, user_algorithm
 from loraforge.ops.svd import check_param, choose_rank, svd_of_products
 
@@ -175,7 +175,7 @@ def resized_metadata(
     linear = [r for r in result.rows if r.kind != "conv3x3"]
     conv = [r for r in result.rows if r.kind == "conv3x3"]
     old_dim = max((r.old_rank for r in result.rows), default=0)
-    comment = meta.get("ss_training_comment", "")
+    comment = training_comment(meta)
     if spec.method == "fixed":
         conv_note = (
             f" (conv: {spec.conv_rank})" if spec.conv_rank and spec.conv_rank != spec.rank else ""

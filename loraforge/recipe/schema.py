@@ -8,6 +8,7 @@ import functools
 import json
 from typing import Any
 
+from loraforge.recipe.kohya import kohya_hint
 from loraforge.recipe.problems import Problem, format_path
 from loraforge.resources import data_path
 
@@ -97,7 +98,9 @@ def _describe(error: Any) -> list[tuple[tuple[Any, ...], str, str | None, bool]]
                 out.append(((*path, key), f"keys must be text, got {_show(key)}", None, True))
                 continue
             close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-            hint = f'did you mean "{close[0]}"?' if close else f"allowed: {', '.join(allowed)}"
+            hint = kohya_hint(key) or (
+                f'did you mean "{close[0]}"?' if close else f"allowed: {', '.join(allowed)}"
+            )
             where = format_path(path) or "the top level"
             out.append(((*path, key), f'unknown key "{key}" in {where}', hint, True))
         return out

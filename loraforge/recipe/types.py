@@ -208,6 +208,7 @@ class SampleConfig:
     negative: str
     seed: int | None
     prompts: tuple[SamplePrompt, ...]
+    at_first: bool
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Where a tagger or captioner comes from: a local folder, or a Hugging Face hub id.
 
 Hub models are downloaded into the standard Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``),
-so other tools share them. Offline (``HF_HUB_OFFLINE=1`` or no connection) a model that is not
-cached raises a :class:`ModelError` naming the model, the files it needs and a folder to put
-them in.
+so other tools share them. Offline (``HF_HUB_OFFLINE=1`` or no connection, found out at once by
+:func:`loraforge.models.hub.hub_reachable`) cached models are used as they are, and a model that
+is not cached raises a :class:`ModelError` naming the model, the files it needs and a folder to
+put them in.
 """
 
 from __future__ import annotations
@@ -78,11 +79,14 @@ def _local_tagger(folder: Path, onnx_path: Path) -> TaggerFiles:
 
 
 def _hub_file(repo_id: str, filename: str, suggest_dir: Path | None) -> Path:
+    from loraforge.models.hub import hub_reachable
+
     hf = _huggingface_hub()
+    online = hub_reachable()
     try:
-        return Path(hf.hf_hub_download(repo_id, filename))
+        return Path(hf.hf_hub_download(repo_id, filename, local_files_only=not online))
     except Exception as e:  # the hub raises many types (offline, 404, HTTP, connection)
-        raise _download_error(repo_id, TAGGER_FILES, suggest_dir, e) from e
+        raise _download_error(repo_id, TAGGER_FILES, suggest_dir, e, offline=not online) from e
 
 
 def resolve_captioner(model: str, suggest_dir: Path | None = None) -> Path:
@@ -112,19 +116,31 @@ def resolve_captioner(model: str, suggest_dir: Path | None = None) -> Path:
             hint="set tagging.model to a transformers model folder or a hub id such as "
             "Salesforce/blip-image-captioning-base",
         )
+    from loraforge.models.hub import hub_reachable
+
     hf = _huggingface_hub()
+    online = hub_reachable()
     try:
-        return Path(hf.snapshot_download(model, allow_patterns=list(CAPTIONER_PATTERNS)))
+        return Path(
+            hf.snapshot_download(
+                model, allow_patterns=list(CAPTIONER_PATTERNS), local_files_only=not online
+            )
+        )
     except Exception as e:
         needs = ("config.json", "the processor/tokenizer files", "*.safetensors")
-        raise _download_error(model, needs, suggest_dir, e) from e
+        raise _download_error(model, needs, suggest_dir, e, offline=not online) from e
 
 
 def _download_error(
-    repo_id: str, files: tuple[str, ...], suggest_dir: Path | None, cause: Exception
+    repo_id: str,
+    files: tuple[str, ...],
+    suggest_dir: Path | None,
+    cause: Exception,
+    *,
+    offline: bool = False,
 ) -> ModelError:
     folder = (suggest_dir or Path("models")) / repo_id.split("/")[-1]
-    offline = _is_offline(cause)
+    offline = offline or _is_offline(cause)
     what = (
         "is not in the Hugging Face cache and this machine is offline"
         if offline

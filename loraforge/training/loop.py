@@ -18,6 +18,7 @@ from loraforge.errors import TrainingError
 from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
 from loraforge.training.distributed import synchronise_step
 from loraforge.training.optim import set_eval_mode, set_train_mode
+from loraforge.training.sample_grid import write_sample_grid
 from loraforge.training.sampling import SampleRequest, sample_during_training
 from loraforge.training.saving import (
     SaveKind,
@@ -25,6 +26,7 @@ from loraforge.training.saving import (
     is_epoch_save,
     is_step_sample,
     is_step_save,
+    sample_points,
 )
 from loraforge.training.setup import TrainingRun
 from loraforge.training.state import TrainingProgress
@@ -95,6 +97,8 @@ def train(
     losses: list[float] = []
     te_trains = text_encoder_trains(run.optimizer)
     run.network.train()
+    if s.sample.at_first and s.sample.prompts and progress.global_step == 0:
+        take_samples(run, "step", 0, 0, display)  # the "before" column of the grid
     for epoch in range(progress.epoch, length.num_epochs):
         first = progress.step_in_epoch if epoch == progress.epoch else 0
         run.data.sampler.set_epoch(epoch)
@@ -259,4 +263,7 @@ def take_samples(
         autocast=run.accelerator.autocast,
     )
     display.images(step, [(f"samples/{i:02d}", image) for i, (_, image) in enumerate(written)])
-    display.message(f"wrote {len(written)} sample image(s) to {s.output.sample_dir}")
+    points = [(k, n) for at, k, n in sample_points(s.sample, s.length) if at <= step]
+    grid = write_sample_grid(s.output.sample_dir, s.output.name, s.sample.prompts, points)
+    also = f" and {grid.name}" if grid is not None else ""
+    display.message(f"wrote {len(written)} sample image(s){also} to {s.output.sample_dir}")

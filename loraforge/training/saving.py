@@ -71,6 +71,26 @@ def is_step_sample(step: int, sample: SampleSettings) -> bool:
     return bool(sample.prompts) and bool(n) and step % n == 0
 
 
+def sample_points(
+    sample: SampleSettings, length: TrainingLength
+) -> list[tuple[int, SaveKind, int]]:
+    """Every sampling point of a run as ``(global step, kind, number)``, in order: step 0 with
+    ``sample.at_first``, then the step and epoch samples."""
+    if not sample.prompts:
+        return []
+    points: list[tuple[int, SaveKind, int]] = [(0, "step", 0)] if sample.at_first else []
+    points += [(epoch_end_step(e, length), "epoch", e) for e in range(1, length.num_epochs + 1)
+               if is_epoch_sample(e, sample)]  # fmt: skip
+    points += [(s, "step", s) for s in range(1, length.max_train_steps + 1)
+               if is_step_sample(s, sample)]  # fmt: skip
+    return sorted(points, key=lambda p: (p[0], p[1] == "step"))
+
+
+def grid_file_name(name: str) -> str:
+    """``lora_grid.png``: every sample of the run so far, prompts down, sampling points across."""
+    return f"{name}_grid.png"
+
+
 def sample_file_name(name: str, kind: SaveKind, number: int, index: int, seed: int) -> str:
     """``lora_e000002_00_42.png`` (after epoch 2) or ``lora_000100_00_42.png`` (step 100)."""
     count = f"e{number:06d}" if kind == "epoch" else f"{number:06d}"
@@ -111,6 +131,12 @@ def planned_outputs(
             )
         if is_step_sample(step, sample):
             files += _sample_files(output, sample, step, "step", step)
+    points = sample_points(sample, length)
+    if points:
+        step, kind, number = points[0]
+        if step == 0:
+            files += _sample_files(output, sample, 0, kind, number)
+        files.append(PlannedFile(step, output.sample_dir / grid_file_name(output.name), "sample"))
     final = length.max_train_steps
     files += _save_files(output, final, last_ckpt_name(output.name))
     if output.save_state:

@@ -91,10 +91,13 @@ class SampleSettings:
     every_n_steps: int | None
     sampler: str
     prompts: tuple[SampleSpec, ...]
+    at_first: bool = False
 
     @property
     def enabled(self) -> bool:
-        return bool(self.prompts) and (self.every_n_epochs or self.every_n_steps) is not None
+        return bool(self.prompts) and (
+            self.at_first or (self.every_n_epochs or self.every_n_steps) is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,9 @@ def sample_settings(recipe: Recipe) -> SampleSettings:
                 cfg_scale=p.cfg_scale if p.cfg_scale is not None else s.cfg_scale,
             )
         )
-    return SampleSettings(s.every_n_epochs, s.every_n_steps, s.sampler, tuple(prompts))
+    return SampleSettings(
+        s.every_n_epochs, s.every_n_steps, s.sampler, tuple(prompts), at_first=s.at_first
+    )
 
 
 def output_settings(recipe: Recipe) -> OutputSettings:

@@ -209,6 +209,24 @@ def test_cache_command_writes_then_reuses(project: Path) -> None:
     assert rows["text-encoder outputs"]["reused"] == 4
 
 
+def test_cache_command_leaks_no_diffusers_dtype_warning(project: Path) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    library = logging.getLogger("diffusers")
+    library.addHandler(handler)
+    try:
+        result = CliRunner().invoke(app, ["cache", str(project / "recipe.yaml")])
+    finally:
+        library.removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    leaked = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert not [m for m in leaked if "float32" in m], leaked
+    assert "Casting directly" not in result.output
+
+
 def test_a_new_vae_or_resolution_in_the_recipe_re_encodes_the_latents(
     project: Path, tiny_sd1_dir: Path
 ) -> None:

@@ -32,6 +32,7 @@ def test_the_wheel_carries_its_data_and_works_from_a_plain_install(tmp_path: Pat
         "loraforge/models/configs/sdxl/unet/config.json",
         "loraforge/models/clip/bpe_simple_vocab_16e6.txt.gz",
         "loraforge/models/clip/NOTICE",
+        "loraforge/models/pretrained/demo-sd1.safetensors",  # the demo base model
     ):
         assert expected in names, expected
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]

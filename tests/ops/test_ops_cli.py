@@ -45,6 +45,31 @@ def test_resize_writes_default_output_with_updated_metadata(cli, lora: Path) -> 
     assert cli("resize", lora, "--rank", "4", "--force").code == 0
 
 
+def test_resize_and_merge_print_a_summary_and_the_table_only_with_verbose(
+    cli, lora: Path, tmp_path: Path
+) -> None:
+    quiet = cli("resize", lora, "-r", "4", "-o", tmp_path / "q.safetensors")
+    assert quiet.code == 0, quiet.err
+    lines = quiet.out.strip().splitlines()
+    assert "┃" not in quiet.out and len(lines) <= 6, quiet.out
+    text = " ".join(quiet.out.split())
+    assert "2 modules; new ranks: 4 x2 (was up to 16)" in text
+    assert "lowest" in text and "median" in text and "overall" in text
+    assert K not in text or Q not in text  # only the lowest module is named
+    loud = cli("resize", lora, "-r", "4", "-o", tmp_path / "l.safetensors", "--verbose")
+    assert loud.code == 0 and "┃" in loud.out  # the per-module table
+    merged = cli(
+        "merge", "-l", str(lora), "-l", str(lora), "-r", "2", "-o", tmp_path / "m.safetensors"
+    )
+    assert merged.code == 0, merged.err
+    assert "┃" not in merged.out and "new ranks: 2 x2" in merged.out
+    doc = json.loads(
+        cli("resize", lora, "-r", "4", "-o", tmp_path / "j.safetensors", "-f", "json").out
+    )
+    assert len(doc["modules"]) == 2 and doc["overall"]["rank_histogram"] == {"4": 2}
+    assert 0 < doc["overall"]["median_retained_fro"] <= 1
+
+
 def test_resize_json_dynamic_and_precision(cli, lora: Path, tmp_path: Path) -> None:
     out = tmp_path / "small.safetensors"
     result = cli(
@@ -241,3 +266,41 @@ def test_resize_restores_text_model_in_text_encoder_names(cli, tmp_path: Path, s
         synth.delta(written, kohya), synth.delta(tensors, flat), rtol=1e-3, atol=1e-3
     )
     assert cli("check", out).code == 0
+
+
+def test_merged_loras_keep_resolution_triggers_and_tags(cli, tmp_path: Path, synth) -> None:
+    def trained(name: str, trigger: str, folder: str, seed: int) -> Path:
+        meta = {
+            **META,
+            "ss_resolution": "(96, 96)",
+            "modelspec.resolution": "96x96",
+            "modelspec.trigger_phrase": trigger,
+            "modelspec.tags": f"{trigger}, shapes",
+            "ss_dataset_dirs": json.dumps({folder: {"n_repeats": 5, "img_count": 12}}),
+            "ss_tag_frequency": json.dumps({folder: {trigger: 12, "red": 3}}),
+        }
+        return synth.save(tmp_path / name, synth.lora(Q, 320, 320, 4, alpha=4, seed=seed), meta)
+
+    a, b = trained("a.safetensors", "lfa", "5_lfa", 1), trained("b.safetensors", "lfb", "5_lfb", 2)
+    for mode in ("concat", "exact"):
+        out = tmp_path / f"{mode}.safetensors"
+        extra = ["-r", "4"] if mode == "exact" else []
+        assert cli("merge", "-l", str(a), "-l", str(b), *extra, "-o", out).code == 0
+        meta = read_lora_file(out).metadata
+        assert meta["modelspec.resolution"] == "96x96" and meta["ss_resolution"] == "(96, 96)"
+        assert meta["modelspec.trigger_phrase"] == "lfa, lfb"
+        assert meta["modelspec.tags"] == "lfa, shapes, lfb"
+        assert json.loads(meta["ss_tag_frequency"]) == {
+            "5_lfa": {"lfa": 12, "red": 3},
+            "5_lfb": {"lfb": 12, "red": 3},
+        }
+        assert set(json.loads(meta["ss_dataset_dirs"])) == {"5_lfa", "5_lfb"}
+
+
+def test_check_coverage_of_chosen_targets_does_not_read_as_missing_modules(
+    lora: Path, capsys
+) -> None:
+    assert check_lora_files([lora], "table", strict=False) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2 (unet 2); kohya's default targets on the full-size model: unet" in text
+    assert "/" not in text.split("modules", 1)[1].split("ranks", 1)[0]

@@ -160,3 +160,14 @@ def test_metadata_summary_and_hash_check(tmp_path, synth) -> None:
         "ohwx",
         "modelspec.trigger_phrase",
     )
+
+
+def test_metadata_summary_has_no_none_comment_and_one_resolution_format(synth) -> None:
+    tensors = synth.lora(LIN, 8, 8, 2, alpha=1)
+    trained = {"ss_training_comment": "None", "ss_resolution": "(96, 96)"}
+    m = inspect_lora(_file(tensors, trained)).metadata
+    assert m.comment is None and m.resolution == "96x96"
+    m = inspect_lora(_file(tensors, {"modelspec.resolution": "1024x768"})).metadata
+    assert m.resolution == "1024x768"
+    m = inspect_lora(_file(tensors, {"ss_training_comment": "my notes"})).metadata
+    assert m.comment == "my notes"

@@ -190,3 +190,10 @@ def test_all_zero_module_becomes_rank_one_zero(synth) -> None:
     result = resize_lora(parse_lora(tensors), ResizeSpec(rank=4, method="sv_fro", param=0.9))
     assert result.rows[0].new_rank == 1 and result.rows[0].retained_fro == 1.0
     assert not synth.delta(result.tensors, LIN).any()
+
+
+def test_resize_of_a_trained_file_does_not_append_its_none_comment(synth) -> None:
+    """sd-scripts and loraforge's training write ``ss_training_comment: "None"`` for no comment."""
+    result = resize_lora(parse_lora(synth.lora(LIN, 40, 24, 16, alpha=16)), ResizeSpec(rank=8))
+    meta = resized_metadata({"ss_training_comment": "None"}, result, ResizeSpec(rank=8))
+    assert meta["ss_training_comment"] == "dimension is resized from 16 to 8 by loraforge"

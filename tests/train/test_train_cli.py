@@ -82,6 +82,7 @@ def test_dry_run_json_resolves_everything_and_writes_nothing(
         (5, "lora", "t-000001.safetensors"),
         (5, "state", "t-000001-state"),
         (5, "sample", "sample/t_e000001_00_3.png"),
+        (5, "sample", "sample/t_grid.png"),  # rewritten at every sampling point
         (10, "sample", "sample/t_e000002_00_3.png"),
         (10, "lora", "t.safetensors"),
         (10, "state", "t-state"),

@@ -13,7 +13,7 @@ from loraforge.training.display import LossWindow
 from loraforge.training.distributed import synchronise_step
 from loraforge.training.loop import is_update_batch
 from loraforge.training.sampling import SAMPLERS, make_scheduler
-from loraforge.training.saving import planned_outputs, sample_file_name
+from loraforge.training.saving import planned_outputs, sample_file_name, sample_points
 from loraforge.training.settings import (
     OutputSettings,
     SampleSettings,
@@ -78,12 +78,61 @@ def test_planned_outputs_use_sd_scripts_names(tmp_path) -> None:
         (20, "lora", "lora-000002.safetensors"),
         (20, "state", "lora-000002-state"),
         (20, "sample", "lora_000020_00_5.png"),
+        (20, "sample", "lora_grid.png"),
         (30, "lora", "lora-step00000030.safetensors"),
         (30, "state", "lora-step00000030-state"),
         (40, "sample", "lora_000040_00_5.png"),
         (40, "lora", "lora.safetensors"),
         (40, "state", "lora-state"),
     ]
+
+
+def test_sample_at_first_plans_step_zero_samples_and_the_grid(tmp_path) -> None:
+    length = training_length(10, 1, 2, None)  # 20 steps, 2 epochs
+    specs = (SampleSpec(0, "p", "", 64, 64, 5, 4, 7.0), SampleSpec(1, "q", "", 64, 64, 6, 4, 7.0))
+    sample = SampleSettings(1, 10, "euler_a", specs, at_first=True)
+    assert sample_points(sample, length) == [
+        (0, "step", 0),
+        (10, "epoch", 1),
+        (10, "step", 10),
+        (20, "epoch", 2),
+        (20, "step", 20),
+    ]
+    files = [(f.step, f.path.name) for f in planned_outputs(_output(tmp_path), sample, length)]
+    assert files[:3] == [
+        (0, "lora_000000_00_5.png"),
+        (0, "lora_000000_01_6.png"),
+        (0, "lora_grid.png"),
+    ]
+    assert SampleSettings(None, None, "euler_a", specs, at_first=True).enabled
+
+
+def test_sample_grid_puts_prompts_down_and_sampling_points_across(tmp_path) -> None:
+    from PIL import Image
+
+    from loraforge.training.sample_grid import write_sample_grid
+
+    specs = (
+        SampleSpec(0, "red", "", 64, 64, 1, 4, 7.0),
+        SampleSpec(1, "blue", "", 64, 64, 2, 4, 7.0),
+    )
+    colours = {(0, 0): (255, 0, 0), (0, 1): (0, 0, 255), (8, 0): (0, 255, 0)}
+    for (step, index), rgb in colours.items():
+        name = sample_file_name("lora", "step", step, index, specs[index].seed)
+        Image.new("RGB", (64, 64), rgb).save(tmp_path / name)
+    grid_path = write_sample_grid(tmp_path, "lora", specs, [("step", 0), ("step", 8)])
+    assert grid_path == tmp_path / "lora_grid.png"
+    grid = Image.open(grid_path).convert("RGB")
+    cell, label, header, pad = 128, 168, 18, 4  # 64-pixel samples are shown twice as large
+
+    def centre(row: int, col: int) -> tuple[int, int, int]:
+        return grid.getpixel(
+            (label + col * (cell + pad) + cell // 2, header + row * (cell + pad) + cell // 2)
+        )
+
+    assert centre(0, 0) == (255, 0, 0) and centre(1, 0) == (0, 0, 255)
+    assert centre(0, 1) == (0, 255, 0)
+    assert centre(1, 1) == (200, 200, 200)  # not rendered (yet): grey
 
 
 def test_sample_file_names() -> None:
