@@ -24,36 +24,6 @@ def problems_of(result: subprocess.CompletedProcess) -> list[dict]:
     return json.loads(result.stdout)[0]["problems"]
 
 
-BROKEN = """\
-model:
-  base: org/model
-netwrok:
-  dim: 4
-dataset:
-  subsets:
-    - dir: data
-      repeats: big
-training:
-  optimizer: AdamW9bit
-"""
-
-
-def test_check_prints_clickable_lines_by_default_and_a_table_on_request(tmp_path: Path) -> None:
-    (tmp_path / "r.yaml").write_text(BROKEN)
-    result = run("check", "r.yaml", cwd=tmp_path)
-    assert result.returncode == 1
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith('r.yaml:3:1: error: netwrok: unknown key "netwrok"')
-    assert lines[1].startswith("r.yaml:8:16: error: dataset.subsets[0].repeats: ")
-    assert lines[2].startswith("r.yaml:10:14: error: training.optimizer: ")
-    assert "did you mean" in lines[0]  # the hint stays on the finding's line
-    assert lines[-1] == "r.yaml: 3 error(s), 0 warning(s)"
-    table = run("check", "r.yaml", "--format", "table", cwd=tmp_path)
-    assert table.returncode == 1
-    assert "┃ where" in table.stdout and "3:1" in table.stdout
-    assert "r.yaml:3:1:" not in table.stdout
-
-
 def test_a_missing_dataset_folder_is_an_error_unless_checked_without_data(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text(
         "model: {base: org/model}\ndataset:\n  subsets:\n    - dir: todo\n"

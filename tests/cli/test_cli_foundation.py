@@ -120,6 +120,22 @@ def test_check_reports_all_problems_and_exits_one(tmp_path: Path) -> None:
     assert "::error file=r.yaml,line=3,col=1::netwrok: unknown key" in github.stdout
 
 
+def test_check_prints_clickable_lines_by_default_and_a_table_on_request(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(BROKEN)
+    result = run("check", "r.yaml", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith('r.yaml:3:1: error: netwrok: unknown key "netwrok"')
+    assert lines[1].startswith("r.yaml:8:16: error: dataset.subsets[0].repeats: ")
+    assert lines[2].startswith("r.yaml:10:14: error: training.optimizer: ")
+    assert "did you mean" in lines[0]  # the hint stays on the finding's line
+    assert lines[-1] == "r.yaml: 3 error(s), 0 warning(s)"
+    table = run("check", "r.yaml", "--format", "table", cwd=tmp_path)
+    assert table.returncode == 1
+    assert "┃ where" in table.stdout and "3:1" in table.stdout
+    assert "r.yaml:3:1:" not in table.stdout
+
+
 def test_check_strict_fails_on_warnings(tmp_path: Path) -> None:
     run("init", "--preset", "char-24gb", "-o", "r.yaml", cwd=tmp_path)
     text = (tmp_path / "r.yaml").read_text()
