@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
     return subprocess.run(
@@ -135,3 +137,36 @@ def test_bucket_prints_the_recipe_warnings_once(tmp_path: Path) -> None:
     for problem in check:
         assert stderr.count(problem["message"]) == 1, problem["message"]
     assert "r.yaml:3:" in stderr  # with its place, as check prints it
+
+
+def _extra_requirements(extras: dict[str, list[str]], name: str) -> set[str]:
+    """The package names an extra installs, through ``loraforge[other]`` references."""
+    names: set[str] = set()
+    for requirement in extras[name]:
+        if requirement.startswith("loraforge["):
+            for other in requirement[len("loraforge[") : -1].split(","):
+                names |= _extra_requirements(extras, other)
+        else:
+            names.add(requirement.split(">")[0].split("=")[0].split(";")[0].strip())
+    return names
+
+
+def test_every_package_a_preset_needs_comes_with_the_extra_check_names() -> None:
+    import re
+
+    from loraforge.machine import install_command
+    from loraforge.presets import list_presets
+    from loraforge.recipe import load_recipe
+    from loraforge.training.optim import optimizer_spec
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+    needed = {
+        optimizer_spec(load_recipe(p.path).training.optimizer).package for p in list_presets()
+    }
+    assert "bitsandbytes" in needed
+    for package in needed - {None}:
+        extra = re.search(r"loraforge\[(\w+)\]", install_command(package)).group(1)
+        assert package in _extra_requirements(extras, extra), (package, extra)
+    assert "bitsandbytes" in _extra_requirements(extras, "gpu")
