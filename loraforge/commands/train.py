@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, RecipeArg
@@ -73,7 +74,7 @@ def command(
         result = run_training(recipe, resume=resume, force=force, threads=threads)
     except TrainingAborted as e:
         if e.main_process:
-            info(aborted_message(e, recipe_path))
+            info(escape(aborted_message(e, recipe_path)))
         raise typer.Exit(130) from None
     if result.interrupted:
         if result.main_process:

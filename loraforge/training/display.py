@@ -168,7 +168,11 @@ class StatusFields:
         ]
 
     def second_line(self) -> list[str]:
-        return [f"peak {self.memory}" if self.memory else "", f"lr {self.lrs}", self.norm]
+        return [
+            f"peak {self.memory}" if self.memory else "",
+            f"lr {self.lrs}" if self.lrs else "",
+            self.norm,
+        ]
 
 
 _GAP = "  "

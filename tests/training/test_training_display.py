@@ -102,3 +102,13 @@ def test_logs_get_one_plain_line_with_every_figure() -> None:
     assert len(lines) == 10  # every tenth of the run (here every step), never wrapped
     assert lines[-1].startswith("step 10/10  eta 0:00:00  loss 0.5000 (avg 0.5000)  4.00 it/s")
     assert lines[-1].endswith("lr unet=1.00e-04")
+
+
+def test_before_the_first_step_there_is_nothing_to_guess() -> None:
+    console = Console(file=io.StringIO(), width=80)
+    display = TrainingDisplay(
+        console, total_steps=160, num_epochs=1, start_step=0, device=None, clock=FakeClock()
+    )
+    lines = [str(line) for line in status_lines(display.fields(), 80)]
+    assert lines[0].startswith("step 0/160  eta …  loss - (avg -)")
+    assert len(lines) == 1  # no empty memory or learning-rate labels
