@@ -110,7 +110,10 @@ def test_the_torch_free_gpu_guess(monkeypatch) -> None:
 
 
 def test_bucket_errors_are_listed_once(tmp_path: Path) -> None:
+    from PIL import Image
+
     (tmp_path / "d").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "d" / "a.png")  # bucketing then runs too
     (tmp_path / "r.yaml").write_text(
         "model: {base: org/model}\n"
         "dataset:\n  resolution: [512, 256]\n  min_bucket_reso: 320\n  subsets: [{dir: d}]\n"
