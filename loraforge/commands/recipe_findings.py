@@ -14,42 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
 
 from loraforge.console import err
-from loraforge.recipe import Problem, Recipe, errors_found, validate_recipe_file
+from loraforge.recipe import Problem, Recipe, Validation, errors_found, validate_recipe_file
 from loraforge.recipe.problems import FIX_PATH_HINT
 
 
-@dataclass(frozen=True)
-class RecipeFindings:
-    """A recipe file's findings.
-
-    Attributes:
-        path: the file, as given.
-        recipe: the typed recipe when schema and rules pass (backend, data and machine
-            findings may still hold errors), else ``None``.
-        problems: every finding, in file order.
-    """
-
-    path: Path
-    recipe: Recipe | None
-    problems: tuple[Problem, ...]
-
-    @property
-    def errors(self) -> tuple[Problem, ...]:
-        return tuple(p for p in self.problems if p.severity == "error")
-
-    @property
-    def warnings(self) -> tuple[Problem, ...]:
-        return tuple(p for p in self.problems if p.severity == "warning")
-
-
-def recipe_findings(path: Path, *, dataset: bool = True, models: bool = True) -> RecipeFindings:
-    """Every finding about the recipe at ``path``.
+def recipe_findings(path: Path, *, dataset: bool = True, models: bool = True) -> Validation:
+    """Every finding about the recipe at ``path``: its validation with the backend, data and
+    machine findings added, in file order (``recipe`` is set when schema and rules pass; the
+    added findings may still hold errors).
 
     Args:
         path: the recipe file.
@@ -73,7 +50,7 @@ def recipe_findings(path: Path, *, dataset: bool = True, models: bool = True) ->
         found += machine_problems(recipe)
         problems += [validation.placed(dataclasses.replace(p, file=str(path))) for p in found]
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
-    return RecipeFindings(path, recipe, tuple(problems))
+    return dataclasses.replace(validation, problems=tuple(problems))
 
 
 def backend_problems(recipe: Recipe) -> list[Problem]:
