@@ -29,6 +29,25 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def _flags_without_type() -> None:
+    """Show flags as flags in ``--help``: recent typer prints ``--force <bool>`` as if the flag
+    took a value. A flag's help row then shows no type (older typer already does that)."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_hidden", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._flags_hidden = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"loraforge {__version__}")

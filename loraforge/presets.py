@@ -41,10 +41,20 @@ def _read_header(path: Path) -> dict[str, str]:
     return fields
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers inside names by value: ``char-8gb`` before
+    ``char-12gb``."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name)
+    )
+
+
 def list_presets() -> list[Preset]:
-    """Every preset shipped with loraforge, sorted by name."""
+    """Every preset shipped with loraforge, in natural name order (``char-8gb`` before
+    ``char-12gb``)."""
     presets = []
-    for path in sorted(data_path("recipes").glob("*.yaml")):
+    paths = sorted(data_path("recipes").glob("*.yaml"), key=lambda path: natural_key(path.stem))
+    for path in paths:
         header = _read_header(path)
         presets.append(
             Preset(

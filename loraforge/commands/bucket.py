@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, RecipeArg
-from loraforge.console import err, out, print_json, warn
+from loraforge.commands.recipe_findings import load_checked_recipe
+from loraforge.console import err, out, print_json
 
 
 def command(
@@ -43,9 +44,8 @@ def command(
     from loraforge.data.discovery import discover
     from loraforge.data.plan import plan_buckets
     from loraforge.data.report import bucket_report
-    from loraforge.recipe import load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_checked_recipe(recipe, models=False)
     with err.status("reading image headers…"):
         discovery = discover(loaded.dataset)
         plan = plan_buckets(discovery, BucketSettings.from_dataset(loaded.dataset))
@@ -116,11 +116,12 @@ def _render(report: dict[str, Any]) -> None:
             else ""
         )
     )
-    _render_findings(report)
+    _render_skipped(report)
 
 
-def _render_findings(report: dict[str, Any]) -> None:
-    """Skipped files as a table on stdout; other findings as warnings on stderr."""
+def _render_skipped(report: dict[str, Any]) -> None:
+    """Skipped files as a table on stdout (they and the other dataset findings were printed as
+    warnings with the recipe's findings)."""
     if report["skipped"]:
         table = Table(title=f"skipped files ({len(report['skipped'])})", title_justify="left")
         table.add_column("file", overflow="fold")
@@ -128,7 +129,3 @@ def _render_findings(report: dict[str, Any]) -> None:
         for item in report["skipped"]:
             table.add_row(escape(item["path"]), escape(item["reason"]))
         out.print(table)
-    for item in report["caption_issues"]:
-        warn(escape(f"caption {item['path']}: {item['reason']}"))
-    for text in report["warnings"]:
-        warn(escape(text))

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
+from loraforge.commands.recipe_findings import load_checked_recipe
 from loraforge.console import err, out, print_json
 from loraforge.errors import RecipeError
 
 
+class CacheDevice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 def command(
     recipe_path: RecipeArg,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[
+        CacheDevice,
+        typer.Option("--device", help="Where to encode: auto (a CUDA GPU when there is one)."),
+    ] = CacheDevice.auto,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Pre-compute VAE latents and text-encoder outputs into the recipe's disk cache.
@@ -27,9 +38,7 @@ def command(
 
         loraforge cache recipe.yaml
     """
-    from loraforge.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
+    recipe = load_checked_recipe(recipe_path)
     if "disk" not in (recipe.cache.latents, recipe.cache.text_encoder_outputs):
         raise RecipeError(
             "the recipe caches nothing on disk "
@@ -46,11 +55,10 @@ def command(
         from loraforge.models.loading import load_model
         from loraforge.training.precision import move_module
 
-        target = torch.device(
-            "cuda"
-            if device == "auto" and torch.cuda.is_available()
-            else ("cpu" if device == "auto" else device)
-        )
+        if device == CacheDevice.auto:
+            target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            target = torch.device(device.value)
         discovery = discover(recipe.dataset)
         plan = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
         model = load_model(

@@ -1,4 +1,9 @@
-"""`loraforge check`: validate recipes (schema, cross-field rules, files) and inspect LoRA files."""
+"""`loraforge check`: validate recipes (schema, cross-field rules, files) and inspect LoRA files.
+
+The findings come from :func:`loraforge.commands.recipe_findings.recipe_findings`, the same
+function every command that loads a recipe uses, so ``check`` and ``train`` agree; this module
+adds the VRAM estimate and renders.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from loraforge.commands.recipe_findings import problem_line, recipe_findings
 from loraforge.console import out, print_json
-from loraforge.recipe import Problem, Recipe, validate_recipe_file
+from loraforge.recipe import Problem, Recipe
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
 
 class CheckFormat(str, Enum):
+    text = "text"
     table = "table"
     json = "json"
     github = "github"
@@ -54,9 +62,22 @@ def command(
     ],
     fmt: Annotated[
         CheckFormat,
-        typer.Option("--format", "-f", help="table, json, or github (workflow annotations)."),
-    ] = CheckFormat.table,
+        typer.Option(
+            "--format",
+            "-f",
+            help="text (file:line:col: lines editors and terminals link to), table, json, "
+            "or github (workflow annotations).",
+        ),
+    ] = CheckFormat.text,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    no_data: Annotated[
+        bool,
+        typer.Option(
+            "--no-data",
+            help="Skip the dataset folders and model files (CI without them); train still "
+            "needs them.",
+        ),
+    ] = False,
     vram: Annotated[
         bool, typer.Option("--vram", help="Also estimate the peak GPU memory of a training step.")
     ] = False,
@@ -64,6 +85,7 @@ def command(
         str | None,
         typer.Option(
             "--budget",
+            metavar="SIZE|header",
             help="Card memory, e.g. 12GB, or `header` for each recipe's `# vram:` line; "
             "fail when the estimate exceeds it (implies --vram).",
         ),
@@ -76,14 +98,16 @@ def command(
         ),
     ] = VramMethod.analytic,
 ) -> None:
-    """Validate recipes: schema, cross-field rules, dataset folders, optionally the VRAM budget.
+    """Validate recipes: schema, cross-field rules, dataset folders and model files, what this
+    machine lacks, optionally the VRAM budget.
 
-    Exit 0 clean, 1 problems found, 2 usage error. LoRA files are inspected instead.
+    Errors are what makes `loraforge train` stop; warnings are worth a look (`train` prints them
+    too). Exit 0 clean, 1 problems found, 2 usage error. LoRA files are inspected instead.
 
     Example:
 
         loraforge check recipe.yaml
-        loraforge check recipes/*.yaml --format github --strict
+        loraforge check recipes/*.yaml --no-data --format github --strict
         loraforge check recipe.yaml --vram --budget 12GB
         loraforge check output/mychar.safetensors
     """
@@ -92,7 +116,7 @@ def command(
     request = VramRequest(vram_method.value, budget) if vram or budget else None
     code = 0
     if recipes:
-        reports = [check_recipe(p, request) for p in recipes]
+        reports = [check_recipe(p, request, data=not no_data) for p in recipes]
         _render(reports, fmt)
         code = 1 if any(r.failed(strict) for r in reports) else 0
     if loras:
@@ -100,27 +124,20 @@ def command(
 
         code = max(
             code,
-            check_lora_files(loras, fmt.value if fmt != CheckFormat.github else "table", strict),
+            check_lora_files(loras, "json" if fmt == CheckFormat.json else "table", strict),
         )
     raise typer.Exit(code)
 
 
-def check_recipe(path: Path, vram: VramRequest | None = None) -> FileReport:
-    """Validate one recipe file, adding backend, dataset-folder and (when asked) VRAM findings
-    when the recipe itself is valid."""
-    validation = validate_recipe_file(path)
-    problems = list(validation.problems)
+def check_recipe(path: Path, vram: VramRequest | None = None, *, data: bool = True) -> FileReport:
+    """Every finding about one recipe file, with the VRAM estimate (and budget finding) when
+    asked and the recipe is valid. ``data=False`` skips the dataset folders and model files."""
+    findings = recipe_findings(path, dataset=data, models=data)
+    problems = list(findings.problems)
     estimate = None
-    if validation.recipe is not None:
-        found = backend_problems(validation.recipe, str(path))
-        found += loader_problems(validation.recipe, str(path))
-        found += architecture_problems(validation.recipe, str(path))
-        found += filesystem_problems(validation.recipe, str(path))
-        problems += [validation.placed(p) for p in found]
-        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
-        if vram is not None:
-            estimate, found = vram_problems(validation.recipe, path, vram)
-            problems += found
+    if findings.recipe is not None and vram is not None:
+        estimate, found = vram_problems(findings.recipe, path, vram)
+        problems += found
     return FileReport(str(path), tuple(problems), estimate)
 
 
@@ -147,84 +164,6 @@ def vram_problems(recipe: Recipe, path: Path, request: VramRequest) -> tuple[Any
     return estimate, [Problem("error", message, "training", str(path), hint=hint)]
 
 
-def backend_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """What the chosen network backend refuses (checked without torch)."""
-    from loraforge.backends import check_network_config
-    from loraforge.errors import RecipeError
-
-    try:
-        check_network_config(recipe.network)
-    except RecipeError as e:
-        # The backend's messages start with the field ("network.dropout: …"): use it as the path.
-        field, sep, message = e.message.partition(": ")
-        if not (sep and field.startswith("network.") and " " not in field):
-            field, message = "network", e.message
-        return [Problem("error", message, field, source, hint=e.hint)]
-    return []
-
-
-def loader_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """Warnings where the trained file will not load as trained in A1111, ComfyUI or Forge."""
-    from loraforge.ops.ui_support import recipe_gaps
-
-    return [
-        Problem("warning", message, field, source, hint=hint)
-        for field, message, hint in recipe_gaps(recipe.network, recipe.model.family)
-    ]
-
-
-def architecture_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """What cannot be built on the model's layer widths (BOFT's block sizes), read from its
-    configs without torch. Nothing is said when the architecture cannot be told (an ``auto``
-    family with a hub id): training reports it then."""
-    n = recipe.network
-    if (n.backend, n.algorithm) != ("lycoris", "boft"):
-        return []
-    from loraforge.backends.lycoris_check import boft_layers, boft_problem
-    from loraforge.errors import LoraforgeError
-    from loraforge.vram.arch import resolve_architecture
-    from loraforge.vram.structure import text_structure, unet_structure
-
-    try:
-        arch = resolve_architecture(recipe.model.base, recipe.model.family, vae=recipe.model.vae)
-        unet = unet_structure(arch.configs["unet"])
-    except (LoraforgeError, ValueError, KeyError):
-        return []
-    encoders = [
-        text_structure(arch.configs[name], projection=name == "text_encoder_2")
-        for name in arch.text_encoder_names
-    ]
-    message = boft_problem(n, boft_layers(n, unet, encoders), arch.family)
-    if message is None:
-        return []
-    hint = "raise network.dim (and conv_dim) to a dim that works, or use diag-oft"
-    return [Problem("error", message, "network.dim", source, hint=hint)]
-
-
-def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
-    """Dataset and model-file findings, tagged with the recipe file. Missing files and missing or
-    empty folders are warnings: presets point at folders the user still has to fill, and CI
-    checks recipes without their images and models (``--strict`` fails on them)."""
-    from dataclasses import replace
-
-    from loraforge.data.checks import check_dataset
-    from loraforge.recipe.problems import FIX_PATH_HINT
-
-    found = [replace(p, file=source) for p in check_dataset(recipe.dataset, empty="warning")]
-    files = {
-        "model.base": recipe.model.base,
-        "model.vae": recipe.model.vae,
-        "network.weights": recipe.network.weights,
-    }
-    for field, value in files.items():
-        # local paths were made absolute when the recipe was read; hub ids were not
-        if value and Path(value).is_absolute() and not Path(value).exists():
-            found.append(
-                Problem("warning", f"{value} does not exist", field, source, hint=FIX_PATH_HINT)
-            )
-    return found
-
-
 def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
     if fmt == CheckFormat.json:
         print_json([_report_dict(r) for r in reports])
@@ -243,29 +182,45 @@ def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
                 out.file.write(f"::{p.severity} {where}::{text}\n")
         return
     for r in reports:
-        _render_problems(r)
+        if fmt == CheckFormat.table:
+            _render_table(r)
+        else:
+            _render_lines(r)
         if r.vram is not None:
             from loraforge.vram import render_vram
 
             out.print(render_vram(r.vram))
 
 
-def _render_problems(r: FileReport) -> None:
+def _render_lines(r: FileReport) -> None:
+    for p in r.problems:
+        out.print(problem_line(p))
+    _render_summary(r)
+
+
+def _render_summary(r: FileReport) -> None:
     if not r.problems:
-        out.print(f"[green]ok[/]  {r.path}")
+        out.print(f"[green]ok[/]  {escape(r.path)}")
         return
-    table = Table(title=r.path, title_justify="left", show_lines=False)
+    errors = sum(p.severity == "error" for p in r.problems)
+    warnings = len(r.problems) - errors
+    out.print(f"{escape(r.path)}: {errors} error(s), {warnings} warning(s)")
+
+
+def _render_table(r: FileReport) -> None:
+    if not r.problems:
+        _render_summary(r)
+        return
+    table = Table(title=escape(r.path), title_justify="left", show_lines=False)
     for column in ("", "where", "field", "problem"):
         table.add_column(column, overflow="fold")
     for p in r.problems:
         mark = "[red]error[/]" if p.severity == "error" else "[yellow]warning[/]"
-        message = p.message + (f"\n[dim]{p.hint}[/]" if p.hint else "")
+        message = escape(p.message) + (f"\n[dim]{escape(p.hint)}[/]" if p.hint else "")
         where = f"{p.line}:{p.column}" if p.line else ""
-        table.add_row(mark, where, p.path, message)
+        table.add_row(mark, where, escape(p.path), message)
     out.print(table)
-    errors = sum(p.severity == "error" for p in r.problems)
-    warnings = len(r.problems) - errors
-    out.print(f"{errors} error(s), {warnings} warning(s)")
+    _render_summary(r)
 
 
 def _report_dict(report: FileReport) -> dict[str, Any]:

@@ -19,7 +19,8 @@ _SCHEMA_LINE = "# yaml-language-server: $schema={}\n"
 
 def command(
     preset: Annotated[
-        str | None, typer.Option("--preset", "-p", help="Preset name (see --list).")
+        str | None,
+        typer.Option("--preset", "-p", metavar="NAME", help="Preset name (see --list)."),
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Recipe file to write.")] = Path(
         "recipe.yaml"

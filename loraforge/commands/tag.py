@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
+from loraforge.commands.recipe_findings import load_checked_recipe
 from loraforge.console import err, out, print_json
 from loraforge.errors import DatasetError, LoraforgeError
 
@@ -76,7 +77,6 @@ def command(
             "--overwrite and --append cannot be used together",
             hint="--overwrite replaces captions, --append adds new tags after them: choose one",
         )
-    from loraforge.recipe import load_recipe
     from loraforge.tagging import (
         folder_from_path,
         folders_from_dataset,
@@ -84,7 +84,8 @@ def command(
         run_tagging,
     )
 
-    loaded = load_recipe(recipe)
+    # with --dir the recipe's dataset is not read, so its folders are not checked
+    loaded = load_checked_recipe(recipe, dataset=folder is None, models=False)
     config = loaded.tagging
     if folder is not None:
         selection = folder_from_path(folder, recursive=recursive)

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, RecipeArg
+from loraforge.commands.recipe_findings import load_checked_recipe
 from loraforge.console import err, info, out, print_json
 
 _MAX_FILES_SHOWN = 12
@@ -28,13 +30,25 @@ def command(
         ),
     ] = None,
     force: ForceOpt = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            metavar="N",
+            help="CPU training threads (default: OMP_NUM_THREADS, else the free cores).",
+            show_default=False,
+        ),
+    ] = None,
     fmt: FormatOpt = OutputFormat.table,
 ) -> None:
     """Train the recipe's LoRA and write kohya-compatible .safetensors files.
 
-    Ctrl-C stops after the current step and saves a resumable state (a second Ctrl-C aborts);
-    continue with --resume auto. Existing outputs are not overwritten without --force.
-    For several GPUs or machines, start it with accelerate.
+    The recipe's warnings (those `loraforge check` shows) come first; its errors stop it before
+    anything runs. Ctrl-C stops after the current step and saves a resumable state (a second
+    Ctrl-C aborts at once, keeping what was saved before); continue with --resume auto. Existing
+    outputs are not overwritten without --force. For several GPUs or machines, start it with
+    accelerate.
 
     Example:
 
@@ -43,9 +57,7 @@ def command(
         loraforge train recipe.yaml --resume auto
         accelerate launch --multi_gpu --num_processes 2 -m loraforge train recipe.yaml
     """
-    from loraforge.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path)
+    recipe = load_checked_recipe(recipe_path)
     if dry_run:
         with err.status("resolving the plan…"):
             from loraforge.training.plan import build_plan
@@ -57,8 +69,13 @@ def command(
             render_plan(plan, force=force)
         return
     with err.status("loading torch…"):
-        from loraforge.training.run import run_training
-    result = run_training(recipe, resume=resume, force=force)
+        from loraforge.training.run import TrainingAborted, run_training
+    try:
+        result = run_training(recipe, resume=resume, force=force, threads=threads)
+    except TrainingAborted as e:
+        if e.main_process:
+            info(escape(aborted_message(e, recipe_path)))
+        raise typer.Exit(130) from None
     if result.interrupted:
         if result.main_process:
             info(
@@ -68,6 +85,20 @@ def command(
         raise typer.Exit(130)
     if result.main_process:
         info(f"done: {result.final_path} ({result.progress.global_step} steps)")
+
+
+def aborted_message(aborted: Any, recipe_path: Path) -> str:
+    """What a second Ctrl-C kept: the newest LoRA file and state of the run, and how to go on."""
+    kept = aborted.kept
+    head = f"aborted at step {aborted.step} (second Ctrl-C)"
+    if not kept:
+        return f"{head}: this run saved nothing yet; files from earlier runs are untouched"
+    files = [f"{path} (step {step})" for step, path in kept.values()]
+    text = f"{head}; kept: {', '.join(files)}"
+    if "state" in kept:
+        text += f"\n  continue from step {kept['state'][0]} with: "
+        text += f"loraforge train {recipe_path} --resume auto"
+    return text
 
 
 def render_plan(plan: Any, *, force: bool) -> None:
@@ -118,10 +149,7 @@ def render_plan(plan: Any, *, force: bool) -> None:
         from loraforge.vram import render_vram
 
         out.print(render_vram(plan.vram))
-    for path, reason in plan.skipped:
-        err.print(f"[yellow]skipped:[/] {path}: {reason}")
-    for warning in plan.warnings:
-        err.print(f"[yellow]warning:[/] {warning}")
+    # skipped files and dataset warnings were printed with the recipe's findings
     if plan.existing and not force:
         err.print(
             f"[yellow]note:[/] {len(plan.existing)} output(s) exist already; "

@@ -1,11 +1,11 @@
-"""Filesystem validation of a recipe's dataset section, for ``loraforge check``.
+"""Filesystem validation of a recipe's dataset section, for ``loraforge check`` and every command
+that reads the dataset.
 
 Reports every finding at once as :class:`~loraforge.recipe.problems.Problem` objects (no
-exception for user errors). Invalid bucket settings are errors. Missing subset folders, subsets
-without usable images and an empty dataset have the severity the caller picks (``empty``:
-"warning" suits presets whose folders are still to be filled, "error" a pipeline about to train).
-Bad image files, unusable caption files and other findings are warnings (``check --strict``
-decides whether those fail). Torch-free.
+exception for user errors), with the severity training gives it: what makes ``loraforge train``
+stop is an error (invalid bucket settings, a missing subset folder, no usable training image at
+all); what training skips or works around is a warning (a subset without usable images beside
+others that have some, bad image files, missing or unusable captions). Torch-free.
 """
 
 from __future__ import annotations
@@ -18,26 +18,25 @@ from loraforge.data.discovery import Discovery, discover
 from loraforge.data.plan import plan_buckets
 from loraforge.data.subsets import subset_path
 from loraforge.errors import DatasetError
-from loraforge.recipe.problems import FIX_PATH_HINT, Problem, Severity
-from loraforge.recipe.types import DatasetConfig
+from loraforge.recipe.problems import FIX_PATH_HINT, Problem
+from loraforge.recipe.types import DatasetConfig, SubsetConfig
 
 
-def check_dataset(dataset: DatasetConfig, empty: Severity = "error") -> list[Problem]:
-    """Check that the dataset's folders exist and hold usable images.
+def check_dataset(dataset: DatasetConfig, *, read_files: bool = True) -> list[Problem]:
+    """Check the bucket settings and that the dataset's folders exist and hold usable images.
 
     Args:
         dataset: the recipe's dataset section (paths already absolute).
-        empty: severity of a missing folder, a subset without usable images, and an empty
-            dataset (default "error").
+        read_files: also look at the folders and images (``False``: the bucket settings only,
+            for checking a recipe without its data).
 
     Returns:
         Problems, errors first; empty when everything is usable.
     """
-    problems: list[Problem] = []
-    try:
-        BucketSettings.from_dataset(dataset).adjusted()
-    except DatasetError as e:
-        problems.append(Problem("error", e.message, path="dataset", hint=e.hint))
+    problems = bucket_settings_problems(dataset)
+    settings_valid = not problems
+    if not read_files:
+        return problems
     present = []
     for index, subset in enumerate(dataset.subsets):
         folder = Path(subset.dir)
@@ -47,23 +46,37 @@ def check_dataset(dataset: DatasetConfig, empty: Severity = "error") -> list[Pro
         what = "does not exist" if not folder.exists() else "is not a folder"
         problems.append(
             Problem(
-                empty,
-                f"{folder} {what}",
+                "error",
+                f"{folder} {what}: train will stop",
                 path=subset_path(index),
                 hint=FIX_PATH_HINT,
             )
         )
     if present:
-        problems += _check_contents(replace(dataset, subsets=tuple(present)), dataset, empty)
+        subsets = replace(dataset, subsets=tuple(present))
+        problems += _check_contents(subsets, dataset, plan=settings_valid)
     return sorted(problems, key=lambda p: p.severity != "error")
 
 
-def _check_contents(present: DatasetConfig, full: DatasetConfig, empty: Severity) -> list[Problem]:
+def bucket_settings_problems(dataset: DatasetConfig) -> list[Problem]:
+    """The bucket settings training would refuse (no files read)."""
+    try:
+        BucketSettings.from_dataset(dataset).adjusted()
+    except DatasetError as e:
+        return [Problem("error", e.message, path="dataset", hint=e.hint)]
+    return []
+
+
+def _check_contents(present: DatasetConfig, full: DatasetConfig, *, plan: bool) -> list[Problem]:
+    """Findings of discovery (and of bucketing, when ``plan`` and the settings are valid)."""
     try:
         found = discover(present)
     except DatasetError as e:
-        return [Problem(empty, e.message, path="dataset.subsets", hint=e.hint)]
-    problems = _empty_subsets(found, present, full, empty)
+        return [Problem("error", e.message, path="dataset.subsets", hint=e.hint)]
+    empty = _empty_subsets(found, present)
+    problems = [_empty_subset_problem(subset, full) for subset in empty]
+    # discovery's own notes about those folders would say the same twice
+    said = tuple(f"{subset.dir}:" for subset in empty)
     problems += [
         Problem("warning", f"{issue.path}: {issue.reason}", path="dataset.subsets")
         for issue in found.skipped
@@ -72,37 +85,37 @@ def _check_contents(present: DatasetConfig, full: DatasetConfig, empty: Severity
         Problem("warning", f"caption {issue.path}: {issue.reason}", path="dataset.subsets")
         for issue in found.caption_issues
     ]
-    problems += [Problem("warning", text, path="dataset.subsets") for text in found.warnings]
+    problems += [
+        Problem("warning", text, path="dataset.subsets")
+        for text in found.warnings
+        if not text.startswith(said)
+    ]
+    if not plan:
+        return problems
     try:
-        plan = plan_buckets(found, BucketSettings.from_dataset(present))
+        buckets = plan_buckets(found, BucketSettings.from_dataset(present))
     except DatasetError as e:
         return [*problems, Problem("error", e.message, path="dataset", hint=e.hint)]
     problems += [
         Problem("warning", f"{issue.path}: {issue.reason}", path="dataset.bucket_no_upscale")
-        for issue in plan.skipped
+        for issue in buckets.skipped
     ]
     return problems
 
 
-def _empty_subsets(
-    found: Discovery, present: DatasetConfig, full: DatasetConfig, empty: Severity
-) -> list[Problem]:
-    """A problem for each recipe subset that contributes no usable image."""
+def _empty_subsets(found: Discovery, present: DatasetConfig) -> list[SubsetConfig]:
+    """The recipe subsets that contribute no usable image (training ignores them)."""
     used = {found.subsets[image.subset].config_index for image in found.images}
     unused_dirs = {path.parent for path in found.unused_reg_images}
     used |= {s.config_index for s in found.subsets if s.dir in unused_dirs}
-    problems = []
-    for present_index, subset in enumerate(present.subsets):
-        if present_index in used:
-            continue
-        index = full.subsets.index(subset)
-        problems.append(
-            Problem(
-                empty,
-                f"{subset.dir} holds no usable images",
-                path=subset_path(index),
-                hint="add images (png, jpg, webp, ...) or '<repeats>_<class>' sub-folders with "
-                "images, or remove the subset",
-            )
-        )
-    return problems
+    return [subset for index, subset in enumerate(present.subsets) if index not in used]
+
+
+def _empty_subset_problem(subset: SubsetConfig, full: DatasetConfig) -> Problem:
+    return Problem(
+        "warning",
+        f"{subset.dir} holds no usable images; training ignores it",
+        path=subset_path(full.subsets.index(subset)),
+        hint="add images (png, jpg, webp, ...) or '<repeats>_<class>' sub-folders with images, "
+        "or remove the subset",
+    )

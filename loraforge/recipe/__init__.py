@@ -2,6 +2,7 @@
 
 from loraforge.recipe.load import (
     Validation,
+    errors_found,
     load_recipe,
     parse_recipe_text,
     section_defaults,
@@ -43,6 +44,7 @@ __all__ = [
     "TaggingConfig",
     "TrainingConfig",
     "Validation",
+    "errors_found",
     "load_recipe",
     "load_schema",
     "parse_recipe_text",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,13 +155,18 @@ def parse_recipe_text(
 
 def _recipe_or_raise(validation: Validation) -> recipe_types.Recipe:
     if validation.recipe is None:
-        lines = "\n".join(f"  {p}" for p in validation.errors)
-        count = len(validation.errors)
-        raise RecipeError(
-            f"the recipe has {count} error{'s' if count != 1 else ''}:\n{lines}",
-            hint="`loraforge check RECIPE` shows all findings",
-        )
+        raise errors_found(validation.errors)
     return validation.recipe
+
+
+def errors_found(errors: Sequence[Problem]) -> RecipeError:
+    """One error listing every ``file:line:col: field: message`` of ``errors``."""
+    lines = "\n".join(f"  {p}" for p in errors)
+    count = len(errors)
+    return RecipeError(
+        f"the recipe has {count} error{'s' if count != 1 else ''}:\n{lines}",
+        hint="`loraforge check RECIPE` shows all findings",
+    )
 
 
 def _yaml_problem(error: yaml.YAMLError, source: str) -> Problem:

@@ -40,7 +40,8 @@ def folders_from_dataset(
         DatasetError: a subset folder does not exist.
     """
     resolution = resolve_subsets(dataset)
-    notes = list(resolution.warnings)
+    # the folders' own findings (resolution.warnings) are the recipe's, printed with them
+    notes: list[str] = []
     folders: list[TagFolder] = []
     seen: set[Path] = set()
     for subset in resolution.subsets:

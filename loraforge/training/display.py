@@ -1,22 +1,26 @@
-"""What a run shows and logs: a rich live line on stderr and, when asked, TensorBoard scalars.
+"""What a run shows and logs: a rich live display on stderr and, when asked, TensorBoard scalars.
 
-The live line: step/total, epoch, loss (current and moving average over the last epoch's steps),
-it/s, ETA, learning rates, peak device memory, and max-norm figures when ``scale_weight_norms``
-is set. On a terminal it updates in place; otherwise (CI logs, files) a plain line is printed
-about every tenth of the run. Only the main process shows or logs anything.
+The live display, laid out by priority for the terminal's width (:func:`status_lines`): step/total,
+ETA, loss (current and moving average over the last epoch's steps) and speed first, then the
+epoch and a progress bar when there is room; peak device memory, learning rates and max-norm
+figures (with ``scale_weight_norms``) on a second line, each shown whole or dropped when narrow.
+The ETA comes from the run's own average step time and counts down between steps. On a terminal
+the display updates in place; otherwise (CI logs, files) a plain line is printed about every
+tenth of the run. Only the main process shows or logs anything.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.text import Text
 
 from loraforge.backends.base import MaxNormResult
 from loraforge.errors import DependencyError
@@ -127,8 +131,113 @@ class TensorBoardLog:
         self.writer.close()
 
 
+@dataclass(frozen=True)
+class StatusFields:
+    """What the live display shows, as text, most important first.
+
+    Attributes:
+        step, total: optimizer steps done and planned.
+        eta: time left (``H:MM:SS``), ``""`` before the first step.
+        loss, average: the last step's loss and the moving average.
+        rate: ``2.31 it/s`` (or ``4.2 s/it`` when slower than one step a second).
+        epoch: ``3/10``.
+        memory: peak device memory.
+        lrs: the learning rate of every parameter group.
+        norm: max-norm figures, ``""`` when off.
+    """
+
+    step: int
+    total: int
+    eta: str = ""
+    loss: str = "-"
+    average: str = "-"
+    rate: str = ""
+    epoch: str = "-"
+    memory: str = ""
+    lrs: str = ""
+    norm: str = ""
+
+    def first_line(self) -> list[str]:
+        """The figures a glance needs, in priority order."""
+        return [
+            f"step {self.step}/{self.total}",
+            f"eta {self.eta or '…'}",
+            f"loss {self.loss} (avg {self.average})",
+            self.rate,
+            f"epoch {self.epoch}",
+        ]
+
+    def second_line(self) -> list[str]:
+        return [
+            f"peak {self.memory}" if self.memory else "",
+            f"lr {self.lrs}" if self.lrs else "",
+            self.norm,
+        ]
+
+
+_GAP = "  "
+_MIN_BAR = 10
+
+
+def _fit(parts: Sequence[str], width: int) -> str:
+    """``parts`` joined while they fit ``width``, in order; the first part that does not fit and
+    everything after it are dropped (never cut in the middle)."""
+    line = ""
+    for part in (p for p in parts if p):
+        candidate = f"{line}{_GAP}{part}" if line else part
+        if len(candidate) > width:
+            break
+        line = candidate
+    return line
+
+
+def status_lines(fields: StatusFields, width: int) -> list[Text]:
+    """The live display at ``width`` columns, laid out by priority: step/total, ETA, loss
+    (average) and speed first (on one line, with the epoch and a progress bar when there is
+    room); peak memory, learning rates and max-norm figures on a second line, each shown whole
+    or dropped."""
+    first = _fit(fields.first_line(), width)
+    line = Text(first)
+    room = width - len(first) - len(_GAP)
+    if room >= _MIN_BAR and fields.total > 0:
+        done = round(room * min(fields.step, fields.total) / fields.total)
+        line.append(_GAP)
+        line.append("━" * done, style="bar.complete")
+        line.append("━" * (room - done), style="bar.back")
+    lines = [line]
+    second = _fit(fields.second_line(), width)
+    if second:
+        lines.append(Text(second, style="dim"))
+    return lines
+
+
+def format_eta(seconds: float) -> str:
+    """``H:MM:SS``."""
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def format_rate(steps: int, seconds: float) -> str:
+    """``2.31 it/s``, or ``4.2 s/it`` for slow steps; ``""`` before there is a rate."""
+    if steps <= 0 or seconds <= 0:
+        return ""
+    rate = steps / seconds
+    return f"{rate:.2f} it/s" if rate >= 1 else f"{seconds / steps:.1f} s/it"
+
+
+class _LiveStatus:
+    """The renderable the live display redraws: laid out for the console's width at each
+    refresh, with the ETA counting down between steps."""
+
+    def __init__(self, display: TrainingDisplay) -> None:
+        self.display = display
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from status_lines(self.display.fields(), options.max_width)
+
+
 class TrainingDisplay:
-    """The live progress line (rank 0) plus the optional TensorBoard log.
+    """The live progress display (rank 0) plus the optional TensorBoard log.
 
     Args:
         console: the stderr console.
@@ -137,6 +246,7 @@ class TrainingDisplay:
         device: for the peak memory figure.
         enabled: show anything at all (False on other ranks).
         tensorboard: a :class:`TensorBoardLog` or ``None``.
+        clock: seconds, for the rate and the ETA (tests pass a fake one).
     """
 
     def __init__(
@@ -149,6 +259,7 @@ class TrainingDisplay:
         device: Any,
         enabled: bool = True,
         tensorboard: TensorBoardLog | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.console = console
         self.total = total_steps
@@ -157,48 +268,36 @@ class TrainingDisplay:
         self.device = device
         self.enabled = enabled
         self.tensorboard = tensorboard
+        self.clock = clock
         self.live = enabled and console.is_terminal
         self.every = max(1, total_steps // 10)
-        self.started = time.perf_counter()
-        self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]} (avg {task.fields[avg]})"),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("lr {task.fields[lr]}  peak {task.fields[mem]} {task.fields[norm]}"),
-            console=console,
-            disable=not self.live,
-        )
-        self.task = self.progress.add_task(
-            "train",
-            total=total_steps,
-            completed=start_step,
-            epoch="-",
-            loss="-",
-            avg="-",
-            rate="",
-            lr="-",
-            mem="-",
-            norm="",
-        )
+        self.started = clock()
+        self.last_step = start_step
+        self.last_step_at = self.started
+        self.shown = StatusFields(start_step, total_steps)
+        self._live = Live(_LiveStatus(self), console=console, refresh_per_second=2, transient=False)
 
     def __enter__(self) -> TrainingDisplay:
-        self.started = time.perf_counter()
-        self.progress.start()
+        self.started = self.last_step_at = self.clock()
+        if self.live:
+            self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.live:
+            self._live.stop()
         if self.tensorboard is not None:
             self.tensorboard.close()
 
-    def _rate(self, step: int) -> str:
-        elapsed = time.perf_counter() - self.started
-        done = step - self.start_step
-        return f"{done / elapsed:.2f} it/s" if elapsed > 0 and done > 0 else ""
+    def fields(self) -> StatusFields:
+        """What to show now: the last step's figures, the ETA counted down since it."""
+        done = self.last_step - self.start_step
+        if done <= 0:
+            return self.shown
+        per_step = (self.last_step_at - self.started) / done
+        since = self.clock() - self.last_step_at
+        left = (self.total - self.last_step) * per_step - since
+        return replace(self.shown, eta=format_eta(left))
 
     def step(self, report: StepReport) -> None:
         """Show (and log) one optimizer step."""
@@ -206,23 +305,24 @@ class TrainingDisplay:
             return
         if self.tensorboard is not None:
             self.tensorboard.step(report)
-        fields = {
-            "epoch": f"{report.epoch}/{self.num_epochs}",
-            "loss": f"{report.loss:.4f}",
-            "avg": f"{report.average:.4f}",
-            "rate": self._rate(report.step),
-            "lr": _lr_text(report.lrs),
-            "mem": peak_memory(self.device),
-            "norm": _max_norm_text(report.max_norm),
-        }
-        self.progress.update(self.task, completed=report.step, **fields)
-        if not self.live and (report.step % self.every == 0 or report.step == self.total):
-            self.console.print(
-                f"step {report.step}/{self.total} epoch {fields['epoch']} loss {fields['loss']} "
-                f"(avg {fields['avg']}) {fields['rate']} lr {fields['lr']} peak {fields['mem']} "
-                f"{fields['norm']}".rstrip(),
-                soft_wrap=True,
-            )
+        self.last_step, self.last_step_at = report.step, self.clock()
+        self.shown = StatusFields(
+            step=report.step,
+            total=self.total,
+            loss=f"{report.loss:.4f}",
+            average=f"{report.average:.4f}",
+            rate=format_rate(report.step - self.start_step, self.last_step_at - self.started),
+            epoch=f"{report.epoch}/{self.num_epochs}",
+            memory=peak_memory(self.device),
+            lrs=_lr_text(report.lrs),
+            norm=_max_norm_text(report.max_norm),
+        )
+        if self.live:
+            self._live.refresh()
+        elif report.step % self.every == 0 or report.step == self.total:
+            fields = self.fields()
+            parts = [*fields.first_line(), *fields.second_line()]
+            self.console.print(_GAP.join(p for p in parts if p), soft_wrap=True, markup=False)
 
     def epoch_done(self, epoch: int, average: float) -> None:
         if self.enabled and self.tensorboard is not None:

@@ -1,7 +1,8 @@
 """A whole training run: set-up -> train -> clean-up, with Ctrl-C turned into a saved state.
 
 The first Ctrl-C asks the loop to stop after the current optimizer step and write a resumable
-``<name>-state`` folder; a second one aborts at once (files already saved are kept).
+``<name>-state`` folder; a second one aborts at once with :class:`TrainingAborted`, which says
+what was kept (files already saved are; a file being written is not, as writes are atomic).
 """
 
 from __future__ import annotations
@@ -16,6 +17,23 @@ from typing import Any
 from loraforge.console import err
 from loraforge.recipe import Recipe
 from loraforge.training.loop import StopFlag, TrainResult
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A second Ctrl-C stopped the run at once.
+
+    Attributes:
+        step: the last optimizer step done.
+        kept: the newest LoRA file and state folder this run saved, by kind, with their step
+            (see :attr:`loraforge.training.saving.Checkpointer.kept`).
+        main_process: this process is the one that writes files and reports.
+    """
+
+    def __init__(self, step: int, kept: dict[str, tuple[int, Path]], main_process: bool) -> None:
+        super().__init__(f"aborted at step {step}")
+        self.step = step
+        self.kept = kept
+        self.main_process = main_process
 
 
 @contextlib.contextmanager
@@ -63,7 +81,11 @@ def make_display(run: Any) -> Any:
 
 
 def run_training(
-    recipe: Recipe, *, resume: str | Path | None = None, force: bool = False
+    recipe: Recipe,
+    *,
+    resume: str | Path | None = None,
+    force: bool = False,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train the recipe's LoRA; see :func:`loraforge.training.setup.setup_run` for the options.
 
@@ -72,25 +94,28 @@ def run_training(
 
     Raises:
         LoraforgeError: user errors during set-up; TrainingError for a non-finite loss.
-        KeyboardInterrupt: a second Ctrl-C.
+        TrainingAborted: a second Ctrl-C.
     """
     from loraforge.training.distributed import wait_for_everyone
     from loraforge.training.loop import train
     from loraforge.training.setup import setup_run
 
-    run = setup_run(recipe, resume=resume, force=force)
+    run = setup_run(recipe, resume=resume, force=force, threads=threads)
     flag = StopFlag()
     display = make_display(run)
 
     def announce() -> None:
         display.message(
-            "stopping after this step and saving a resumable state (Ctrl-C again to abort)"
+            "stopping after this step and saving a resumable state "
+            "(Ctrl-C again aborts at once, keeping only what was saved before)"
         )
 
     try:
         with ctrl_c_stops(flag, announce), display:
             result = train(run, display, flag)
         wait_for_everyone(run.num_processes)
+    except KeyboardInterrupt as e:
+        raise TrainingAborted(display.last_step, dict(run.checkpointer.kept), run.is_main) from e
     finally:
         release(run)
     return result

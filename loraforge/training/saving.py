@@ -212,6 +212,10 @@ class Checkpointer:
         metadata_for: the metadata of a file saved at a given progress.
         recipe: the resolved recipe (``Recipe.to_dict()``), stored in states for resume checks.
         is_main: whether this process writes files.
+
+    Attributes:
+        kept: the newest LoRA file and state folder written so far, by kind (``lora``,
+            ``state``), with the step each holds: what an aborted run keeps.
     """
 
     def __init__(
@@ -228,6 +232,7 @@ class Checkpointer:
         self.metadata_for = metadata_for
         self.recipe = recipe
         self.is_main = is_main
+        self.kept: dict[FileKind, tuple[int, Path]] = {}
 
     def write_lora(
         self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress
@@ -247,6 +252,7 @@ class Checkpointer:
         if tensors is not None:
             metadata = {**self.metadata_for(progress), **network.metadata()}
             write_lora_file(path, tensors, metadata, force=True)  # conflicts refused up front
+            self.kept["lora"] = (progress.global_step, path)
         return path
 
     def write_state(
@@ -264,7 +270,7 @@ class Checkpointer:
         path = self.output.dir / folder_name
         if not self.is_main:
             return path
-        return save_training_state(
+        written = save_training_state(
             path,
             network_state=network.state_dict(),
             optimizer=optimizer,
@@ -273,6 +279,8 @@ class Checkpointer:
             recipe=self.recipe,
             extra=extra,
         )
+        self.kept["state"] = (progress.global_step, written)
+        return written
 
     def checkpoint(
         self,

@@ -8,6 +8,7 @@ optimizer and scheduler -> restored state. After this, nothing reads the recipe 
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from loraforge.backends.base import Network
-from loraforge.console import warn
+from loraforge.console import info, warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
+from loraforge.machine import choose_cpu_threads
 from loraforge.recipe import Recipe
 from loraforge.training.build import (
     build_network,
@@ -132,8 +134,11 @@ def make_loader(data: TrainingData, num_workers: int, pin_memory: bool) -> DataL
     )
 
 
-def prepare_data(recipe: Recipe, accelerator: Any) -> tuple[TrainingData, DataLoader]:
-    """Discover and bucket the dataset, sharded over the processes."""
+def prepare_data(
+    recipe: Recipe, accelerator: Any, num_workers: int
+) -> tuple[TrainingData, DataLoader]:
+    """Discover and bucket the dataset, sharded over the processes; ``num_workers`` loader
+    processes decode the images."""
     t = recipe.training
     data = build_training_data(
         recipe.dataset,
@@ -147,7 +152,35 @@ def prepare_data(recipe: Recipe, accelerator: Any) -> tuple[TrainingData, DataLo
         discovery=discover(recipe.dataset),
     )
     pin = accelerator.device.type == "cuda"
-    return data, make_loader(data, recipe.dataset.num_workers, pin)
+    return data, make_loader(data, num_workers, pin)
+
+
+# torch's own default (one thread per physical core), read before anything changes it
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def use_cpu_threads(requested: int | None, num_workers: int, accelerator: Any) -> int:
+    """On a CPU, set torch's intra-op thread count to what :func:`choose_cpu_threads` picks and
+    say so; on a GPU leave torch alone.
+
+    Returns:
+        How many DataLoader worker processes to use.
+    """
+    if accelerator.device.type != "cpu":
+        return num_workers
+    choice = choose_cpu_threads(
+        requested,
+        num_workers,
+        processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        limit=_TORCH_DEFAULT_THREADS,
+    )
+    torch.set_num_threads(choice.threads)
+    if accelerator.is_main_process:
+        info(
+            f"training on the CPU with {choice.threads} thread(s) and {choice.workers} data "
+            f"worker(s) ({choice.reason}; --threads N to choose)"
+        )
+    return choice.workers
 
 
 def check_outputs(recipe: Recipe, length: Any, state_dir: Path | None, force: bool) -> None:
@@ -219,7 +252,11 @@ def restore_and_sync(
 
 
 def setup_run(
-    recipe: Recipe, *, resume: str | Path | None = None, force: bool = False
+    recipe: Recipe,
+    *,
+    resume: str | Path | None = None,
+    force: bool = False,
+    threads: int | None = None,
 ) -> TrainingRun:
     """Build a run from a validated recipe.
 
@@ -227,6 +264,8 @@ def setup_run(
         recipe: the recipe.
         resume: a state folder, ``"auto"`` (the run's latest state) or ``None``.
         force: allow overwriting outputs of an earlier run.
+        threads: intra-op threads for CPU training (default: chosen from the free cores, see
+            :func:`loraforge.machine.choose_cpu_threads`).
 
     Raises:
         LoraforgeError: any user error found while setting up (dataset, model, precision,
@@ -235,7 +274,8 @@ def setup_run(
     t = recipe.training
     accelerator = make_accelerator(t.mixed_precision)
     device = accelerator.device
-    data, loader = prepare_data(recipe, accelerator)
+    workers = use_cpu_threads(threads, recipe.dataset.num_workers, accelerator)
+    data, loader = prepare_data(recipe, accelerator, workers)
     length = training_length(
         len(data.sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
     )

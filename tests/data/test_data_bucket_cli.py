@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraforge.cli import app
-from loraforge.errors import DatasetError, DependencyError, OutputExistsError
+from loraforge.errors import DependencyError, OutputExistsError, RecipeError
 
 RECIPE = """\
 model:
@@ -161,12 +161,14 @@ def test_plot_without_matplotlib_is_a_dependency_error(project, monkeypatch) -> 
     assert "matplotlib" in str(result.exception)
 
 
-def test_empty_dataset_is_a_dataset_error(tmp_path) -> None:
+def test_empty_dataset_is_an_error_of_the_recipe(tmp_path) -> None:
     (tmp_path / "dataset").mkdir()
     (tmp_path / "reg").mkdir()
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     result = invoke(str(tmp_path / "recipe.yaml"))
-    assert isinstance(result.exception, DatasetError)
+    # reported as `check` reports it: with its place in the recipe
+    assert isinstance(result.exception, RecipeError)
+    assert "recipe.yaml:6:5: dataset.subsets: no usable training images" in str(result.exception)
     assert str(tmp_path / "dataset") in str(result.exception)
 
 

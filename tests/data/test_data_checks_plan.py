@@ -33,18 +33,27 @@ def test_check_reports_everything_at_once(tmp_path, write_image, subset_config, 
     problems = check_dataset(config)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity == "warning"]
-    assert {p.path for p in errors} == {"dataset.subsets[1].dir", "dataset.subsets[2].dir"}
-    assert any("does not exist" in p.message for p in errors)
-    assert any("no usable images" in p.message for p in errors)
+    # a missing folder stops training; an empty subset beside a usable one is ignored by it
+    assert [p.path for p in errors] == ["dataset.subsets[1].dir"]
+    assert "does not exist" in errors[0].message
+    empty_subset = [p for p in warnings if p.path == "dataset.subsets[2].dir"]
+    assert len(empty_subset) == 1 and "no usable images" in empty_subset[0].message
     assert problems[: len(errors)] == errors  # errors first
     text = "\n".join(p.message for p in warnings)
     assert "broken.png: empty file" in text
     assert "latin.txt" in text and "not UTF-8" in text
+    # the empty folder is reported once, not again by discovery's own note about it
+    assert sum(str(empty) in p.message for p in problems) == 1
 
 
-def test_check_severity_of_missing_folders_is_the_callers(tmp_path, subset_config, dataset_config):
-    problems = check_dataset(dataset_config(subset_config(tmp_path / "todo")), empty="warning")
-    assert [p.severity for p in problems] == ["warning"]
+def test_check_without_reading_files_keeps_the_bucket_settings(
+    tmp_path, subset_config, dataset_config
+):
+    missing = dataset_config(subset_config(tmp_path / "todo"))
+    assert [p.severity for p in check_dataset(missing)] == ["error"]
+    assert check_dataset(missing, read_files=False) == []
+    bad = dataset_config(subset_config(tmp_path / "todo"), max_bucket_reso=256)
+    assert [p.path for p in check_dataset(bad, read_files=False)] == ["dataset"]
 
 
 def test_check_clean_dataset_and_bad_bucket_settings(
@@ -54,7 +63,8 @@ def test_check_clean_dataset_and_bad_bucket_settings(
     (tmp_path / "1_x" / "a.txt").write_text("caption")
     assert check_dataset(dataset_config(subset_config(tmp_path / "1_x"))) == []
     bad = check_dataset(dataset_config(subset_config(tmp_path / "1_x"), max_bucket_reso=256))
-    assert any(p.severity == "error" and "bucket range" in p.message for p in bad)
+    # said once (it used to come again from bucketing the images)
+    assert [p.severity for p in bad] == ["error"] and "bucket range" in bad[0].message
 
 
 def test_check_empty_dataset_is_one_error(tmp_path, subset_config, dataset_config):

@@ -177,3 +177,24 @@ def test_image_bytes_unchanged(tmp_path: Path, wd14_dir: Path) -> None:
     assert call("tag", str(recipe), "--overwrite") == 0
     assert [f.read_bytes() for f in files] == before
     assert np.asarray(Image.open(files[0])).shape == (8, 8, 3)
+
+
+def test_tag_prints_the_recipe_warnings_once_before_tagging(
+    tmp_path: Path, wd14_dir: Path, capsys
+) -> None:
+    message = "min_snr_gamma and debiased estimation both reweight the loss by timestep"
+    extra = "training:\n  min_snr_gamma: 5\n  debiased_estimation_loss: true\n"
+    recipe = write_recipe(tmp_path, str(wd14_dir), extra)
+    assert call("tag", str(recipe)) == 0
+    stderr = " ".join(capsys.readouterr().err.split())
+    assert stderr.count(message) == 1
+    assert stderr.index(message) < stderr.index("tagging with")
+    # with --dir the recipe's dataset folders are not read, so not checked
+    (tmp_path / "other.yaml").write_text(
+        recipe.read_text().replace("- dir: train", "- dir: missing"), encoding="utf-8"
+    )
+    extra_dir = tmp_path / "extra"
+    image(extra_dir / "x.png", (0, 0, 255))
+    assert call("tag", str(tmp_path / "other.yaml"), "--dir", str(extra_dir)) == 0
+    assert call("tag", str(tmp_path / "other.yaml")) == 2
+    assert "dataset.subsets[0].dir:" in " ".join(capsys.readouterr().err.split())

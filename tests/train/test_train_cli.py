@@ -225,3 +225,49 @@ def test_sd2_checkpoint_of_unknown_prediction_type_is_named(
     stderr = stderr_of(capsys)
     assert ("does not say whether it predicts epsilon or v" in stderr) is warned
     assert ("model.family: sd2-v" in stderr) is warned
+
+
+@pytest.mark.parametrize("save_state", [True, False])
+def test_a_second_ctrl_c_says_what_was_kept(
+    write_recipe, tmp_path, monkeypatch, capsys, save_state
+):
+    import loraforge.training.loop as loop
+
+    real, calls = loop.batch_loss, []
+
+    def aborted_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # as the SIGINT handler does on a second Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "batch_loss", aborted_in_step_3)
+    recipe = write_recipe(
+        {
+            "training": {"max_train_steps": 6},
+            "output": {"save_every_n_steps": 2, "save_state": save_state},
+        }
+    )
+    assert cli("train", str(recipe)) == 130
+    stderr = stderr_of(capsys)
+    out = tmp_path / "out"
+    assert "aborted at step 2 (second Ctrl-C)" in stderr
+    assert f"kept: {out / 't-step00000002.safetensors'} (step 2)" in stderr
+    if save_state:
+        assert f"{out / 't-step00000002-state'} (step 2)" in stderr
+        assert f"continue from step 2 with: loraforge train {recipe} --resume auto" in stderr
+    else:
+        assert "--resume" not in stderr
+
+
+def test_a_second_ctrl_c_before_any_save_says_nothing_was_saved(
+    write_recipe, monkeypatch, capsys
+) -> None:
+    import loraforge.training.loop as loop
+
+    def aborted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "batch_loss", aborted)
+    assert cli("train", str(write_recipe())) == 130
+    assert "aborted at step 0 (second Ctrl-C): this run saved nothing yet" in stderr_of(capsys)
