@@ -25,7 +25,7 @@ from loraforge.commands.resize import (
 )
 
 if TYPE_CHECKING:
-    from loraforge.ops.loaded import LoadedLora
+    from loraforge.ops.load_lora import LoadedLora
     from loraforge.ops.merge import WeightedLora
 
 
@@ -317,6 +317,7 @@ def _render_merge(summary: dict[str, Any], fmt: OutputFormat) -> None:
 def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
     import torch
 
+    from loraforge.ops.derived_metadata import derived_lora_metadata, inherited_metadata
     from loraforge.ops.lora_file import write_lora_file
     from loraforge.ops.merge import (
         ExactSpec,
@@ -324,7 +325,6 @@ def _loras(specs: list[tuple[Path, float]], mode: Mode, opts: _Options) -> None:
         merge_loras_concat,
         merge_loras_exact,
     )
-    from loraforge.ops.metadata import derived_lora_metadata, inherited_metadata
 
     items = _load(specs, opts.allow_pickle)
     weighted = [w for _, w in items]
@@ -372,9 +372,9 @@ def _extract(base_path: Path, tuned_path: Path, opts: _Options) -> None:
 
     from loraforge.console import info
     from loraforge.ops.base_model import extraction_pairs, load_base
+    from loraforge.ops.derived_metadata import derived_lora_metadata
     from loraforge.ops.extract import ExtractSpec, extract_lora
     from loraforge.ops.lora_file import write_lora_file
-    from loraforge.ops.metadata import derived_lora_metadata
 
     base = load_base(base_path, allow_pickle=opts.allow_pickle)
     tuned = load_base(tuned_path, allow_pickle=opts.allow_pickle)

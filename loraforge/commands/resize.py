@@ -13,7 +13,7 @@ from loraforge.commands.options import ForceOpt, FormatOpt, OutputFormat, Verbos
 if TYPE_CHECKING:
     import torch
 
-    from loraforge.ops.loaded import LoadedLora
+    from loraforge.ops.load_lora import LoadedLora
     from loraforge.ops.resize import ModuleResize
 
 
@@ -143,7 +143,7 @@ def command(
 def load_input(path: Path, allow_pickle: bool) -> LoadedLora:
     """Load a LoRA for resize/merge, saying when its text-encoder names had to be restored."""
     from loraforge.console import info
-    from loraforge.ops.loaded import load_lora
+    from loraforge.ops.load_lora import load_lora
 
     loaded = load_lora(path, allow_pickle=allow_pickle)
     if loaded.renamed:

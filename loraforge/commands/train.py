@@ -60,7 +60,7 @@ def command(
     recipe = load_checked_recipe(recipe_path)
     if dry_run:
         with err.status("resolving the plan…"):
-            from loraforge.training.plan import build_plan
+            from loraforge.training.dry_run import build_plan
 
             plan = build_plan(recipe, resume=resume)
         if fmt == OutputFormat.json:

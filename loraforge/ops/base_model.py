@@ -15,7 +15,7 @@ import torch
 
 from loraforge.errors import ModelError
 from loraforge.fileio import read_json
-from loraforge.ops.checkpoint import (
+from loraforge.ops.model_files import (
     is_diffusers_folder,
     read_diffusers_components,
     write_diffusers_folder,

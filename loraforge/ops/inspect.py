@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from loraforge.ops.delta import is_additive, lora_factors, module_delta
+from loraforge.ops.derived_metadata import resolution_of, resolution_text, training_comment
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, sshs_hashes
-from loraforge.ops.metadata import resolution_of, resolution_text, training_comment
 from loraforge.ops.modules import (
     TE_WITHOUT_TEXT_MODEL,
     LoraModule,

@@ -20,7 +20,7 @@ import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.ops.delta import lora_factors, lora_weight_shape, make_lora_tensors
-from loraforge.ops.metadata import common_rank_alpha, training_comment
+from loraforge.ops.derived_metadata import common_rank_alpha, training_comment
 from loraforge.ops.modules import LoraModule, ParsedLora, user_algorithm
 from loraforge.ops.svd import check_param, choose_rank, svd_of_products
 

@@ -3,7 +3,7 @@
 sd-scripts stores ``ss_tag_frequency`` in LoRA metadata as ``{folder_name: {tag: count}}``
 where ``folder_name`` is the base name of the subset's image folder and tags are the
 comma-separated pieces of each caption, stripped and lower-cased. The count itself is the one
-the training metadata uses (:func:`loraforge.data.metadata.count_tags`), so the report `tag`
+the training metadata uses (:func:`loraforge.data.dataset_facts.count_tags`), so the report `tag`
 writes and the file's ``ss_tag_frequency`` agree for comma-separated captions.
 """
 
@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from loraforge.data.metadata import count_tags as tag_frequency
+from loraforge.data.dataset_facts import count_tags as tag_frequency
 from loraforge.fileio import write_text_atomic
 
 __all__ = [

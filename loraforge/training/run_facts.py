@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from loraforge.data.dataset import TrainingData
-from loraforge.data.metadata import bucket_info, tag_frequency
+from loraforge.data.dataset_facts import bucket_info, tag_frequency
 from loraforge.recipe import Recipe
-from loraforge.training.metadata import (
+from loraforge.training.lora_metadata import (
     RunFacts,
     SubsetFacts,
     build_metadata,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraforge.errors import OutputExistsError
-from loraforge.training.checkpoints import (
+from loraforge.training.output_names import (
     epoch_ckpt_name,
     epoch_state_name,
     last_ckpt_name,

@@ -1,6 +1,6 @@
 """The recipe read once into plain attributes: how long to train, when to save and sample.
 
-Nothing here imports torch; the dry run (:mod:`loraforge.training.plan`) and the run set-up
+Nothing here imports torch; the dry run (:mod:`loraforge.training.dry_run`) and the run set-up
 (:mod:`loraforge.training.setup`) share these rules, so the plan shows exactly what training
 will do. After set-up nothing reads the recipe again.
 """

@@ -1,6 +1,6 @@
 """Resumable training state: save to a folder atomically, load it back with compatibility checks.
 
-A state folder (named by :mod:`loraforge.training.checkpoints`, e.g. ``lora-step00000100-state``)
+A state folder (named by :mod:`loraforge.training.output_names`, e.g. ``lora-step00000100-state``)
 holds:
 
 - ``state.json``: format version, progress (global step, epoch, position in the epoch), the
@@ -33,7 +33,7 @@ import torch
 
 from loraforge import __version__
 from loraforge.errors import TrainingError
-from loraforge.training.checkpoints import last_state_name, list_numbered
+from loraforge.training.output_names import last_state_name, list_numbered
 
 STATE_FORMAT = 1
 STATE_JSON = "state.json"

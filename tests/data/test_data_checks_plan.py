@@ -6,8 +6,8 @@ from pathlib import Path
 
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.checks import check_dataset
+from loraforge.data.dataset_facts import bucket_info, tag_frequency
 from loraforge.data.discovery import discover
-from loraforge.data.metadata import bucket_info, tag_frequency
 from loraforge.data.plan import plan_buckets
 from loraforge.recipe import parse_recipe_text
 

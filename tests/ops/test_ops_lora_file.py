@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 from loraforge.errors import LoraFileError, OutputExistsError
-from loraforge.ops.loaded import load_lora
+from loraforge.ops.load_lora import load_lora
 from loraforge.ops.lora_file import read_lora_file, sshs_hashes, write_lora_file
 
 

@@ -86,8 +86,8 @@ def test_recipe_run_in_a_subprocess_without_torch(tmp_path: Path, wd14_dir: Path
     }
     assert set(report) == {"10_char", "5_style"}
     # the training metadata (ss_tag_frequency) counts the written captions the same way
+    from loraforge.data.dataset_facts import tag_frequency
     from loraforge.data.discovery import discover
-    from loraforge.data.metadata import tag_frequency
     from loraforge.recipe import load_recipe
 
     trained = tag_frequency(discover(load_recipe(tmp_path / "recipe.yaml").dataset))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.recipe import parse_recipe_text
-from loraforge.training.metadata import (
+from loraforge.training.lora_metadata import (
     ModelHashes,
     RunFacts,
     SubsetFacts,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loraforge.errors import TrainingError
-from loraforge.training import checkpoints as ck
+from loraforge.training import output_names as ck
 from loraforge.training.optim import build_optimizer
 from loraforge.training.schedulers import build_scheduler
 from loraforge.training.state import (

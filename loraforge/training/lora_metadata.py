@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import __version__
-from loraforge.data.metadata import capped_tag_frequency
-from loraforge.ops.metadata import BASE_MODEL_VERSION
+from loraforge.data.dataset_facts import capped_tag_frequency
+from loraforge.ops.derived_metadata import BASE_MODEL_VERSION
 from loraforge.recipe import shareable_dict
 
 if TYPE_CHECKING:
