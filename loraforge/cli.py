@@ -26,8 +26,6 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-_state = {"debug": False}
-
 
 def _flags_without_type() -> None:
     """Show flags as flags in ``--help``: recent typer prints ``--force <bool>`` as if the flag
@@ -56,6 +54,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
+    # read from argv by main() before typer runs; declared here for --help and parsing
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
     version: Annotated[
         bool,
@@ -67,7 +66,6 @@ def root(
     A typical session: [bold]loraforge init --preset char-12gb -o recipe.yaml[/], edit it,
     [bold]loraforge check recipe.yaml[/], [bold]loraforge train recipe.yaml[/].
     """
-    _state["debug"] = debug
 
 
 for _name, _module in {
