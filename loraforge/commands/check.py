@@ -210,9 +210,18 @@ def _render(reports: list[FileReport], fmt: CheckFormat) -> None:
             out.print(render_vram(r.vram))
 
 
+#: more findings than this are printed one per line: a table that long is slow and unreadable
+_TABLE_ROWS = 200
+
+
 def _render_problems(r: FileReport) -> None:
     if not r.problems:
         out.print(f"[green]ok[/]  {r.path}")
+        return
+    if len(r.problems) > _TABLE_ROWS:
+        for p in r.problems:
+            out.file.write(f"{p.severity}: {p}\n")
+        _render_counts(r)
         return
     table = Table(title=r.path, title_justify="left", show_lines=False)
     for column in ("", "where", "field", "problem"):
@@ -223,6 +232,10 @@ def _render_problems(r: FileReport) -> None:
         where = f"{p.line}:{p.column}" if p.line else ""
         table.add_row(mark, where, p.path, message)
     out.print(table)
+    _render_counts(r)
+
+
+def _render_counts(r: FileReport) -> None:
     errors = sum(p.severity == "error" for p in r.problems)
     warnings = len(r.problems) - errors
     out.print(f"{errors} error(s), {warnings} warning(s)")

@@ -38,11 +38,11 @@ def check_dataset(dataset: DatasetConfig, empty: Severity = "error") -> list[Pro
         BucketSettings.from_dataset(dataset).adjusted()
     except DatasetError as e:
         problems.append(Problem("error", e.message, path="dataset", hint=e.hint))
-    present = []
+    present: list[int] = []  # indices of the subsets whose folder exists
     for index, subset in enumerate(dataset.subsets):
         folder = Path(subset.dir)
         if folder.is_dir():
-            present.append(subset)
+            present.append(index)
             continue
         what = "does not exist" if not folder.exists() else "is not a folder"
         problems.append(
@@ -54,16 +54,17 @@ def check_dataset(dataset: DatasetConfig, empty: Severity = "error") -> list[Pro
             )
         )
     if present:
-        problems += _check_contents(replace(dataset, subsets=tuple(present)), dataset, empty)
+        problems += _check_contents(dataset, present, empty)
     return sorted(problems, key=lambda p: p.severity != "error")
 
 
-def _check_contents(present: DatasetConfig, full: DatasetConfig, empty: Severity) -> list[Problem]:
+def _check_contents(full: DatasetConfig, indices: list[int], empty: Severity) -> list[Problem]:
+    present = replace(full, subsets=tuple(full.subsets[i] for i in indices))
     try:
         found = discover(present)
     except DatasetError as e:
         return [Problem(empty, e.message, path="dataset.subsets", hint=e.hint)]
-    problems = _empty_subsets(found, present, full, empty)
+    problems = _empty_subsets(found, present, indices, empty)
     problems += [
         Problem("warning", f"{issue.path}: {issue.reason}", path="dataset.subsets")
         for issue in found.skipped
@@ -85,9 +86,10 @@ def _check_contents(present: DatasetConfig, full: DatasetConfig, empty: Severity
 
 
 def _empty_subsets(
-    found: Discovery, present: DatasetConfig, full: DatasetConfig, empty: Severity
+    found: Discovery, present: DatasetConfig, indices: list[int], empty: Severity
 ) -> list[Problem]:
-    """A problem for each recipe subset that contributes no usable image."""
+    """A problem for each recipe subset that contributes no usable image (``indices``: the
+    recipe index of each subset of ``present``)."""
     used = {found.subsets[image.subset].config_index for image in found.images}
     unused_dirs = {path.parent for path in found.unused_reg_images}
     used |= {s.config_index for s in found.subsets if s.dir in unused_dirs}
@@ -95,12 +97,11 @@ def _empty_subsets(
     for present_index, subset in enumerate(present.subsets):
         if present_index in used:
             continue
-        index = full.subsets.index(subset)
         problems.append(
             Problem(
                 empty,
                 f"{subset.dir} holds no usable images",
-                path=subset_path(index),
+                path=subset_path(indices[present_index]),
                 hint="add images (png, jpg, webp, ...) or '<repeats>_<class>' sub-folders with "
                 "images, or remove the subset",
             )
