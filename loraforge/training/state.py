@@ -16,14 +16,10 @@ never leaves a half-written state under the real name.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +29,7 @@ import torch
 
 from loraforge import __version__
 from loraforge.errors import TrainingError
+from loraforge.fileio import atomic_folder
 from loraforge.training.checkpoints import last_state_name, list_numbered
 
 STATE_FORMAT = 1
@@ -192,25 +189,6 @@ def _restore_rng(
         generator.set_state(tensors[key])
 
 
-@contextlib.contextmanager
-def _atomic_dir(directory: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``directory``; swap it in when the block succeeds."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        yield tmp
-        old = None
-        if directory.exists():
-            old = directory.parent / f"{tmp.name}.old"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_training_state(
     directory: Path | str,
     *,
@@ -252,7 +230,7 @@ def save_training_state(
     weights = {
         key: value.detach().cpu().contiguous().clone() for key, value in network_state.items()
     }
-    with _atomic_dir(directory) as tmp:
+    with atomic_folder(directory, force=True) as tmp:
         save_file(weights, str(tmp / NETWORK_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)

@@ -312,3 +312,27 @@ def test_unknown_module_names_are_reported_by_resize_and_merge(cli, tmp_path: Pa
     assert cli("check", path).code == 1
     resized = cli("resize", path, "--rank", "2", "-o", tmp_path / "r.safetensors")
     assert "match no layer" in resized.err and "lora_unet_no_such_layer" in resized.err
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_resize_and_merge_on_a_full_disk_name_the_path_and_the_free_space(
+    cli, lora: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Issue 17: a full disk ended in a SafetensorError/RuntimeError traceback."""
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    out = tmp_path / "r.safetensors"
+    for result in (
+        cli("resize", lora, "--rank", "4", "-o", out),
+        cli("merge", "--lora", lora, "--lora", lora, "-o", out),
+    ):
+        assert result.code == 2, result.err
+        assert f"cannot write {out}: the disk is full (" in result.err
+        assert "free on that disk" in result.err and "Traceback" not in result.err
+    assert not out.exists() and not list(tmp_path.glob(".r.safetensors.*"))

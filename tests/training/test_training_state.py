@@ -251,3 +251,37 @@ def test_state_folder_rotation(tmp_path):
         "lora-step00000020-state",
         "lora-step00000030-state",
     ]
+
+
+def test_a_state_save_on_a_full_disk_is_one_clear_error_and_keeps_the_old_state(
+    tmp_path, monkeypatch
+) -> None:
+    """Issue 17: torch.save reports a full disk as a RuntimeError without the path."""
+    import torch
+
+    from loraforge.errors import OutputWriteError
+    from loraforge.training.state import TrainingProgress, save_training_state
+
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    kwargs = {
+        "network_state": net.state_dict(),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "recipe": {"a": 1},
+    }
+    folder = tmp_path / "t-state"
+    save_training_state(folder, progress=TrainingProgress(1, 0, 1), **kwargs)
+
+    def full(*args, **kw):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(
+        "loraforge.fileio.shutil.disk_usage", lambda _p: type("U", (), {"free": 1024})()
+    )
+    with pytest.raises(OutputWriteError, match=r"cannot write .*t-state: .*1\.0 KiB free"):
+        save_training_state(folder, progress=TrainingProgress(2, 0, 2), **kwargs)
+    assert json.loads((folder / "state.json").read_text())["progress"]["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["t-state"]  # no temporary folder left
