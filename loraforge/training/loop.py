@@ -134,10 +134,17 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
                 return TrainResult(state, progress, True, tuple(losses), run.is_main)
             if progress.global_step >= length.max_train_steps:
                 break
-        progress = TrainingProgress(progress.global_step, epoch + 1, 0)
-        after_epoch(run, progress, display, window)
+        ended = TrainingProgress(progress.global_step, epoch + 1, 0)
+        after_epoch(run, ended, display, window)
         if progress.global_step >= length.max_train_steps:
+            # the state keeps the true data position (mid-epoch when the steps ran out there),
+            # so a run extended by raising its length continues with the next batch
+            mid_epoch = (
+                progress.epoch == epoch and progress.step_in_epoch < length.batches_per_epoch
+            )
+            progress = progress if mid_epoch else ended
             break
+        progress = ended
     final = run.checkpointer.final(
         run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
     )

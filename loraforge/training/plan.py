@@ -221,7 +221,9 @@ def build_plan(
         family_v_prediction=family_spec(arch.family).v_prediction,
         length=length,
     )
-    state_dir = resolve_resume(resume, settings.output, recipe.to_dict())
+    state_dir = resolve_resume(
+        resume, settings.output, recipe.to_dict(), max_train_steps=length.max_train_steps
+    )
     files = planned_outputs(settings.output, settings.sample, length)
     after = saved_step(state_dir)
     checked = [*files, interrupt_state(settings.output, length)]

@@ -22,15 +22,21 @@ AUTO = "auto"
 
 
 def resolve_resume(
-    resume: str | Path | None, output: OutputSettings, recipe: Mapping[str, Any]
+    resume: str | Path | None,
+    output: OutputSettings,
+    recipe: Mapping[str, Any],
+    *,
+    max_train_steps: int | None = None,
 ) -> Path | None:
     """The state folder ``--resume`` names: a path, or ``auto`` for the latest state of the run.
 
     ``auto`` without any saved state starts a new run (and says so). The state is checked
-    against ``recipe`` here, before anything heavy is loaded.
+    against ``recipe`` here, before anything heavy is loaded; with ``max_train_steps`` (the
+    run's length), a state at or past the end is refused (raise the length to extend a run).
 
     Raises:
-        TrainingError: a path that is not a state folder, or a state of another recipe.
+        TrainingError: a path that is not a state folder, a state of another recipe, an
+            unreadable newest state (``auto``), or a state with no step left to train.
     """
     if resume is None:
         return None
@@ -49,7 +55,16 @@ def resolve_resume(
                 f"--resume {resume}: no such state folder",
                 hint=f"pass a folder like {output.dir}/{output.name}-state, or --resume auto",
             )
-    check_recipe_compatible(read_state_document(path), recipe, path)
+    document = read_state_document(path)
+    check_recipe_compatible(document, recipe, path)
+    step = int(document["progress"]["global_step"])
+    if max_train_steps is not None and step >= max_train_steps:
+        raise TrainingError(
+            f"--resume: {path} is at step {step} and the recipe's run ends at step "
+            f"{max_train_steps}: nothing is left to train",
+            hint="to train longer, raise training.max_train_steps (or max_train_epochs) and "
+            "resume again",
+        )
     return path
 
 

@@ -156,8 +156,11 @@ def existing_outputs(
     ]
 
 
-def refuse_existing(paths: list[Path], *, force: bool) -> None:
+def refuse_existing(paths: list[Path], *, force: bool, resuming: bool = False) -> None:
     """Raise unless ``force`` when a run would overwrite existing outputs.
+
+    Args:
+        resuming: the run continues a state (``--resume``), so the hint does not suggest it.
 
     Raises:
         OutputExistsError: naming the first files and the ``--force`` fix.
@@ -167,11 +170,17 @@ def refuse_existing(paths: list[Path], *, force: bool) -> None:
     shown = ", ".join(str(p) for p in paths[:3]) + (
         f" and {len(paths) - 3} more" if len(paths) > 3 else ""
     )
-    raise OutputExistsError(
-        f"training would overwrite existing outputs: {shown}",
-        hint="pass --force to overwrite them, change output.name or output.dir, "
-        "or continue the earlier run with --resume auto",
-    )
+    hint = "pass --force to overwrite them, or change output.name or output.dir"
+    if not resuming:
+        hint += ", or continue the earlier run with --resume auto"
+    raise OutputExistsError(f"training would overwrite existing outputs: {shown}", hint=hint)
+
+
+def owns_outputs(output: OutputSettings, state_dir: Path | None) -> bool:
+    """A run resumed from a state in its own output folder continues that run, so the files that
+    run wrote after the state (a save interrupted by a crash, the final file of a run being
+    extended) are its own to rewrite."""
+    return state_dir is not None and state_dir.resolve().parent == output.dir.resolve()
 
 
 MetadataFor = Callable[[TrainingProgress], dict[str, str]]
@@ -281,9 +290,12 @@ class Checkpointer:
         progress: TrainingProgress,
         extra: Mapping[str, Any],
     ) -> Path:
-        """The final ``name.safetensors`` (and ``name-state`` with ``save_state``)."""
+        """The final ``name.safetensors``, and ``name-state`` with ``save_state`` or when one
+        exists (it then says where the run ended, so a later ``--resume`` extends the run)."""
         path = self.write_lora(last_ckpt_name(self.output.name), network, optimizer, progress)
-        if self.output.save_state:
+        # an earlier Ctrl-C state this run continued must not stay behind at its old step
+        stale = (self.output.dir / last_state_name(self.output.name)).exists()
+        if self.output.save_state or stale:
             self.interrupted_state(network, optimizer, scheduler, progress, extra)
         return path
 

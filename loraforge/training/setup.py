@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from loraforge.backends.base import Network
-from loraforge.console import warn
+from loraforge.console import info, warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
 from loraforge.recipe import Recipe
@@ -39,6 +39,7 @@ from loraforge.training.saving import (
     Checkpointer,
     existing_outputs,
     interrupt_state,
+    owns_outputs,
     planned_outputs,
     refuse_existing,
 )
@@ -151,12 +152,16 @@ def prepare_data(recipe: Recipe, accelerator: Any) -> tuple[TrainingData, DataLo
 
 
 def check_outputs(recipe: Recipe, length: Any, state_dir: Path | None, force: bool) -> None:
-    """Refuse to overwrite outputs of an earlier run unless ``force`` (see :mod:`saving`)."""
+    """Refuse to overwrite outputs of an earlier run unless ``force`` (see :mod:`saving`); a
+    run resumed from a state in its own folder owns them."""
     output = output_settings(recipe)
     planned = planned_outputs(output, sample_settings(recipe), length)
     planned.append(interrupt_state(output, length))
     existing = existing_outputs(planned, after_step=saved_step(state_dir), resumed_from=state_dir)
-    refuse_existing(existing, force=force)
+    if existing and owns_outputs(output, state_dir):
+        info(f"resuming: {len(existing)} file(s) of the earlier run after its state are rewritten")
+        return
+    refuse_existing(existing, force=force, resuming=state_dir is not None)
 
 
 def make_checkpointer(
@@ -239,7 +244,9 @@ def setup_run(
     length = training_length(
         len(data.sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
     )
-    state_dir = resolve_resume(resume, output_settings(recipe), recipe.to_dict())
+    state_dir = resolve_resume(
+        resume, output_settings(recipe), recipe.to_dict(), max_train_steps=length.max_train_steps
+    )
     check_outputs(recipe, length, state_dir, force)
     precision = resolve_precision(t, recipe.output.save_precision)
     check_precision_on_device(precision, device)

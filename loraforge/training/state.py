@@ -276,21 +276,30 @@ def _describe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     ]
 
 
+#: fields a resume may change: a finished (or interrupted) run is extended by raising them
+LENGTH_FIELDS = ("training.max_train_steps", "training.max_train_epochs")
+
+
 def check_recipe_compatible(
     document: Mapping[str, Any], recipe: Mapping[str, Any], where: Path
 ) -> None:
     """Raise :class:`TrainingError` naming the changed fields when the recipe differs from the
-    one that wrote the state (fields in :data:`RESUME_IGNORED_FIELDS` may differ)."""
+    one that wrote the state (fields in :data:`RESUME_IGNORED_FIELDS` may differ, and the run's
+    length, :data:`LENGTH_FIELDS`, may change: the caller checks that steps are left)."""
     fingerprint = recipe_fingerprint(recipe)
     if recipe_hash(fingerprint) == document.get("recipe_hash"):
         return
     # JSON round-trips tuples as lists; compare in that form.
     current = json.loads(json.dumps(fingerprint, default=str))
-    changes = _describe_changes(document.get("recipe", {}), current)
+    saved = {k: v for k, v in document.get("recipe", {}).items() if k not in LENGTH_FIELDS}
+    changes = _describe_changes(saved, {k: v for k, v in current.items() if k not in LENGTH_FIELDS})
+    if not changes and document.get("recipe"):
+        return
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     raise TrainingError(
         f"{where} was written by a different recipe: {shown or 'the recipe hash differs'}",
-        hint="resume with the recipe that wrote this state, or start a new run without --resume",
+        hint="resume with the recipe that wrote this state (only training.max_train_steps or "
+        "max_train_epochs may change, to train longer), or start a new run without --resume",
     )
 
 
@@ -347,10 +356,15 @@ def load_training_state(
 
 
 def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
-    """The state folder of run ``name`` in ``output_dir`` with the highest global step, if any.
+    """The newest state folder of run ``name`` in ``output_dir``, if any.
 
-    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; folders that
-    are not readable states are skipped.
+    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; the newest
+    readable one (highest global step) is returned.
+
+    Raises:
+        TrainingError: a state folder newer than that one cannot be read: resuming from the
+            older one would quietly train again from an earlier step. The message names both
+            and how to choose.
     """
     output_dir = Path(output_dir)
     candidates = [path for _, path in list_numbered(output_dir, name, "epoch", states=True)]
@@ -358,12 +372,34 @@ def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
     last = output_dir / last_state_name(name)
     if last.is_dir():
         candidates.append(last)
-    best: tuple[int, Path] | None = None
+    readable: list[tuple[int, float, Path]] = []
+    broken: list[tuple[float, Path, str]] = []
     for path in candidates:
+        mtime = path.stat().st_mtime
         try:
             step = int(read_state_document(path)["progress"]["global_step"])
-        except (TrainingError, KeyError, TypeError, ValueError):
+            missing = [f for f in _STATE_FILES if not (path / f).is_file()]
+            if missing:
+                raise TrainingError(f"{path}: {', '.join(missing)} missing")
+        except (TrainingError, KeyError, TypeError, ValueError) as e:
+            broken.append((mtime, path, str(e).split("\n")[0]))
             continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return None if best is None else best[1]
+        readable.append((step, mtime, path))
+    best = max(readable, default=None)
+    newer = [b for b in broken if best is None or b[0] >= best[1]]
+    if newer:
+        _, path, why = max(newer)
+        fallback = (
+            f"the newest readable state is {best[2]} (step {best[0]}); to continue from it, "
+            f"pass --resume {best[2]}"
+            if best is not None
+            else "no other state of this run is readable"
+        )
+        raise TrainingError(
+            f"--resume auto: the newest state {path} cannot be read ({why}); {fallback}",
+            hint="or move the broken state away, or start a new run with --force",
+        )
+    return None if best is None else best[2]
+
+
+_STATE_FILES = (STATE_JSON, NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -190,10 +191,23 @@ def test_find_latest_state_by_global_step(tmp_path):
     save_small(tmp_path / ck.epoch_state_name("lora", 2), step=40)
     save_small(tmp_path / ck.step_state_name("lora", 50), step=50)
     save_small(tmp_path / ck.step_state_name("lora-v2", 90), step=90)  # another run
-    (tmp_path / ck.step_state_name("lora", 70)).mkdir()  # not a readable state
+    assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-step00000050-state"
+    # Issue 12: an unreadable state newer than the best readable one is not skipped quietly
+    # (that would train again from an older step): the error names both and how to choose.
+    broken = tmp_path / ck.step_state_name("lora", 70)
+    broken.mkdir()
+    with pytest.raises(TrainingError) as info:
+        find_latest_state(tmp_path, "lora")
+    message = str(info.value)
+    assert f"the newest state {broken} cannot be read" in message
+    assert f"--resume {tmp_path / 'lora-step00000050-state'}" in message
+    os.utime(broken, (1, 1))  # an old broken state does not stand in the way
     assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-step00000050-state"
     save_small(tmp_path / ck.last_state_name("lora"), step=60)
     assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-state"
+    (tmp_path / "lora-state" / "optimizer.pt").unlink()  # a state with a file missing
+    with pytest.raises(TrainingError, match=r"optimizer\.pt missing"):
+        find_latest_state(tmp_path, "lora")
 
 
 def test_checkpoint_names_match_sd_scripts():
@@ -285,3 +299,35 @@ def test_a_state_save_on_a_full_disk_is_one_clear_error_and_keeps_the_old_state(
         save_training_state(folder, progress=TrainingProgress(2, 0, 2), **kwargs)
     assert json.loads((folder / "state.json").read_text())["progress"]["global_step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["t-state"]  # no temporary folder left
+
+
+def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from loraforge.training.lock import LOCK_NAME, hold_output_folder
+
+    lock = tmp_path / LOCK_NAME
+    with hold_output_folder(tmp_path, "t"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with (
+            pytest.raises(TrainingError, match=f"process {os.getpid()} on"),
+            hold_output_folder(tmp_path, "t"),
+        ):
+            pass
+    assert not lock.exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    (tmp_path / ".t-step00000010-state.abcd1234.tmp").mkdir()
+    (tmp_path / ".t.safetensors.x1y2z3.tmp").write_bytes(b"half")
+    (tmp_path / ".other.safetensors.q.tmp").write_bytes(b"another run's")
+    with hold_output_folder(tmp_path, "t"):  # a stale lock: its process has ended
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".loraforge.lock",
+            ".other.safetensors.q.tmp",
+        ]
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(TrainingError, match="another-machine"), hold_output_folder(tmp_path, "t"):
+        pass
