@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from loraforge.errors import TrainingError
 from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
 from loraforge.training.distributed import synchronise_step
+from loraforge.training.divergence import divergence_error
 from loraforge.training.optim import set_eval_mode, set_train_mode
 from loraforge.training.sampling import SampleRequest, sample_during_training
 from loraforge.training.saving import (
@@ -161,15 +161,16 @@ def check_finite(loss: float, step: int, run: TrainingRun) -> None:
     """Stop with a clear error before a non-finite loss reaches the weights.
 
     Raises:
-        TrainingError: naming the step and what was kept.
+        TrainingError: naming the step, what was saved, and the likely cause.
     """
     if math.isfinite(loss):
         return
-    raise TrainingError(
-        f"the loss became {loss} at step {step}; training stopped before updating the weights "
-        f"(files already saved in {run.settings.output.dir} are kept)",
-        hint="lower the learning rate, use bf16 instead of fp16, or set max_grad_norm; "
-        "continue from the last saved state with --resume",
+    raise divergence_error(
+        loss,
+        step,
+        saved_lora=run.checkpointer.last_lora,
+        saved_state=run.checkpointer.last_state,
+        suspects=run.divergence_suspects,
     )
 
 

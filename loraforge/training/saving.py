@@ -211,6 +211,8 @@ class Checkpointer:
         self.metadata_for = metadata_for
         self.recipe = recipe
         self.is_main = is_main
+        self.last_lora: Path | None = None  # the newest file written by this run
+        self.last_state: Path | None = None
 
     def write_lora(
         self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress
@@ -230,6 +232,7 @@ class Checkpointer:
         if tensors is not None:
             metadata = {**self.metadata_for(progress), **network.metadata()}
             write_lora_file(path, tensors, metadata, force=True)  # conflicts refused up front
+            self.last_lora = path
         return path
 
     def write_state(
@@ -247,7 +250,7 @@ class Checkpointer:
         path = self.output.dir / folder_name
         if not self.is_main:
             return path
-        return save_training_state(
+        self.last_state = save_training_state(
             path,
             network_state=network.state_dict(),
             optimizer=optimizer,
@@ -256,6 +259,7 @@ class Checkpointer:
             recipe=self.recipe,
             extra=extra,
         )
+        return path
 
     def checkpoint(
         self,

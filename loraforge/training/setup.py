@@ -31,6 +31,7 @@ from loraforge.training.build import (
     sample_models,
 )
 from loraforge.training.distributed import broadcast_module
+from loraforge.training.divergence import suspect_values
 from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
 from loraforge.training.resume import Restored, resolve_resume, restore_run, saved_step
 from loraforge.training.run_facts import metadata_writer, run_facts
@@ -72,6 +73,7 @@ class TrainingRun:
     sample_models: SampleModels
     start: TrainingProgress
     loss_history: tuple[float, ...] = ()
+    divergence_suspects: tuple[str, ...] = ()  # recipe values a NaN loss is blamed on
 
     @property
     def rank(self) -> int:
@@ -282,4 +284,5 @@ def setup_run(
         sample_models=sample_models(model, conditioning, settings, precision),
         start=restored.progress,
         loss_history=tuple(restored.extra.get("loss_window", ())),
+        divergence_suspects=suspect_values(recipe),
     )

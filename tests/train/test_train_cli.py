@@ -136,7 +136,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(
     recipe = write_recipe({"training": {"max_train_steps": 5}, "output": {"save_every_n_steps": 2}})
     assert cli("train", str(recipe)) == 2
     stderr = stderr_of(capsys)
-    assert "nan at step 3" in stderr and "--resume" in stderr
+    # issue 17: it said "continue with --resume" although no state was saved; now it says
+    # what was kept
+    assert "nan at step 3" in stderr and "--resume" not in stderr
+    assert "kept: last LoRA file" in stderr and "t-step00000002.safetensors" in stderr
     out = tmp_path / "out"
     kept = out / "t-step00000002.safetensors"
     assert kept.is_file() and not (out / "t.safetensors").exists()

@@ -331,3 +331,28 @@ def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(
     lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
     with pytest.raises(TrainingError, match="another-machine"), hold_output_folder(tmp_path, "t"):
         pass
+
+
+def test_a_nan_loss_says_what_was_saved_and_names_a_recipe_value_as_the_cause(tmp_path):
+    """Issue 17: the message advised --resume when nothing was saved and blamed the learning
+    rate when a recipe value (network.alpha) was the cause."""
+    from loraforge.recipe import parse_recipe_text
+    from loraforge.training.divergence import divergence_error, suspect_values
+
+    base = "model: {base: a/b}\ndataset: {subsets: [{dir: d}]}\n"
+    recipe = parse_recipe_text(base + "network: {dim: 4, alpha: 4000}\n", base_dir=tmp_path)
+    suspects = suspect_values(recipe)
+    assert len(suspects) == 1 and suspects[0].startswith("network.alpha 4000 is 1000x network.dim")
+    error = divergence_error(float("nan"), 5, saved_lora=None, saved_state=None, suspects=suspects)
+    assert "nothing was saved yet" in error.message and "--resume" not in str(error)
+    assert "network.alpha" in error.hint and "learning rate" not in error.hint
+    state = tmp_path / "t-step00000004-state"
+    error = divergence_error(
+        float("inf"), 5, saved_lora=tmp_path / "t.safetensors", saved_state=state, suspects=()
+    )
+    assert f"resumable state {state}" in error.message and "learning rate" in error.hint
+    first = divergence_error(float("nan"), 1, saved_lora=None, saved_state=None, suspects=())
+    assert "not the cause" in first.hint  # no update happened yet
+    assert suspect_values(parse_recipe_text(base, base_dir=tmp_path)) == ()
+    fast = parse_recipe_text(base + "training: {learning_rate: 0.5}\n", base_dir=tmp_path)
+    assert [s.split(" ")[0] for s in suspect_values(fast)] == ["training.learning_rate"]
