@@ -168,6 +168,7 @@ def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
     from dataclasses import replace
 
     from loraforge.data.checks import check_dataset
+    from loraforge.models.pickles import PICKLE_HINT, pickle_message, pickled_weights
     from loraforge.recipe.problems import FIX_PATH_HINT
 
     found = [replace(p, file=source) for p in check_dataset(recipe.dataset, empty="warning")]
@@ -182,6 +183,12 @@ def filesystem_problems(recipe: Recipe, source: str) -> list[Problem]:
             found.append(
                 Problem("warning", f"{value} does not exist", field, source, hint=FIX_PATH_HINT)
             )
+    for field in ("model.base", "model.vae"):
+        value = files[field]
+        pickles = pickled_weights(Path(value)) if value and Path(value).is_absolute() else []
+        if pickles and not recipe.model.allow_pickle:
+            message = pickle_message(pickles, field).removeprefix(f"{field}: ")
+            found.append(Problem("error", message, field, source, hint=PICKLE_HINT))
     return found
 
 

@@ -206,6 +206,7 @@ def build_plan(
             configs, optimizer name/arguments, resume state).
     """
     from loraforge.models.families import family_spec
+    from loraforge.models.pickles import refuse_pickles
     from loraforge.training.optim import optimizer_description
     from loraforge.training.schedulers import resolve_warmup_steps
     from loraforge.vram import estimate_vram
@@ -214,6 +215,9 @@ def build_plan(
     t, m = recipe.training, recipe.model
     processes = num_processes or world_size()
     discovery, buckets, length = _dataset_and_length(recipe, processes)
+    refuse_pickles(m.base, "model.base", m.allow_pickle)
+    if m.vae:
+        refuse_pickles(m.vae, "model.vae", m.allow_pickle)
     arch = resolve_architecture(m.base, m.family, vae=m.vae)
     settings = run_settings(
         recipe,
