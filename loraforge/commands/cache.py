@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
-from loraforge.console import err, out, print_json
+from loraforge.console import err, out, print_json, warn
 from loraforge.errors import RecipeError
 
 
@@ -43,6 +43,7 @@ def command(
         from loraforge.data.cache_setup import cache_dir, prepare_caches, vae_dtype
         from loraforge.data.discovery import discover
         from loraforge.data.plan import plan_buckets
+        from loraforge.data.report import skipped_summary
         from loraforge.models.loading import load_model
 
         target = torch.device(
@@ -50,8 +51,12 @@ def command(
             if device == "auto" and torch.cuda.is_available()
             else ("cpu" if device == "auto" else device)
         )
-        discovery = discover(recipe.dataset)
+        discovery = discover(recipe.dataset, verify=True)
         plan = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
+    summary = skipped_summary([*discovery.skipped, *plan.skipped])
+    if summary:
+        warn(summary)
+    with err.status("loading the model…"):
         model = load_model(
             recipe.model.base,
             family=recipe.model.family,

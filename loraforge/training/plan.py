@@ -187,7 +187,7 @@ def _dataset_and_length(recipe: Recipe, processes: int) -> tuple[Any, Any, Train
     from loraforge.data.sampler import BucketBatchSampler
 
     t = recipe.training
-    discovery = discover(recipe.dataset)
+    discovery = discover(recipe.dataset, verify=True)  # as train: bad pixels are skipped
     buckets = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
     sampler = BucketBatchSampler(buckets.bucket_samples(), t.batch_size, num_replicas=processes)
     length = training_length(

@@ -20,6 +20,7 @@ from loraforge.backends.base import Network
 from loraforge.console import info, warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
+from loraforge.data.report import skipped_summary
 from loraforge.recipe import Recipe
 from loraforge.training.build import (
     build_network,
@@ -147,8 +148,12 @@ def prepare_data(recipe: Recipe, accelerator: Any) -> tuple[TrainingData, DataLo
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         with_images=recipe.cache.latents == "none",
-        discovery=discover(recipe.dataset),
+        # decoded once here: a bad image is skipped now, never in the middle of the run
+        discovery=discover(recipe.dataset, verify=True),
     )
+    summary = skipped_summary([*data.discovery.skipped, *data.plan.skipped])
+    if summary and accelerator.is_main_process:
+        warn(summary)
     pin = accelerator.device.type == "cuda"
     return data, make_loader(data, recipe.dataset.num_workers, pin)
 

@@ -227,3 +227,43 @@ def test_sd2_checkpoint_of_unknown_prediction_type_is_named(
     stderr = stderr_of(capsys)
     assert ("does not say whether it predicts epsilon or v" in stderr) is warned
     assert ("model.family: sd2-v" in stderr) is warned
+
+
+def _garbage_pixels_png(path: Path) -> Path:
+    """A PNG whose header reads (size, IEND) but whose pixel data is broken."""
+    from PIL import Image
+
+    Image.new("RGB", (96, 96), (10, 200, 30)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 20] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_bad_image_files_are_reported_and_skipped_never_a_mid_run_abort(
+    write_recipe, tmp_path, shapes_dataset, capsys
+) -> None:
+    """Issue 17: a PNG with garbage pixels passed `bucket` and aborted `train` at step 16 with
+    nothing saved; dangling links and folders named x.png were ignored without a word."""
+    import shutil
+
+    data = tmp_path / "dataset"
+    shutil.copytree(shapes_dataset, data)
+    folder = next(data.iterdir())
+    _garbage_pixels_png(folder / "zz_garbage.png")
+    (folder / "zz_dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "zz_folder.png").mkdir()
+    recipe = write_recipe(
+        {"dataset": {"subsets": [{"dir": str(data)}]}, "training": {"max_train_steps": 2}}
+    )
+    assert cli("train", str(recipe)) == 0  # the bad image is decoded before training starts
+    stderr = stderr_of(capsys)
+    assert "3 image file(s) skipped" in stderr and "zz_garbage.png: cannot be decoded" in stderr
+    assert "bucket RECIPE --verify" in stderr
+    assert cli("bucket", str(recipe), "--verify", "--format", "json") == 0
+    listed = {
+        Path(s["path"]).name: s["reason"] for s in json.loads(capsys.readouterr().out)["skipped"]
+    }
+    assert set(listed) == {"zz_garbage.png", "zz_dangling.png", "zz_folder.png"}
+    assert "does not exist" in listed["zz_dangling.png"] and "folder" in listed["zz_folder.png"]
