@@ -77,6 +77,7 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
     window = LossWindow(length.steps_per_epoch, run.loss_history)
     losses: list[float] = []
     te_trains = text_encoder_trains(run.optimizer)
+    position = None  # where the data stands when the run ends mid-epoch
     run.network.train()
     for epoch in range(progress.epoch, length.num_epochs):
         first = progress.step_in_epoch if epoch == progress.epoch else 0
@@ -134,19 +135,21 @@ def train(run: TrainingRun, display: TrainingDisplay, stop: StopFlag) -> TrainRe
                 return TrainResult(state, progress, True, tuple(losses), run.is_main)
             if progress.global_step >= length.max_train_steps:
                 break
-        ended = TrainingProgress(progress.global_step, epoch + 1, 0)
-        after_epoch(run, ended, display, window)
+        # the state keeps the true data position (mid-epoch when the steps ran out there), so
+        # a run extended by raising its length continues with the next batch
+        mid_epoch = progress.epoch == epoch and progress.step_in_epoch < length.batches_per_epoch
+        position = progress if mid_epoch else None
+        progress = TrainingProgress(progress.global_step, epoch + 1, 0)
+        after_epoch(run, progress, display, window)
         if progress.global_step >= length.max_train_steps:
-            # the state keeps the true data position (mid-epoch when the steps ran out there),
-            # so a run extended by raising its length continues with the next batch
-            mid_epoch = (
-                progress.epoch == epoch and progress.step_in_epoch < length.batches_per_epoch
-            )
-            progress = progress if mid_epoch else ended
             break
-        progress = ended
     final = run.checkpointer.final(
-        run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+        run.network,
+        run.optimizer,
+        run.scheduler,
+        progress,
+        state_extra(run, window),
+        position=position,
     )
     return TrainResult(final, progress, False, tuple(losses), run.is_main)
 

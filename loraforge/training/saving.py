@@ -293,14 +293,22 @@ class Checkpointer:
         scheduler: Any,
         progress: TrainingProgress,
         extra: Mapping[str, Any],
+        *,
+        position: TrainingProgress | None = None,
     ) -> Path:
         """The final ``name.safetensors``, and ``name-state`` with ``save_state`` or when one
-        exists (it then says where the run ended, so a later ``--resume`` extends the run)."""
+        exists (it then says where the run ended, so a later ``--resume`` extends the run).
+
+        Args:
+            position: where the data stands, when the steps ran out mid-epoch (the state
+                records it; ``progress`` counts that epoch as done for the file's metadata).
+        """
         path = self.write_lora(last_ckpt_name(self.output.name), network, optimizer, progress)
         # an earlier Ctrl-C state this run continued must not stay behind at its old step
         stale = (self.output.dir / last_state_name(self.output.name)).exists()
         if self.output.save_state or stale:
-            self.interrupted_state(network, optimizer, scheduler, progress, extra)
+            state = position or progress
+            self.interrupted_state(network, optimizer, scheduler, state, extra)
         return path
 
     def interrupted_state(
