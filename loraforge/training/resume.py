@@ -9,11 +9,16 @@ from typing import Any
 
 from loraforge.console import info
 from loraforge.errors import TrainingError
+from loraforge.training.checkpoints import last_state_name, list_numbered
 from loraforge.training.settings import OutputSettings
 from loraforge.training.state import (
+    NETWORK_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_JSON,
     TrainingProgress,
     check_recipe_compatible,
-    find_latest_state,
     load_training_state,
     read_state_document,
 )
@@ -115,3 +120,53 @@ def restore_run(
         scaler.load_state_dict(resumed.extra["scaler"])
     info(f"resuming from {state_dir} at step {resumed.progress.global_step}")
     return Restored(resumed.progress, resumed.extra)
+
+
+def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
+    """The newest state folder of run ``name`` in ``output_dir``, if any.
+
+    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; the newest
+    readable one (highest global step) is returned.
+
+    Raises:
+        TrainingError: a state folder newer than that one cannot be read: resuming from the
+            older one would quietly train again from an earlier step. The message names both
+            and how to choose.
+    """
+    output_dir = Path(output_dir)
+    candidates = [path for _, path in list_numbered(output_dir, name, "epoch", states=True)]
+    candidates += [path for _, path in list_numbered(output_dir, name, "step", states=True)]
+    last = output_dir / last_state_name(name)
+    if last.is_dir():
+        candidates.append(last)
+    readable: list[tuple[int, float, Path]] = []
+    broken: list[tuple[float, Path, str]] = []
+    for path in candidates:
+        mtime = path.stat().st_mtime
+        try:
+            step = int(read_state_document(path)["progress"]["global_step"])
+            missing = [f for f in _STATE_FILES if not (path / f).is_file()]
+            if missing:
+                raise TrainingError(f"{path}: {', '.join(missing)} missing")
+        except (TrainingError, KeyError, TypeError, ValueError) as e:
+            broken.append((mtime, path, str(e).split("\n")[0]))
+            continue
+        readable.append((step, mtime, path))
+    best = max(readable, default=None)
+    newer = [b for b in broken if best is None or b[0] >= best[1]]
+    if newer:
+        _, path, why = max(newer)
+        fallback = (
+            f"the newest readable state is {best[2]} (step {best[0]}); to continue from it, "
+            f"pass --resume {best[2]}"
+            if best is not None
+            else "no other state of this run is readable"
+        )
+        raise TrainingError(
+            f"--resume auto: the newest state {path} cannot be read ({why}); {fallback}",
+            hint="or move the broken state away, or start a new run with --force",
+        )
+    return None if best is None else best[2]
+
+
+_STATE_FILES = (STATE_JSON, NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE)

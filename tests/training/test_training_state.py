@@ -13,10 +13,10 @@ import torch
 from loraforge.errors import TrainingError
 from loraforge.training import checkpoints as ck
 from loraforge.training.optim import build_optimizer
+from loraforge.training.resume import find_latest_state
 from loraforge.training.schedulers import build_scheduler
 from loraforge.training.state import (
     TrainingProgress,
-    find_latest_state,
     load_training_state,
     read_state_document,
     recipe_fingerprint,
