@@ -52,3 +52,7 @@ class TrainingError(LoraforgeError):
 
 class OutputExistsError(LoraforgeError):
     """An output exists and ``--force`` was not given."""
+
+
+class OutputWriteError(LoraforgeError):
+    """An output could not be written (a full disk, a read-only folder)."""

@@ -27,8 +27,16 @@ def command(
         ),
     ] = None,
     force: ForceOpt = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also decode every image, as train and cache do, and list those that fail.",
+        ),
+    ] = False,
 ) -> None:
-    """Show the aspect-ratio buckets of the recipe's dataset (image headers only, no decoding).
+    """Show the aspect-ratio buckets of the recipe's dataset (image headers only, no decoding;
+    --verify decodes every image as train and cache do).
 
     Per bucket: resolution, images, images x repeats and mean aspect-ratio error.
     Totals: images and steps per epoch for training.batch_size and gradient accumulation.
@@ -39,6 +47,7 @@ def command(
         loraforge bucket recipe.yaml
         loraforge bucket recipe.yaml --format json > buckets.json
         loraforge bucket recipe.yaml --plot buckets.png
+        loraforge bucket recipe.yaml --verify
     """
     from loraforge.data.buckets import BucketSettings
     from loraforge.data.discovery import discover
@@ -46,8 +55,8 @@ def command(
     from loraforge.data.report import bucket_report
 
     loaded = load_checked_recipe(recipe, models=False)
-    with err.status("reading image headers…"):
-        discovery = discover(loaded.dataset)
+    with err.status("decoding images…" if verify else "reading image headers…"):
+        discovery = discover(loaded.dataset, verify=verify)
         plan = plan_buckets(discovery, BucketSettings.from_dataset(loaded.dataset))
     report = bucket_report(
         discovery,

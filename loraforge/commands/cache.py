@@ -10,7 +10,7 @@ from rich.table import Table
 
 from loraforge.commands.options import FormatOpt, OutputFormat, RecipeArg
 from loraforge.commands.recipe_findings import load_checked_recipe
-from loraforge.console import err, out, print_json
+from loraforge.console import err, out, print_json, warn
 from loraforge.errors import RecipeError
 
 
@@ -52,6 +52,7 @@ def command(
         from loraforge.data.cache_setup import cache_dir, prepare_caches, vae_dtype
         from loraforge.data.discovery import discover
         from loraforge.data.plan import plan_buckets
+        from loraforge.data.report import skipped_summary
         from loraforge.models.loading import load_model
         from loraforge.training.precision import move_module
 
@@ -59,8 +60,12 @@ def command(
             target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             target = torch.device(device.value)
-        discovery = discover(recipe.dataset)
+        discovery = discover(recipe.dataset, verify=True)
         plan = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
+    summary = skipped_summary([*discovery.skipped, *plan.skipped])
+    if summary:
+        warn(summary)
+    with err.status("loading the model…"):
         model = load_model(
             recipe.model.base,
             family=recipe.model.family,

@@ -207,7 +207,14 @@ def _render_summary(r: FileReport) -> None:
     out.print(f"{escape(r.path)}: {errors} error(s), {warnings} warning(s)")
 
 
+#: more findings than this are printed as lines: a table that long is slow and unreadable
+_TABLE_ROWS = 200
+
+
 def _render_table(r: FileReport) -> None:
+    if len(r.problems) > _TABLE_ROWS:
+        _render_lines(r)
+        return
     if not r.problems:
         _render_summary(r)
         return

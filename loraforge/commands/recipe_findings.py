@@ -110,18 +110,28 @@ def architecture_problems(recipe: Recipe) -> list[Problem]:
 
 
 def model_file_problems(recipe: Recipe) -> list[Problem]:
-    """Local model files the recipe names that do not exist (hub ids are not looked up)."""
+    """Local model files the recipe names that do not exist (hub ids are not looked up), and
+    pickled model weights without ``model.allow_pickle``."""
+    from loraforge.models.pickles import PICKLE_HINT, pickle_message, pickled_weights
+
     files = {
         "model.base": recipe.model.base,
         "model.vae": recipe.model.vae,
         "network.weights": recipe.network.weights,
     }
-    return [
+    problems = [
         Problem("error", f"{value} does not exist: train will stop", field, hint=FIX_PATH_HINT)
         # local paths were made absolute when the recipe was read; hub ids were not
         for field, value in files.items()
         if value and Path(value).is_absolute() and not Path(value).exists()
     ]
+    for field in ("model.base", "model.vae"):
+        value = files[field]
+        pickles = pickled_weights(Path(value)) if value and Path(value).is_absolute() else []
+        if pickles and not recipe.model.allow_pickle:
+            message = pickle_message(pickles, field).removeprefix(f"{field}: ")
+            problems.append(Problem("error", message, field, hint=PICKLE_HINT))
+    return problems
 
 
 def problem_line(problem: Problem) -> Text:

@@ -141,11 +141,19 @@ def command(
 
 
 def load_input(path: Path, allow_pickle: bool) -> LoadedLora:
-    """Load a LoRA for resize/merge, saying when its text-encoder names had to be restored."""
-    from loraforge.console import info
+    """Load a LoRA for resize/merge, validated as `check` validates it (structure, values;
+    module names outside the family are reported), saying when its text-encoder names had to
+    be restored."""
+    from loraforge.console import info, warn
+    from loraforge.models.name_tables import expected_names
     from loraforge.ops.load_lora import load_lora
 
-    loaded = load_lora(path, allow_pickle=allow_pickle)
+    loaded = load_lora(
+        path, allow_pickle=allow_pickle, expected=expected_names, unknown_names="warning"
+    )
+    for problem in loaded.parsed.problems:
+        if problem.severity == "warning" and problem.module is None:
+            warn(f"{path.name}: {problem.message}")
     if loaded.renamed:
         info(
             f"{path.name}: {len(loaded.renamed)} text-encoder module name(s) lacked 'text_model' "

@@ -9,6 +9,7 @@ so both paths feed the UNet identical quantities. Text-encoder outputs live in
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,9 +41,11 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 
 def encode_pixels(
-    vae: Any, pixels: torch.Tensor, generator: torch.Generator | None = None
+    vae: Any,
+    pixels: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """VAE-encode ``(B, 3, H, W)`` pixels in ``[-1, 1]``.
+    """VAE-encode ``(B, 3, H, W)`` pixels in ``[-1, 1]``; ``generator`` may be one per image.
 
     Returns ``(B, C, H/8, W/8)`` latents sampled from the posterior and multiplied by the VAE's
     scaling factor (sd-scripts' convention).
@@ -114,6 +117,7 @@ def _jobs(
             "resized": "x".join(map(str, assignment.resized)),
             "crop": "x".join(map(str, assignment.center_crop())),
             "dtype": str(dtype).removeprefix("torch."),
+            "noise": "per-key",  # each entry's posterior sample is seeded by its own key
         }
         for flipped in (False, True) if record.subset in flip_subsets else (False,):
             name = record.key + FLIP_SUFFIX if flipped else record.key
@@ -165,7 +169,8 @@ def prepare_latent_cache(
         flip_subsets: indices of subsets with ``flip_aug``.
         batch_size: images per VAE call (``cache.vae_batch_size``).
         decode_workers: threads decoding images while the VAE encodes.
-        seed: seeds the posterior sampling, so a cache is reproducible.
+        seed: with each entry's key, seeds its posterior sample (see :func:`entry_generator`),
+            so a cache is the same however it was built.
         progress: called with ``(done, total)`` after every batch.
     """
     started = time.perf_counter()
@@ -181,7 +186,6 @@ def prepare_latent_cache(
         else:
             cache.stats.stale += int(store is not None and store.path_for(job.name).exists())
             todo.append(job)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     done = cache.stats.reused
     if progress:
         progress(done, len(jobs))
@@ -194,7 +198,8 @@ def prepare_latent_cache(
             pending = pool.map(
                 lambda b: torch.stack([_pixels(j) for j in b]), batches[index + 1 : index + 2]
             )
-            latents = encode_pixels(vae, pixels, _generator_for(vae, generator)).to("cpu")
+            generators = [entry_generator(vae, seed, job.name) for job in batch]
+            latents = encode_pixels(vae, pixels, generators).to("cpu")
             for job, latent in zip(batch, latents, strict=True):
                 if store is not None:
                     store.save(job.name, {"latents": latent}, job.depends)
@@ -208,10 +213,10 @@ def prepare_latent_cache(
     return cache
 
 
-def _generator_for(vae: Any, cpu_generator: torch.Generator) -> torch.Generator:
-    """A generator on the VAE's device, seeded from the CPU one (reproducible per seed)."""
-    device = torch.device(vae.device)
-    if device.type == "cpu":
-        return cpu_generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=cpu_generator))
-    return torch.Generator(device=device).manual_seed(seed)
+def entry_generator(vae: Any, seed: int, key: str) -> torch.Generator:
+    """The generator of one cache entry, seeded from the run seed and the entry's own key, so
+    an entry's latents never depend on which other images were encoded with it."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return torch.Generator(device=torch.device(vae.device)).manual_seed(
+        int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    )

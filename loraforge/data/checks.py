@@ -37,11 +37,11 @@ def check_dataset(dataset: DatasetConfig, *, read_files: bool = True) -> list[Pr
     settings_valid = not problems
     if not read_files:
         return problems
-    present = []
+    present: list[int] = []  # indices of the subsets whose folder exists
     for index, subset in enumerate(dataset.subsets):
         folder = Path(subset.dir)
         if folder.is_dir():
-            present.append(subset)
+            present.append(index)
             continue
         what = "does not exist" if not folder.exists() else "is not a folder"
         problems.append(
@@ -53,8 +53,7 @@ def check_dataset(dataset: DatasetConfig, *, read_files: bool = True) -> list[Pr
             )
         )
     if present:
-        subsets = replace(dataset, subsets=tuple(present))
-        problems += _check_contents(subsets, dataset, plan=settings_valid)
+        problems += _check_contents(dataset, present, plan=settings_valid)
     return sorted(problems, key=lambda p: p.severity != "error")
 
 
@@ -67,16 +66,18 @@ def bucket_settings_problems(dataset: DatasetConfig) -> list[Problem]:
     return []
 
 
-def _check_contents(present: DatasetConfig, full: DatasetConfig, *, plan: bool) -> list[Problem]:
-    """Findings of discovery (and of bucketing, when ``plan`` and the settings are valid)."""
+def _check_contents(full: DatasetConfig, indices: list[int], *, plan: bool) -> list[Problem]:
+    """Findings of discovery over the subsets at ``indices`` (and of bucketing, when ``plan``
+    and the settings are valid)."""
+    present = replace(full, subsets=tuple(full.subsets[i] for i in indices))
     try:
         found = discover(present)
     except DatasetError as e:
         return [Problem("error", e.message, path="dataset.subsets", hint=e.hint)]
     empty = _empty_subsets(found, present)
-    problems = [_empty_subset_problem(subset, full) for subset in empty]
+    problems = [_empty_subset_problem(present.subsets[i], indices[i]) for i in empty]
     # discovery's own notes about those folders would say the same twice
-    said = tuple(f"{subset.dir}:" for subset in empty)
+    said = tuple(f"{present.subsets[i].dir}:" for i in empty)
     problems += [
         Problem("warning", f"{issue.path}: {issue.reason}", path="dataset.subsets")
         for issue in found.skipped
@@ -103,19 +104,20 @@ def _check_contents(present: DatasetConfig, full: DatasetConfig, *, plan: bool) 
     return problems
 
 
-def _empty_subsets(found: Discovery, present: DatasetConfig) -> list[SubsetConfig]:
-    """The recipe subsets that contribute no usable image (training ignores them)."""
+def _empty_subsets(found: Discovery, present: DatasetConfig) -> list[int]:
+    """Positions in ``present`` of the subsets that contribute no usable image (training
+    ignores them)."""
     used = {found.subsets[image.subset].config_index for image in found.images}
     unused_dirs = {path.parent for path in found.unused_reg_images}
     used |= {s.config_index for s in found.subsets if s.dir in unused_dirs}
-    return [subset for index, subset in enumerate(present.subsets) if index not in used]
+    return [index for index in range(len(present.subsets)) if index not in used]
 
 
-def _empty_subset_problem(subset: SubsetConfig, full: DatasetConfig) -> Problem:
+def _empty_subset_problem(subset: SubsetConfig, recipe_index: int) -> Problem:
     return Problem(
         "warning",
         f"{subset.dir} holds no usable images; training ignores it",
-        path=subset_path(full.subsets.index(subset)),
+        path=subset_path(recipe_index),
         hint="add images (png, jpg, webp, ...) or '<repeats>_<class>' sub-folders with images, "
         "or remove the subset",
     )

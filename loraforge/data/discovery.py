@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from loraforge.data.caption_files import read_caption
-from loraforge.data.images import BadImageError, list_image_files, read_image_size
+from loraforge.data.images import BadImageError, image_entries, read_image_size, verify_image
 from loraforge.data.subsets import ResolvedSubset, resolve_subsets
 from loraforge.errors import DatasetError
 from loraforge.recipe.types import DatasetConfig
@@ -96,12 +96,16 @@ class Discovery:
         return sum(image.repeats for image in self.images)
 
 
-def discover(dataset: DatasetConfig, workers: int | None = None) -> Discovery:
+def discover(
+    dataset: DatasetConfig, workers: int | None = None, *, verify: bool = False
+) -> Discovery:
     """Find the images, sizes and captions of a dataset.
 
     Args:
         dataset: the recipe's dataset section.
         workers: threads reading image headers (default: a few per CPU; 1 = sequential).
+        verify: also decode every image (as training does), so a file whose header reads but
+            whose pixels do not is skipped with a reason here, never in the middle of a run.
 
     Returns:
         A :class:`Discovery`.
@@ -123,7 +127,7 @@ def discover(dataset: DatasetConfig, workers: int | None = None) -> Discovery:
                 warnings.append(f"{subset.dir}: listed twice, the second subset is ignored")
                 continue
             seen_dirs.add(subset.dir)
-            scanned = _scan_subset(subset, pool)
+            scanned = _scan_subset(subset, pool, verify)
             records += scanned.records
             skipped += scanned.skipped
             caption_issues += scanned.caption_issues
@@ -196,14 +200,14 @@ class _Scanned:
     warnings: list[str]
 
 
-def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor | None) -> _Scanned:
-    paths = list_image_files(subset.dir)
+def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor | None, verify: bool) -> _Scanned:
+    paths, odd = image_entries(subset.dir)
     folder_names = frozenset(name.lower() for name in os.listdir(subset.dir))
     records: list[ImageRecord] = []
-    skipped: list[FileIssue] = []
+    skipped: list[FileIssue] = [FileIssue(path, reason) for path, reason in odd]
     caption_issues: list[FileIssue] = []
     missing = 0
-    for path, size in zip(paths, _sizes(paths, pool), strict=True):
+    for path, size in zip(paths, _sizes(paths, pool, verify), strict=True):
         if isinstance(size, FileIssue):
             skipped.append(size)
             continue
@@ -234,20 +238,27 @@ def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor | None) -> _Sc
 _CHUNK = 256  # header reads per thread task: large enough to amortise the hand-off
 
 
-def _sizes(paths: list[Path], pool: ThreadPoolExecutor | None) -> list[tuple[int, int] | FileIssue]:
-    if pool is None or len(paths) <= _CHUNK:
-        return [_size_or_issue(p) for p in paths]
-    chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    return [size for chunk in pool.map(_sizes_of_chunk, chunks) for size in chunk]
+def _sizes(
+    paths: list[Path], pool: ThreadPoolExecutor | None, verify: bool = False
+) -> list[tuple[int, int] | FileIssue]:
+    chunk = _CHUNK // 16 if verify else _CHUNK  # decoding is far slower than a header read
+    if pool is None or len(paths) <= chunk:
+        return [_size_or_issue(p, verify) for p in paths]
+    chunks = [(paths[i : i + chunk], verify) for i in range(0, len(paths), chunk)]
+    return [size for part in pool.map(_sizes_of_chunk, chunks) for size in part]
 
 
-def _sizes_of_chunk(paths: list[Path]) -> list[tuple[int, int] | FileIssue]:
-    return [_size_or_issue(p) for p in paths]
+def _sizes_of_chunk(job: tuple[list[Path], bool]) -> list[tuple[int, int] | FileIssue]:
+    paths, verify = job
+    return [_size_or_issue(p, verify) for p in paths]
 
 
-def _size_or_issue(path: Path) -> tuple[int, int] | FileIssue:
+def _size_or_issue(path: Path, verify: bool = False) -> tuple[int, int] | FileIssue:
     try:
-        return read_image_size(path)
+        size = read_image_size(path)
+        if verify:
+            verify_image(path)
+        return size
     except BadImageError as e:
         return FileIssue(path, e.reason)
 

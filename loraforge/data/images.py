@@ -109,10 +109,46 @@ def list_image_files(folder: Path, recursive: bool = False) -> list[Path]:
             if not _in_hidden_dir(Path(root), folder)
         ]
         return sorted(p for p in found if is_image_file(p) and p.is_file())
+    return image_entries(folder)[0]
+
+
+def image_entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files directly in ``folder``, and entries named like images that are not
+    readable files (a dangling link, a folder called ``x.png``) with the reason, both sorted.
+
+    Raises:
+        DatasetError: ``folder`` is not a directory (see :func:`list_image_files`).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(
+            f"{folder}: not a directory",
+            hint="check the dataset path in the recipe (relative paths are relative to the recipe)",
+        )
+    files, odd = [], []
     # DirEntry.is_file() usually answers from the directory listing itself, without a stat.
     with os.scandir(folder) as entries:
-        found = [Path(e.path) for e in entries if e.is_file() and is_image_file(Path(e.name))]
-    return sorted(found)
+        for entry in entries:
+            if not is_image_file(Path(entry.name)):
+                continue
+            if entry.is_file():
+                files.append(Path(entry.path))
+            elif entry.is_dir():
+                odd.append((Path(entry.path), "a folder, not an image file"))
+            elif entry.is_symlink():
+                odd.append((Path(entry.path), "a link to a file that does not exist"))
+            else:
+                odd.append((Path(entry.path), "not a regular file"))
+    return sorted(files), sorted(odd)
+
+
+def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Decode ``path`` fully, exactly as training does (:func:`load_image_rgb`).
+
+    Raises:
+        BadImageError: the pixels cannot be decoded (a header that reads fine is not enough).
+    """
+    load_image_rgb(path, max_pixels).close()
 
 
 def _in_hidden_dir(root: Path, top: Path) -> bool:

@@ -104,3 +104,17 @@ def _image_entry(planned: PlannedImage, discovery: Discovery) -> dict[str, Any]:
         "aspect_error": assignment.aspect_error,
         "caption_source": record.caption_source,
     }
+
+
+def skipped_summary(skipped: list[Any] | tuple[Any, ...], shown: int = 3) -> str | None:
+    """One line for commands that do not list files (``train``, ``cache``): how many image files
+    are skipped, the first few with their reason, and where the full list is; ``None`` if none.
+    """
+    if not skipped:
+        return None
+    first = "; ".join(f"{issue.path.name}: {issue.reason}" for issue in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return (
+        f"{len(skipped)} image file(s) skipped ({first}{more}); "
+        "`loraforge bucket RECIPE --verify` lists them all"
+    )

@@ -20,6 +20,7 @@ from loraforge.models.families import (
     family_spec,
     resolve_family,
 )
+from loraforge.models.pickles import refuse_pickles
 from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.single_file import (
     detect_checkpoint_family,
@@ -105,6 +106,9 @@ def load_model(
     if family != "auto" and family not in FAMILIES:
         raise ModelError(f"unknown model family {family!r}", hint=f"use auto or one of {FAMILIES}")
     path = Path(base).expanduser()
+    refuse_pickles(path, "model.base", allow_pickle)
+    if vae is not None:
+        refuse_pickles(vae, "model.vae", allow_pickle)
     if not path.exists() and _HUB_ID.match(base) and not base.startswith((".", "/")):
         path = _download(base)  # with the hub's download bars
     elif not path.exists():

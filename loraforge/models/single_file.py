@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from loraforge.errors import ModelError
 from loraforge.models.families import Detection, detect_family_from_keys
 from loraforge.models.naming import canonical_clip_path
+from loraforge.models.pickles import PICKLE_SUFFIXES
 from loraforge.models.sgm import UNetLayout, sgm_unet_path
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # OpenCLIP's initial logit scale, log(1 / 0.07); written for fidelity, unused by diffusers
 _OPEN_CLIP_LOGIT_SCALE = 4.605170249938965

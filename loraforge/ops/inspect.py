@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
-
-import torch
 
 from loraforge.ops.delta import is_additive, lora_factors, module_delta
 from loraforge.ops.derived_metadata import resolution_of, resolution_text, training_comment
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, sshs_hashes
 from loraforge.ops.modules import (
-    TE_WITHOUT_TEXT_MODEL,
     LoraModule,
     ParsedLora,
     Problem,
@@ -34,6 +31,7 @@ from loraforge.ops.modules import (
 from loraforge.ops.resize import module_kind
 from loraforge.ops.svd import svd_of_products
 from loraforge.ops.ui_support import ModuleFacts, UiSupport, file_support
+from loraforge.ops.validation import ExpectedNames, is_finite, name_problems
 
 _TE_LAYER = re.compile(r"^(lora_te[12]?)_text_model_encoder_layers_(\d+)_")
 
@@ -117,11 +115,6 @@ def component(name: str) -> str:
     return "other"
 
 
-#: ``(family, has_conv) -> (every layer name of the base model, kohya's default targets)``;
-#: ``None`` when the family's names are not available.
-ExpectedNames = Callable[[str, bool], "tuple[Collection[str], Collection[str]] | None"]
-
-
 def inspect_lora(file: LoraFile, expected: ExpectedNames | None = None) -> LoraReport:
     """Inspect a LoRA file.
 
@@ -146,7 +139,7 @@ def inspect_lora(file: LoraFile, expected: ExpectedNames | None = None) -> LoraR
     if expected is not None and family.family is not None and parsed.modules:
         names = expected(family.family, any(m.is_conv3x3 for m in parsed.modules.values()))
     known, targets = names if names is not None else (None, None)
-    problems.extend(_name_problems(parsed, known))
+    problems.extend(name_problems(parsed.modules, known))
     support = file_support([_ui_facts(m) for m in parsed.modules.values()], family.family)
     problems.extend(Problem("warning", None, str(gap)) for ui in support for gap in ui.gaps)
     stats = _module_stats(parsed)
@@ -177,34 +170,6 @@ def _ui_facts(m: LoraModule) -> ModuleFacts:
     return ModuleFacts(m.name, algorithm, m.dora_on_output, old_glora)
 
 
-def _name_problems(parsed: ParsedLora, expected: Collection[str] | None) -> list[Problem]:
-    problems = []
-    bad_te = [n for n in parsed.modules if TE_WITHOUT_TEXT_MODEL.match(n)]
-    if bad_te:
-        problems.append(
-            Problem(
-                "error",
-                None,
-                f"{len(bad_te)} text-encoder module(s) are named without 'text_model' "
-                f"(e.g. {bad_te[0]}); A1111/ComfyUI/diffusers will not load them "
-                "(`loraforge resize` at the file's rank writes a copy with the kohya names)",
-            )
-        )
-    if expected is not None:
-        expected_set = set(expected)
-        unexpected = [n for n in parsed.modules if n not in expected_set and n not in bad_te]
-        if unexpected:
-            problems.append(
-                Problem(
-                    "error",
-                    None,
-                    f"{len(unexpected)} module(s) match no layer of this model family "
-                    f"(e.g. {', '.join(unexpected[:3])})",
-                )
-            )
-    return problems
-
-
 def _coverage(
     parsed: ParsedLora, expected: Collection[str] | None
 ) -> tuple[tuple[str, int, int | None], ...]:
@@ -221,7 +186,7 @@ def _module_stats(parsed: ParsedLora) -> list[ModuleStats]:
     stats = []
     for name, m in parsed.modules.items():
         floats = [t for t in m.tensors.values() if t.is_floating_point()]
-        nonfinite = any(not bool(torch.isfinite(t).all()) for t in floats)
+        nonfinite = not all(is_finite(t) for t in floats)
         zero = _is_noop(m)
         stats.append(
             ModuleStats(
@@ -253,7 +218,7 @@ def _is_noop(m: LoraModule) -> bool:
 def _norms(parsed: ParsedLora) -> dict[str, float]:
     loras = [m for m in parsed.modules.values() if m.algorithm == "lora" and not m.dora]
     norms: dict[str, float] = {}
-    finite = [m for m in loras if all(bool(torch.isfinite(t).all()) for t in m.tensors.values())]
+    finite = [m for m in loras if all(is_finite(t) for t in m.tensors.values())]
     if finite:
         factors = [lora_factors(m) for m in finite]
         svds = svd_of_products([f[0] for f in factors], [f[1] for f in factors])
@@ -269,9 +234,7 @@ def _norms(parsed: ParsedLora) -> dict[str, float]:
 
 
 def _value_problems(stats: list[ModuleStats], file: LoraFile, notes: list[str]) -> list[Problem]:
-    problems = [
-        Problem("error", s.name, "has NaN or infinite values") for s in stats if s.nonfinite
-    ]
+    problems: list[Problem] = []  # NaN/inf values are parse errors (loraforge.ops.validation)
     zero = [s.name for s in stats if s.zero]
     if not zero:
         return problems

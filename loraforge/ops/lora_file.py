@@ -26,9 +26,8 @@ import torch
 
 from loraforge.errors import LoraFileError
 from loraforge.fileio import atomic_path
+from loraforge.models.pickles import PICKLE_SUFFIXES, looks_like_pickle
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-_ZIP_MAGIC = b"PK\x03\x04"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -76,19 +75,10 @@ def read_lora_file(path: Path | str, *, allow_pickle: bool = False) -> LoraFile:
     try:
         tensors, metadata = _read_safetensors(path)
     except LoraFileError:
-        if _looks_like_pickle(path):  # a pickle under a .safetensors name
+        if looks_like_pickle(path):  # a pickle under a .safetensors name
             return _read_pickle(path, allow_pickle)
         raise
     return LoraFile(tensors=tensors, metadata=metadata, path=path)
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive; older torch versions a raw pickle (PROTO opcode 0x80).
-    return head == _ZIP_MAGIC or (
-        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-    )
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> LoraFile:

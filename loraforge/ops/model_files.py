@@ -9,18 +9,15 @@ place, so an interrupted merge leaves no partial checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loraforge.errors import ModelError, OutputExistsError
-from loraforge.fileio import atomic_path, read_json
+from loraforge.fileio import atomic_folder, atomic_path, read_json
 
 #: the components whose weights LoRAs change, in text-encoder index order after the UNet.
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -124,33 +121,6 @@ def write_single_file(
 
     with atomic_path(path, force=force) as tmp:
         save_file(_cast(state, dtype), str(tmp), metadata=dict(metadata))
-
-
-@contextlib.contextmanager
-def atomic_folder(path: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; it replaces ``path`` when the block succeeds.
-
-    Raises:
-        OutputExistsError: ``path`` exists and ``force`` is false.
-    """
-    if path.exists() and not force:
-        raise OutputExistsError(
-            f"{path} already exists", hint="pass --force to overwrite it, or choose another output"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_diffusers_folder(

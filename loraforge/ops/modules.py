@@ -11,7 +11,6 @@ report every problem at once; operations call :meth:`ParsedLora.require_valid`.
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -325,17 +324,21 @@ def _build_module(
     if missing:
         problems.append(Problem("error", name, f"{algorithm} module lacks {', '.join(missing)}"))
         return None, problems
+    from loraforge.ops.validation import read_alpha, tensor_problems
+
     unknown = sorted(parts.keys() - required - optional - COMMON_TENSORS)
     if unknown:
         problems.append(Problem("warning", name, f"unrecognised tensors {unknown} ignored"))
-    alpha = _read_alpha(name, parts.get("alpha"), problems)
+    scales = algorithm in ("lora", "loha", "lokr", "glora")
+    alpha = read_alpha(name, parts.get("alpha"), problems, scales=scales)
     kept = {k: v for k, v in parts.items() if k in required | optional | {"dora_scale"}}
     module = LoraModule(name, algorithm, kept, alpha)
     shape_error = _shape_error(module)
     if shape_error:
         problems.append(Problem("error", name, shape_error))
         return None, problems
-    if alpha is None and module.rank is not None:
+    problems += tensor_problems(name, kept)
+    if "alpha" not in parts and module.rank is not None:
         problems.append(
             Problem(
                 "warning",
@@ -365,21 +368,6 @@ def _detect_algorithm(parts: Mapping[str, torch.Tensor]) -> str | None:
     if "on_input" in keys or set(keys) == {"weight"}:
         return "ia3"
     return None
-
-
-def _read_alpha(name: str, alpha: torch.Tensor | None, problems: list[Problem]) -> float | None:
-    if alpha is None:
-        return None
-    if alpha.numel() != 1:
-        problems.append(
-            Problem("error", name, f"alpha has shape {tuple(alpha.shape)}, expected a scalar")
-        )
-        return None
-    value = float(alpha.detach().float().reshape(()).item())
-    if not math.isfinite(value):
-        problems.append(Problem("error", name, f"alpha is {value}"))
-        return None
-    return value
 
 
 def _shape_error(m: LoraModule) -> str | None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
+import gc
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -17,7 +21,7 @@ from loraforge.recipe import types as recipe_types
 from loraforge.recipe.problems import Problem, format_path, parse_path
 from loraforge.recipe.rules import cross_field_problems
 from loraforge.recipe.schema import as_problems, fill_defaults, schema_problems
-from loraforge.recipe.yaml_marks import ParsedYaml, parse_yaml
+from loraforge.recipe.yaml_marks import DocumentRefused, ParsedYaml, parse_yaml
 
 _MAX_BYTES = 5_000_000  # a recipe is a few KB; anything this large is not one
 
@@ -87,7 +91,18 @@ def validate_recipe_text(
     text: str, *, source: str = "<recipe>", base_dir: Path | None = None
 ) -> Validation:
     """Validate recipe text; relative paths resolve against ``base_dir`` (default: the working folder)."""
-    base_dir = Path.cwd() if base_dir is None else base_dir
+    # Validation allocates one long-lived object per YAML value and frees nothing: the cyclic
+    # collector would only re-scan them again and again (a third of the time of a large recipe).
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _validate(text, source, Path.cwd() if base_dir is None else base_dir)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _validate(text: str, source: str, base_dir: Path) -> Validation:
     try:
         parsed = parse_yaml(text)
     except yaml.YAMLError as e:
@@ -122,12 +137,20 @@ def validate_recipe_text(
                 ),
             ),
         )
-    problems = as_problems(schema_problems(parsed.data), parsed, source)
+    found = schema_problems(parsed.data, known={path for path, _ in parsed.bad_values})
+    found += [(path, message, None, False) for path, message in parsed.bad_values]
+    problems = as_problems(found, parsed, source)
     problems += _duplicate_key_problems(parsed, source)
     if any(p.severity == "error" for p in problems):
         problems.sort(key=lambda p: (p.line or 0, p.column or 0))
         return Validation(None, tuple(problems))
-    data = _resolve_paths(fill_defaults(parsed.data), base_dir)
+    data = fill_defaults(parsed.data)
+    unusable = _path_problems(data, base_dir)
+    if unusable:
+        problems += as_problems(unusable, parsed, source)
+        problems.sort(key=lambda p: (p.line or 0, p.column or 0))
+        return Validation(None, tuple(problems))
+    data = _resolve_paths(data, base_dir)
     recipe = build_recipe(data, source=source, base_dir=base_dir)
     for severity, path, message, hint in cross_field_problems(recipe):
         line, column = parsed.mark(path) or (None, None)
@@ -172,10 +195,12 @@ def errors_found(errors: Sequence[Problem]) -> RecipeError:
 def _yaml_problem(error: yaml.YAMLError, source: str) -> Problem:
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
     detail = getattr(error, "problem", None) or str(error)
+    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    if isinstance(error, DocumentRefused):
+        return Problem("error", f"refused: {detail}", "", source, line, column)
     hint = None
     if "\t" in detail or "\\t" in detail or "tab" in detail.lower():
         hint = "YAML indentation must use spaces, not tabs"
-    line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
     return Problem("error", f"YAML syntax error: {detail}", "", source, line, column, hint)
 
 
@@ -213,9 +238,60 @@ def _path_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     return slots
 
 
+def _path_fields(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
+    """``(field path, value)`` of every field that may name a file or folder."""
+    fields: list[tuple[tuple[Any, ...], Any]] = [
+        ((section, key), data[section].get(key)) for section, key in _PATH_FIELDS
+    ]
+    fields += [(("model", "base"), data["model"].get("base"))]
+    fields += [(("tagging", "model"), data["tagging"].get("model"))]
+    fields += [
+        (("dataset", "subsets", index, "dir"), subset.get("dir"))
+        for index, subset in enumerate(data["dataset"]["subsets"])
+    ]
+    return fields
+
+
+def _path_problems(
+    data: dict[str, Any], base_dir: Path
+) -> list[tuple[tuple[Any, ...], str, str | None, bool]]:
+    """Schema-style findings for paths no file system can use (a NUL character, a name or path
+    longer than the system allows, a place that cannot be looked at)."""
+    found = []
+    for where, value in _path_fields(data):
+        if not isinstance(value, str) or not value:
+            continue
+        reason = unusable_path(value, base_dir)
+        if reason is not None:
+            found.append((where, reason, "fix the path", False))
+    return found
+
+
+def unusable_path(value: str, base_dir: Path) -> str | None:
+    """Why ``value`` cannot be used as a path (relative to ``base_dir``), or ``None``.
+
+    A path that merely does not exist is usable (later checks report it).
+    """
+    if "\0" in value:
+        return "the path contains a NUL character"
+    try:
+        os.stat(os.path.join(base_dir, os.path.expanduser(value)))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return f"the path is too long for the file system ({len(value):,} characters)"
+        return f"the path cannot be used ({e.strerror or e})"
+    except ValueError as e:  # e.g. a character the platform refuses in paths
+        return f"the path cannot be used ({e})"
+    return None
+
+
 def _resolve(value: str, base_dir: Path) -> str:
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base_dir / path).resolve())
+    path = os.path.expanduser(value)
+    if os.path.isabs(path):
+        return str(Path(path))
+    return os.path.realpath(os.path.join(base_dir, path))
 
 
 def _looks_like_path(value: str, base_dir: Path) -> bool:
@@ -274,28 +350,47 @@ def section_defaults(name: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
+    return cls(**{name: convert(data.get(name)) for name, convert in _converters(cls)})
+
+
+@functools.cache
+def _converters(cls: type) -> tuple[tuple[str, Any], ...]:
+    """``(field, converter)`` for each field of a recipe dataclass, worked out once per class
+    (``typing.get_type_hints`` is far too slow to run per subset)."""
     hints = typing.get_type_hints(cls)
-    kwargs = {f.name: _convert(hints[f.name], data.get(f.name)) for f in dataclasses.fields(cls)}
-    return cls(**kwargs)
+    return tuple((f.name, _converter(hints[f.name])) for f in dataclasses.fields(cls))
 
 
-def _convert(hint: Any, value: Any) -> Any:
-    if value is None:
-        return None
+def _converter(hint: Any) -> Any:
+    """A function turning a validated, defaulted value into the typed view's ``hint``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value) if len(inner) == 1 else value
+        convert = _converter(inner[0]) if len(inner) == 1 else _same
+        return lambda value: None if value is None else convert(value)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value)
+        return lambda value: None if value is None else _build(hint, value)
     if origin is tuple:
-        if args == (int, int) and isinstance(value, int):  # resolution: 512 -> (512, 512)
-            return (value, value)
-        item = args[0]
-        return tuple(_convert(item, v) for v in value)
+        item = _converter(args[0])
+        pair = args == (int, int)
+
+        def to_tuple(value: Any) -> Any:
+            if value is None:
+                return None
+            if pair and isinstance(value, int):  # resolution: 512 -> (512, 512)
+                return (value, value)
+            return tuple(item(v) for v in value)
+
+        return to_tuple
     if origin is dict:
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        return lambda value: None if value is None else dict(value)
+    if hint is float:
+        return lambda value: (
+            float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        )
+    return _same
+
+
+def _same(value: Any) -> Any:
     return value

@@ -113,12 +113,11 @@ def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:
     network = create_hooked_network(recipe, model.family, model.unet, model.text_encoders)
     if recipe.network.weights:
         from loraforge.errors import LoraFileError
-        from loraforge.ops.lora_file import read_lora_file
-        from loraforge.ops.modules import restore_text_model_names
+        from loraforge.ops.load_lora import load_lora
 
-        loaded = read_lora_file(recipe.network.weights)
-        tensors, _ = restore_text_model_names(loaded.tensors)  # lycoris-lora's flat TE names
-        result = network.load_weights(tensors, strict=False)
+        # the checks `check` makes (values, structure); lycoris-lora's flat TE names restored
+        loaded = load_lora(recipe.network.weights)
+        result = network.load_weights(loaded.tensors, strict=False)
         total = len(list(network.children()))
         if len(result.missing) == total:
             raise LoraFileError(

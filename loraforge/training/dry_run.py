@@ -187,7 +187,7 @@ def _dataset_and_length(recipe: Recipe, processes: int) -> tuple[Any, Any, Train
     from loraforge.data.sampler import BucketBatchSampler
 
     t = recipe.training
-    discovery = discover(recipe.dataset)
+    discovery = discover(recipe.dataset, verify=True)  # as train: bad pixels are skipped
     buckets = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
     sampler = BucketBatchSampler(buckets.bucket_samples(), t.batch_size, num_replicas=processes)
     length = training_length(
@@ -206,6 +206,7 @@ def build_plan(
             configs, optimizer name/arguments, resume state).
     """
     from loraforge.models.families import family_spec
+    from loraforge.models.pickles import refuse_pickles
     from loraforge.training.optim import optimizer_description
     from loraforge.training.schedulers import resolve_warmup_steps
     from loraforge.vram import estimate_vram
@@ -214,6 +215,9 @@ def build_plan(
     t, m = recipe.training, recipe.model
     processes = num_processes or world_size()
     discovery, buckets, length = _dataset_and_length(recipe, processes)
+    refuse_pickles(m.base, "model.base", m.allow_pickle)
+    if m.vae:
+        refuse_pickles(m.vae, "model.vae", m.allow_pickle)
     arch = resolve_architecture(m.base, m.family, vae=m.vae)
     settings = run_settings(
         recipe,
@@ -221,7 +225,9 @@ def build_plan(
         family_v_prediction=family_spec(arch.family).v_prediction,
         length=length,
     )
-    state_dir = resolve_resume(resume, settings.output, recipe.to_dict())
+    state_dir = resolve_resume(
+        resume, settings.output, recipe.to_dict(), max_train_steps=length.max_train_steps
+    )
     files = planned_outputs(settings.output, settings.sample, length)
     after = saved_step(state_dir)
     checked = [*files, interrupt_state(settings.output, length)]

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import torch
 
-from loraforge.errors import TrainingError
 from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
 from loraforge.training.distributed import synchronise_step
+from loraforge.training.divergence import divergence_error
 from loraforge.training.optim import set_eval_mode, set_train_mode
 from loraforge.training.sample_grid import write_sample_grid
 from loraforge.training.sampling import SampleRequest, sample_during_training
@@ -96,6 +96,7 @@ def train(
     window = LossWindow(length.steps_per_epoch, run.loss_history)
     losses: list[float] = []
     te_trains = text_encoder_trains(run.optimizer)
+    position = None  # where the data stands when the run ends mid-epoch
     run.network.train()
     if s.sample.at_first and s.sample.prompts and progress.global_step == 0:
         take_samples(run, "step", 0, 0, display)  # the "before" column of the grid
@@ -159,12 +160,21 @@ def train(
                 return TrainResult(state, progress, True, tuple(losses), run.is_main)
             if progress.global_step >= length.max_train_steps:
                 break
+        # the state keeps the true data position (mid-epoch when the steps ran out there), so
+        # a run extended by raising its length continues with the next batch
+        mid_epoch = progress.epoch == epoch and progress.step_in_epoch < length.batches_per_epoch
+        position = progress if mid_epoch else None
         progress = TrainingProgress(progress.global_step, epoch + 1, 0)
         after_epoch(run, progress, display, window)
         if progress.global_step >= length.max_train_steps:
             break
     final = run.checkpointer.final(
-        run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+        run.network,
+        run.optimizer,
+        run.scheduler,
+        progress,
+        state_extra(run, window),
+        position=position,
     )
     return TrainResult(final, progress, False, tuple(losses), run.is_main)
 
@@ -179,15 +189,16 @@ def check_finite(loss: float, step: int, run: TrainingRun) -> None:
     """Stop with a clear error before a non-finite loss reaches the weights.
 
     Raises:
-        TrainingError: naming the step and what was kept.
+        TrainingError: naming the step, what was saved, and the likely cause.
     """
     if math.isfinite(loss):
         return
-    raise TrainingError(
-        f"the loss became {loss} at step {step}; training stopped before updating the weights "
-        f"(files already saved in {run.settings.output.dir} are kept)",
-        hint="lower the learning rate, use bf16 instead of fp16, or set max_grad_norm; "
-        "continue from the last saved state with --resume",
+    raise divergence_error(
+        loss,
+        step,
+        saved_lora=run.checkpointer.last_lora,
+        saved_state=run.checkpointer.last_state,
+        suspects=run.divergence_suspects,
     )
 
 

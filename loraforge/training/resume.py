@@ -9,11 +9,16 @@ from typing import Any
 
 from loraforge.console import info
 from loraforge.errors import TrainingError
+from loraforge.training.output_names import last_state_name, list_numbered
 from loraforge.training.settings import OutputSettings
 from loraforge.training.state import (
+    NETWORK_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    STATE_JSON,
     TrainingProgress,
     check_recipe_compatible,
-    find_latest_state,
     load_training_state,
     read_state_document,
 )
@@ -22,15 +27,21 @@ AUTO = "auto"
 
 
 def resolve_resume(
-    resume: str | Path | None, output: OutputSettings, recipe: Mapping[str, Any]
+    resume: str | Path | None,
+    output: OutputSettings,
+    recipe: Mapping[str, Any],
+    *,
+    max_train_steps: int | None = None,
 ) -> Path | None:
     """The state folder ``--resume`` names: a path, or ``auto`` for the latest state of the run.
 
     ``auto`` without any saved state starts a new run (and says so). The state is checked
-    against ``recipe`` here, before anything heavy is loaded.
+    against ``recipe`` here, before anything heavy is loaded; with ``max_train_steps`` (the
+    run's length), a state at or past the end is refused (raise the length to extend a run).
 
     Raises:
-        TrainingError: a path that is not a state folder, or a state of another recipe.
+        TrainingError: a path that is not a state folder, a state of another recipe, an
+            unreadable newest state (``auto``), or a state with no step left to train.
     """
     if resume is None:
         return None
@@ -49,7 +60,16 @@ def resolve_resume(
                 f"--resume {resume}: no such state folder",
                 hint=f"pass a folder like {output.dir}/{output.name}-state, or --resume auto",
             )
-    check_recipe_compatible(read_state_document(path), recipe, path)
+    document = read_state_document(path)
+    check_recipe_compatible(document, recipe, path)
+    step = int(document["progress"]["global_step"])
+    if max_train_steps is not None and step >= max_train_steps:
+        raise TrainingError(
+            f"--resume: {path} is at step {step} and the recipe's run ends at step "
+            f"{max_train_steps}: nothing is left to train",
+            hint="to train longer, raise training.max_train_steps (or max_train_epochs) and "
+            "resume again",
+        )
     return path
 
 
@@ -100,3 +120,53 @@ def restore_run(
         scaler.load_state_dict(resumed.extra["scaler"])
     info(f"resuming from {state_dir} at step {resumed.progress.global_step}")
     return Restored(resumed.progress, resumed.extra)
+
+
+def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
+    """The newest state folder of run ``name`` in ``output_dir``, if any.
+
+    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; the newest
+    readable one (highest global step) is returned.
+
+    Raises:
+        TrainingError: a state folder newer than that one cannot be read: resuming from the
+            older one would quietly train again from an earlier step. The message names both
+            and how to choose.
+    """
+    output_dir = Path(output_dir)
+    candidates = [path for _, path in list_numbered(output_dir, name, "epoch", states=True)]
+    candidates += [path for _, path in list_numbered(output_dir, name, "step", states=True)]
+    last = output_dir / last_state_name(name)
+    if last.is_dir():
+        candidates.append(last)
+    readable: list[tuple[int, float, Path]] = []
+    broken: list[tuple[float, Path, str]] = []
+    for path in candidates:
+        mtime = path.stat().st_mtime
+        try:
+            step = int(read_state_document(path)["progress"]["global_step"])
+            missing = [f for f in _STATE_FILES if not (path / f).is_file()]
+            if missing:
+                raise TrainingError(f"{path}: {', '.join(missing)} missing")
+        except (TrainingError, KeyError, TypeError, ValueError) as e:
+            broken.append((mtime, path, str(e).split("\n")[0]))
+            continue
+        readable.append((step, mtime, path))
+    best = max(readable, default=None)
+    newer = [b for b in broken if best is None or b[0] >= best[1]]
+    if newer:
+        _, path, why = max(newer)
+        fallback = (
+            f"the newest readable state is {best[2]} (step {best[0]}); to continue from it, "
+            f"pass --resume {best[2]}"
+            if best is not None
+            else "no other state of this run is readable"
+        )
+        raise TrainingError(
+            f"--resume auto: the newest state {path} cannot be read ({why}); {fallback}",
+            hint="or move the broken state away, or start a new run with --force",
+        )
+    return None if best is None else best[2]
+
+
+_STATE_FILES = (STATE_JSON, NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE)

@@ -93,9 +93,23 @@ def run_training(
         How the run ended (the final file, or the state folder after Ctrl-C).
 
     Raises:
-        LoraforgeError: user errors during set-up; TrainingError for a non-finite loss.
+        LoraforgeError: user errors during set-up; TrainingError for a non-finite loss, or
+            another run holding the output folder.
         TrainingAborted: a second Ctrl-C.
     """
+    import os
+
+    from loraforge.training.lock import hold_output_folder
+
+    # one run per output folder; only the process that writes files (rank 0) holds it
+    main_process = os.environ.get("RANK", "0") == "0"
+    with hold_output_folder(Path(recipe.output.dir), recipe.output.name, enabled=main_process):
+        return _run(recipe, resume, force, threads)
+
+
+def _run(
+    recipe: Recipe, resume: str | Path | None, force: bool, threads: int | None
+) -> TrainResult:
     from loraforge.training.distributed import wait_for_everyone
     from loraforge.training.loop import train
     from loraforge.training.setup import setup_run

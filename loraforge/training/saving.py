@@ -182,8 +182,11 @@ def existing_outputs(
     ]
 
 
-def refuse_existing(paths: list[Path], *, force: bool) -> None:
+def refuse_existing(paths: list[Path], *, force: bool, resuming: bool = False) -> None:
     """Raise unless ``force`` when a run would overwrite existing outputs.
+
+    Args:
+        resuming: the run continues a state (``--resume``), so the hint does not suggest it.
 
     Raises:
         OutputExistsError: naming the first files and the ``--force`` fix.
@@ -193,11 +196,17 @@ def refuse_existing(paths: list[Path], *, force: bool) -> None:
     shown = ", ".join(str(p) for p in paths[:3]) + (
         f" and {len(paths) - 3} more" if len(paths) > 3 else ""
     )
-    raise OutputExistsError(
-        f"training would overwrite existing outputs: {shown}",
-        hint="pass --force to overwrite them, change output.name or output.dir, "
-        "or continue the earlier run with --resume auto",
-    )
+    hint = "pass --force to overwrite them, or change output.name or output.dir"
+    if not resuming:
+        hint += ", or continue the earlier run with --resume auto"
+    raise OutputExistsError(f"training would overwrite existing outputs: {shown}", hint=hint)
+
+
+def owns_outputs(output: OutputSettings, state_dir: Path | None) -> bool:
+    """A run resumed from a state in its own output folder continues that run, so the files that
+    run wrote after the state (a save interrupted by a crash, the final file of a run being
+    extended) are its own to rewrite."""
+    return state_dir is not None and state_dir.resolve().parent == output.dir.resolve()
 
 
 MetadataFor = Callable[[TrainingProgress], dict[str, str]]
@@ -282,6 +291,16 @@ class Checkpointer:
         self.kept["state"] = (progress.global_step, written)
         return written
 
+    @property
+    def last_lora(self) -> Path | None:
+        """The newest LoRA file this run wrote."""
+        return self.kept["lora"][1] if "lora" in self.kept else None
+
+    @property
+    def last_state(self) -> Path | None:
+        """The newest state folder this run wrote."""
+        return self.kept["state"][1] if "state" in self.kept else None
+
     def checkpoint(
         self,
         kind: SaveKind,
@@ -314,11 +333,22 @@ class Checkpointer:
         scheduler: Any,
         progress: TrainingProgress,
         extra: Mapping[str, Any],
+        *,
+        position: TrainingProgress | None = None,
     ) -> Path:
-        """The final ``name.safetensors`` (and ``name-state`` with ``save_state``)."""
+        """The final ``name.safetensors``, and ``name-state`` with ``save_state`` or when one
+        exists (it then says where the run ended, so a later ``--resume`` extends the run).
+
+        Args:
+            position: where the data stands, when the steps ran out mid-epoch (the state
+                records it; ``progress`` counts that epoch as done for the file's metadata).
+        """
         path = self.write_lora(last_ckpt_name(self.output.name), network, optimizer, progress)
-        if self.output.save_state:
-            self.interrupted_state(network, optimizer, scheduler, progress, extra)
+        # an earlier Ctrl-C state this run continued must not stay behind at its old step
+        stale = (self.output.dir / last_state_name(self.output.name)).exists()
+        if self.output.save_state or stale:
+            state = position or progress
+            self.interrupted_state(network, optimizer, scheduler, state, extra)
         return path
 
     def interrupted_state(

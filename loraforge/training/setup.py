@@ -21,6 +21,7 @@ from loraforge.backends.base import Network
 from loraforge.console import info, warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
+from loraforge.data.report import skipped_summary
 from loraforge.machine import choose_cpu_threads
 from loraforge.recipe import Recipe
 from loraforge.training.build import (
@@ -33,6 +34,7 @@ from loraforge.training.build import (
     sample_models,
 )
 from loraforge.training.distributed import broadcast_module
+from loraforge.training.divergence import suspect_values
 from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
 from loraforge.training.resume import Restored, resolve_resume, restore_run, saved_step
 from loraforge.training.run_facts import metadata_writer, run_facts
@@ -41,6 +43,7 @@ from loraforge.training.saving import (
     Checkpointer,
     existing_outputs,
     interrupt_state,
+    owns_outputs,
     planned_outputs,
     refuse_existing,
 )
@@ -73,6 +76,7 @@ class TrainingRun:
     sample_models: SampleModels
     start: TrainingProgress
     loss_history: tuple[float, ...] = ()
+    divergence_suspects: tuple[str, ...] = ()  # recipe values a NaN loss is blamed on
 
     @property
     def rank(self) -> int:
@@ -149,8 +153,12 @@ def prepare_data(
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         with_images=recipe.cache.latents == "none",
-        discovery=discover(recipe.dataset),
+        # decoded once here: a bad image is skipped now, never in the middle of the run
+        discovery=discover(recipe.dataset, verify=True),
     )
+    summary = skipped_summary([*data.discovery.skipped, *data.plan.skipped])
+    if summary and accelerator.is_main_process:
+        warn(summary)
     pin = accelerator.device.type == "cuda"
     return data, make_loader(data, num_workers, pin)
 
@@ -184,12 +192,16 @@ def use_cpu_threads(requested: int | None, num_workers: int, accelerator: Any) -
 
 
 def check_outputs(recipe: Recipe, length: Any, state_dir: Path | None, force: bool) -> None:
-    """Refuse to overwrite outputs of an earlier run unless ``force`` (see :mod:`saving`)."""
+    """Refuse to overwrite outputs of an earlier run unless ``force`` (see :mod:`saving`); a
+    run resumed from a state in its own folder owns them."""
     output = output_settings(recipe)
     planned = planned_outputs(output, sample_settings(recipe), length)
     planned.append(interrupt_state(output, length))
     existing = existing_outputs(planned, after_step=saved_step(state_dir), resumed_from=state_dir)
-    refuse_existing(existing, force=force)
+    if existing and owns_outputs(output, state_dir):
+        info(f"resuming: {len(existing)} file(s) of the earlier run after its state are rewritten")
+        return
+    refuse_existing(existing, force=force, resuming=state_dir is not None)
 
 
 def make_checkpointer(
@@ -279,7 +291,9 @@ def setup_run(
     length = training_length(
         len(data.sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
     )
-    state_dir = resolve_resume(resume, output_settings(recipe), recipe.to_dict())
+    state_dir = resolve_resume(
+        resume, output_settings(recipe), recipe.to_dict(), max_train_steps=length.max_train_steps
+    )
     check_outputs(recipe, length, state_dir, force)
     precision = resolve_precision(t, recipe.output.save_precision)
     check_precision_on_device(precision, device)
@@ -322,4 +336,5 @@ def setup_run(
         sample_models=sample_models(model, conditioning, settings, precision),
         start=restored.progress,
         loss_history=tuple(restored.extra.get("loss_window", ())),
+        divergence_suspects=suspect_values(recipe),
     )

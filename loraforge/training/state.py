@@ -16,14 +16,10 @@ never leaves a half-written state under the real name.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +29,7 @@ import torch
 
 from loraforge import __version__
 from loraforge.errors import TrainingError
-from loraforge.training.output_names import last_state_name, list_numbered
+from loraforge.fileio import atomic_folder
 
 STATE_FORMAT = 1
 STATE_JSON = "state.json"
@@ -192,25 +188,6 @@ def _restore_rng(
         generator.set_state(tensors[key])
 
 
-@contextlib.contextmanager
-def _atomic_dir(directory: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to ``directory``; swap it in when the block succeeds."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-    try:
-        yield tmp
-        old = None
-        if directory.exists():
-            old = directory.parent / f"{tmp.name}.old"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_training_state(
     directory: Path | str,
     *,
@@ -252,7 +229,7 @@ def save_training_state(
     weights = {
         key: value.detach().cpu().contiguous().clone() for key, value in network_state.items()
     }
-    with _atomic_dir(directory) as tmp:
+    with atomic_folder(directory, force=True) as tmp:
         save_file(weights, str(tmp / NETWORK_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
@@ -298,21 +275,30 @@ def _describe_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
     ]
 
 
+#: fields a resume may change: a finished (or interrupted) run is extended by raising them
+LENGTH_FIELDS = ("training.max_train_steps", "training.max_train_epochs")
+
+
 def check_recipe_compatible(
     document: Mapping[str, Any], recipe: Mapping[str, Any], where: Path
 ) -> None:
     """Raise :class:`TrainingError` naming the changed fields when the recipe differs from the
-    one that wrote the state (fields in :data:`RESUME_IGNORED_FIELDS` may differ)."""
+    one that wrote the state (fields in :data:`RESUME_IGNORED_FIELDS` may differ, and the run's
+    length, :data:`LENGTH_FIELDS`, may change: the caller checks that steps are left)."""
     fingerprint = recipe_fingerprint(recipe)
     if recipe_hash(fingerprint) == document.get("recipe_hash"):
         return
     # JSON round-trips tuples as lists; compare in that form.
     current = json.loads(json.dumps(fingerprint, default=str))
-    changes = _describe_changes(document.get("recipe", {}), current)
+    saved = {k: v for k, v in document.get("recipe", {}).items() if k not in LENGTH_FIELDS}
+    changes = _describe_changes(saved, {k: v for k, v in current.items() if k not in LENGTH_FIELDS})
+    if not changes and document.get("recipe"):
+        return
     shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
     raise TrainingError(
         f"{where} was written by a different recipe: {shown or 'the recipe hash differs'}",
-        hint="resume with the recipe that wrote this state, or start a new run without --resume",
+        hint="resume with the recipe that wrote this state (only training.max_train_steps or "
+        "max_train_epochs may change, to train longer), or start a new run without --resume",
     )
 
 
@@ -366,26 +352,3 @@ def load_training_state(
     _restore_rng(document["rng"], load_file(str(directory / RNG_FILE)), generators or {})
     progress = TrainingProgress(**document["progress"])
     return ResumedState(directory, progress, network_state, dict(document.get("extra", {})))
-
-
-def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
-    """The state folder of run ``name`` in ``output_dir`` with the highest global step, if any.
-
-    Looks at ``name-NNNNNN-state``, ``name-stepNNNNNNNN-state`` and ``name-state``; folders that
-    are not readable states are skipped.
-    """
-    output_dir = Path(output_dir)
-    candidates = [path for _, path in list_numbered(output_dir, name, "epoch", states=True)]
-    candidates += [path for _, path in list_numbered(output_dir, name, "step", states=True)]
-    last = output_dir / last_state_name(name)
-    if last.is_dir():
-        candidates.append(last)
-    best: tuple[int, Path] | None = None
-    for path in candidates:
-        try:
-            step = int(read_state_document(path)["progress"]["global_step"])
-        except (TrainingError, KeyError, TypeError, ValueError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return None if best is None else best[1]

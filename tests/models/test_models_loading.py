@@ -296,3 +296,49 @@ def test_unmarked_sd2_single_file_is_epsilon_unless_the_recipe_says_v(
     assert (assumed.family, assumed.v_prediction, assumed.prediction_known) == ("sd2", False, False)
     told = load_model(str(unmarked), family="sd2-v")
     assert (told.family, told.v_prediction, told.prediction_known) == ("sd2-v", True, True)
+
+
+def _with_pickled_text_encoder(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    encoder = target / "text_encoder"
+    for weights in encoder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"w": torch.zeros(1)}, encoder / "pytorch_model.bin")
+    return target
+
+
+def test_pickled_weights_are_refused_before_loading_with_the_opt_in_named(
+    tiny_sd1_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """Issue 17: a diffusers folder whose text_encoder has only pytorch_model.bin made train try
+    to unpickle it (a traceback), and check/--dry-run accepted a .ckpt model.base."""
+    from loraforge.cli import main
+
+    folder = _with_pickled_text_encoder(tiny_sd1_dir, tmp_path / "model")
+    with pytest.raises(ModelError, match=r"text_encoder/pytorch_model\.bin is a pickle") as info:
+        load_model(str(folder))
+    assert "model.allow_pickle: true" in info.value.hint
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    (tmp_path / "data").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "data" / "a.png")
+    for base, allow in ((folder, False), (ckpt, False), (ckpt, True)):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(
+            f"model: {{base: '{base}', allow_pickle: {str(allow).lower()}}}\n"
+            "dataset: {subsets: [{dir: data}]}\n"
+        )
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(["check", str(recipe), "--format", "json"])
+        problems = json.loads(capsys.readouterr().out)[0]["problems"]
+        pickled = [p for p in problems if p["path"] == "model.base" and "pickle" in p["message"]]
+        assert bool(pickled) is not allow, problems
+        if not allow:
+            assert pickled[0]["severity"] == "error" and "allow_pickle" in pickled[0]["hint"]
+            with pytest.raises(SystemExit) as exit_info:
+                main(["train", str(recipe), "--dry-run"])
+            assert exit_info.value.code == 2
+            assert "allow_pickle" in capsys.readouterr().err

@@ -304,3 +304,98 @@ def test_check_coverage_of_chosen_targets_does_not_read_as_missing_modules(
     text = " ".join(capsys.readouterr().out.split())
     assert "2 (unet 2); kohya's default targets on the full-size model: unet" in text
     assert "/" not in text.split("modules", 1)[1].split("ranks", 1)[0]
+
+
+def _broken(tensors: dict, kind: str) -> dict:
+    """A copy of a two-module LoRA with one defect in module Q (issue 17, item 6)."""
+    t = {k: v.clone() for k, v in tensors.items()}
+    up, down = f"{Q}.lora_up.weight", f"{Q}.lora_down.weight"
+    if kind == "nan":
+        t[up][0, 0] = float("nan")
+    elif kind == "inf":
+        t[up][:] = float("inf")
+    elif kind == "bool":
+        t[up] = t[up] > 0
+    elif kind == "int":
+        t[down] = (t[down] * 10).int()
+    elif kind == "alpha 0":
+        t[f"{Q}.alpha"] = torch.tensor(0.0)
+    elif kind == "alpha < 0":
+        t[f"{Q}.alpha"] = torch.tensor(-4.0)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "bool", "int", "alpha 0", "alpha < 0"])
+def test_every_lora_reader_refuses_bad_values_naming_the_module(
+    cli, tmp_path: Path, synth, kind: str
+) -> None:
+    good = {
+        **synth.lora(Q, 320, 320, 4, alpha=2),
+        **synth.lora(K, 320, 320, 4, alpha=2, seed=1),
+    }
+    meta = {"ss_base_model_version": "sd_v1"}
+    ok = synth.save(tmp_path / "good.safetensors", good, meta)
+    bad = synth.save(tmp_path / "bad.safetensors", _broken(good, kind), meta)
+    checked = cli("check", bad)
+    assert checked.code == 1 and Q in checked.out
+    resized = cli("resize", bad, "--rank", "2", "-o", tmp_path / "r.safetensors")
+    merged = cli("merge", "--lora", bad, "--lora", ok, "-o", tmp_path / "m.safetensors")
+    for result in (resized, merged):
+        assert result.code == 2 and Q in result.err and "Traceback" not in result.err
+    assert not (tmp_path / "r.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+    from loraforge.errors import LoraFileError
+    from loraforge.ops.load_lora import load_lora
+
+    with pytest.raises(LoraFileError, match=Q):  # what network.weights reads a file with
+        load_lora(bad)
+
+
+def test_fp8_files_are_read_and_checked(cli, tmp_path: Path, synth) -> None:
+    tensors = {
+        **synth.lora(Q, 320, 320, 4, alpha=2, dtype=torch.float8_e4m3fn),
+        **synth.lora(K, 320, 320, 4, alpha=2, seed=1, dtype=torch.float8_e4m3fn),
+    }
+    tensors = {k: v.float() if k.endswith("alpha") else v for k, v in tensors.items()}
+    path = synth.save(tmp_path / "fp8.safetensors", tensors, {"ss_base_model_version": "sd_v1"})
+    assert cli("check", path).code == 0
+    assert cli("resize", path, "--rank", "2", "-o", tmp_path / "r.safetensors").code == 0
+    broken = dict(tensors)
+    broken[f"{Q}.lora_up.weight"] = torch.full((320, 4), float("nan")).to(torch.float8_e4m3fn)
+    bad = synth.save(tmp_path / "bad8.safetensors", broken, {"ss_base_model_version": "sd_v1"})
+    result = cli("check", bad)
+    assert result.code == 1 and "NaN or infinite" in result.out
+
+
+def test_unknown_module_names_are_reported_by_resize_and_merge(cli, tmp_path: Path, synth) -> None:
+    tensors = {
+        **synth.lora(Q, 320, 320, 4, alpha=2),
+        **synth.lora("lora_unet_no_such_layer", 320, 320, 4, alpha=2, seed=1),
+    }
+    path = synth.save(tmp_path / "u.safetensors", tensors, {"ss_base_model_version": "sd_v1"})
+    assert cli("check", path).code == 1
+    resized = cli("resize", path, "--rank", "2", "-o", tmp_path / "r.safetensors")
+    assert "match no layer" in resized.err and "lora_unet_no_such_layer" in resized.err
+
+
+def _disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_resize_and_merge_on_a_full_disk_name_the_path_and_the_free_space(
+    cli, lora: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Issue 17: a full disk ended in a SafetensorError/RuntimeError traceback."""
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    out = tmp_path / "r.safetensors"
+    for result in (
+        cli("resize", lora, "--rank", "4", "-o", out),
+        cli("merge", "--lora", lora, "--lora", lora, "-o", out),
+    ):
+        assert result.code == 2, result.err
+        assert f"cannot write {out}: the disk is full (" in result.err
+        assert "free on that disk" in result.err and "Traceback" not in result.err
+    assert not out.exists() and not list(tmp_path.glob(".r.safetensors.*"))

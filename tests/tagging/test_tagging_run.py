@@ -186,7 +186,10 @@ def test_failed_write_keeps_the_old_caption(tmp_path: Path, tagging_config, monk
         raise OSError("disk full")
 
     monkeypatch.setattr(loraforge.fileio.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    from loraforge.errors import OutputWriteError
+
+    # a failed write is one user error naming the file (issue 17), not a raw OSError
+    with pytest.raises(OutputWriteError, match=r"blue\.txt: disk full"):
         run(folder, tagging_config(batch_size=8), existing="overwrite")
     assert (folder / "blue.txt").read_text(encoding="utf-8") == "precious\n"
     assert sorted(p.name for p in folder.iterdir()) == [

@@ -137,7 +137,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_save(
     recipe = write_recipe({"training": {"max_train_steps": 5}, "output": {"save_every_n_steps": 2}})
     assert cli("train", str(recipe)) == 2
     stderr = stderr_of(capsys)
-    assert "nan at step 3" in stderr and "--resume" in stderr
+    # issue 17: it said "continue with --resume" although no state was saved; now it says
+    # what was kept
+    assert "nan at step 3" in stderr and "--resume" not in stderr
+    assert "kept: last LoRA file" in stderr and "t-step00000002.safetensors" in stderr
     out = tmp_path / "out"
     kept = out / "t-step00000002.safetensors"
     assert kept.is_file() and not (out / "t.safetensors").exists()
@@ -231,9 +234,9 @@ def test_sd2_checkpoint_of_unknown_prediction_type_is_named(
 def test_a_second_ctrl_c_says_what_was_kept(
     write_recipe, tmp_path, monkeypatch, capsys, save_state
 ):
-    import loraforge.training.loop as loop
+    import loraforge.training.step as step
 
-    real, calls = loop.batch_loss, []
+    real, calls = step.batch_loss, []
 
     def aborted_in_step_3(*args, **kwargs):
         calls.append(1)
@@ -241,7 +244,7 @@ def test_a_second_ctrl_c_says_what_was_kept(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "batch_loss", aborted_in_step_3)
+    monkeypatch.setattr(step, "batch_loss", aborted_in_step_3)
     recipe = write_recipe(
         {
             "training": {"max_train_steps": 6},
@@ -263,11 +266,51 @@ def test_a_second_ctrl_c_says_what_was_kept(
 def test_a_second_ctrl_c_before_any_save_says_nothing_was_saved(
     write_recipe, monkeypatch, capsys
 ) -> None:
-    import loraforge.training.loop as loop
+    import loraforge.training.step as step
 
     def aborted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "batch_loss", aborted)
+    monkeypatch.setattr(step, "batch_loss", aborted)
     assert cli("train", str(write_recipe())) == 130
     assert "aborted at step 0 (second Ctrl-C): this run saved nothing yet" in stderr_of(capsys)
+
+
+def _garbage_pixels_png(path: Path) -> Path:
+    """A PNG whose header reads (size, IEND) but whose pixel data is broken."""
+    from PIL import Image
+
+    Image.new("RGB", (96, 96), (10, 200, 30)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 20] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_bad_image_files_are_reported_and_skipped_never_a_mid_run_abort(
+    write_recipe, tmp_path, shapes_dataset, capsys
+) -> None:
+    """Issue 17: a PNG with garbage pixels passed `bucket` and aborted `train` at step 16 with
+    nothing saved; dangling links and folders named x.png were ignored without a word."""
+    import shutil
+
+    data = tmp_path / "dataset"
+    shutil.copytree(shapes_dataset, data)
+    folder = next(data.iterdir())
+    _garbage_pixels_png(folder / "zz_garbage.png")
+    (folder / "zz_dangling.png").symlink_to(tmp_path / "gone.png")
+    (folder / "zz_folder.png").mkdir()
+    recipe = write_recipe(
+        {"dataset": {"subsets": [{"dir": str(data)}]}, "training": {"max_train_steps": 2}}
+    )
+    assert cli("train", str(recipe)) == 0  # the bad image is decoded before training starts
+    stderr = stderr_of(capsys)
+    assert "3 image file(s) skipped" in stderr and "zz_garbage.png: cannot be decoded" in stderr
+    assert "bucket RECIPE --verify" in stderr
+    assert cli("bucket", str(recipe), "--verify", "--format", "json") == 0
+    listed = {
+        Path(s["path"]).name: s["reason"] for s in json.loads(capsys.readouterr().out)["skipped"]
+    }
+    assert set(listed) == {"zz_garbage.png", "zz_dangling.png", "zz_folder.png"}
+    assert "does not exist" in listed["zz_dangling.png"] and "folder" in listed["zz_folder.png"]

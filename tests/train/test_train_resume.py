@@ -131,3 +131,77 @@ def test_ctrl_c_handler_sets_the_flag_then_aborts_on_the_second() -> None:
         assert flag.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def _state_step(folder: Path) -> int:
+    import json
+
+    return json.loads((folder / "state.json").read_text())["progress"]["global_step"]
+
+
+def test_resume_to_the_end_updates_the_state_and_a_finished_run_can_be_extended(
+    write_recipe, tmp_path
+) -> None:
+    """Issue 16: after Ctrl-C and a resumed run to the end, `t-state` still said the Ctrl-C step
+    and `--resume auto` then advised `--resume auto`; extending a finished run was refused."""
+    from loraforge.errors import TrainingError
+
+    overrides = {**OVERRIDES, "output": {"save_state": False, "save_every_n_steps": 5}}
+    out = tmp_path / "out"
+    recipe = load_recipe(write_recipe(overrides, name="r.yaml", out=out))
+    run = setup_run(recipe)
+    assert train(run, _quiet(run), StopAtStep(3)).interrupted
+    assert _state_step(out / "t-state") == 3
+
+    assert run_training(recipe, resume="auto").progress.global_step == 7
+    assert _state_step(out / "t-state") == 7  # the state says where the run ended
+
+    with pytest.raises(TrainingError, match="nothing is left to train") as info:
+        run_training(recipe, resume="auto")
+    assert "--resume auto" not in (info.value.hint or "") and "max_train_steps" in info.value.hint
+
+    longer = {**overrides, "training": {**overrides["training"], "max_train_steps": 9}}
+    extended = load_recipe(write_recipe(longer, name="r.yaml", out=out))
+    result = run_training(extended, resume="auto")  # no --force: the outputs are its own
+    assert result.progress.global_step == 9 and _state_step(out / "t-state") == 9
+
+    changed = {**longer, "network": {**longer["network"], "dim": 8, "alpha": 8}}
+    with pytest.raises(TrainingError, match=r"network\.dim"):
+        run_training(load_recipe(write_recipe(changed, name="r.yaml", out=out)), resume="auto")
+
+
+def test_resume_after_a_kill_owns_the_outputs_and_removes_half_written_saves(
+    reference, write_recipe, tmp_path
+) -> None:
+    """Issue 17: after a SIGKILL the resume was refused as overwriting outputs (advising the
+    command just run) and `.NAME-state.*.tmp` folders were never cleaned."""
+    killed = tmp_path / "killed"
+    shutil.copytree(reference, killed)
+    shutil.rmtree(killed / "t-state")  # killed before the end...
+    half = killed / ".t-state.k2j4h5.tmp"  # ...while writing the final state
+    half.mkdir()
+    (half / "network.safetensors").write_bytes(b"half")
+    recipe = load_recipe(write_recipe(OVERRIDES, name="k.yaml", out=killed))
+    result = run_training(recipe, resume="auto")  # no --force needed
+    assert result.progress.global_step == 7 and not half.exists()
+    _assert_same(_final_network(reference), _final_network(killed))
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(write_recipe, tmp_path) -> None:
+    """Issue 17: two runs in one project wrote the same output/NAME.safetensors."""
+    import json
+    import socket
+
+    from loraforge.errors import TrainingError
+    from loraforge.training.lock import LOCK_NAME
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    alive = {"pid": os.getppid(), "host": socket.gethostname(), "started": 0}
+    lock.write_text(json.dumps(alive))
+    recipe = load_recipe(write_recipe(OVERRIDES, name="l.yaml", out=out))
+    with pytest.raises(TrainingError, match="in use by another training run") as info:
+        run_training(recipe)
+    assert str(lock) in info.value.hint
+    assert not (out / "t.safetensors").exists()

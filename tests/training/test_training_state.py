@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import numpy as np
@@ -12,10 +13,10 @@ import torch
 from loraforge.errors import TrainingError
 from loraforge.training import output_names as ck
 from loraforge.training.optim import build_optimizer
+from loraforge.training.resume import find_latest_state
 from loraforge.training.schedulers import build_scheduler
 from loraforge.training.state import (
     TrainingProgress,
-    find_latest_state,
     load_training_state,
     read_state_document,
     recipe_fingerprint,
@@ -190,10 +191,23 @@ def test_find_latest_state_by_global_step(tmp_path):
     save_small(tmp_path / ck.epoch_state_name("lora", 2), step=40)
     save_small(tmp_path / ck.step_state_name("lora", 50), step=50)
     save_small(tmp_path / ck.step_state_name("lora-v2", 90), step=90)  # another run
-    (tmp_path / ck.step_state_name("lora", 70)).mkdir()  # not a readable state
+    assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-step00000050-state"
+    # Issue 12: an unreadable state newer than the best readable one is not skipped quietly
+    # (that would train again from an older step): the error names both and how to choose.
+    broken = tmp_path / ck.step_state_name("lora", 70)
+    broken.mkdir()
+    with pytest.raises(TrainingError) as info:
+        find_latest_state(tmp_path, "lora")
+    message = str(info.value)
+    assert f"the newest state {broken} cannot be read" in message
+    assert f"--resume {tmp_path / 'lora-step00000050-state'}" in message
+    os.utime(broken, (1, 1))  # an old broken state does not stand in the way
     assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-step00000050-state"
     save_small(tmp_path / ck.last_state_name("lora"), step=60)
     assert find_latest_state(tmp_path, "lora") == tmp_path / "lora-state"
+    (tmp_path / "lora-state" / "optimizer.pt").unlink()  # a state with a file missing
+    with pytest.raises(TrainingError, match=r"optimizer\.pt missing"):
+        find_latest_state(tmp_path, "lora")
 
 
 def test_checkpoint_names_match_sd_scripts():
@@ -251,3 +265,94 @@ def test_state_folder_rotation(tmp_path):
         "lora-step00000020-state",
         "lora-step00000030-state",
     ]
+
+
+def test_a_state_save_on_a_full_disk_is_one_clear_error_and_keeps_the_old_state(
+    tmp_path, monkeypatch
+) -> None:
+    """Issue 17: torch.save reports a full disk as a RuntimeError without the path."""
+    import torch
+
+    from loraforge.errors import OutputWriteError
+    from loraforge.training.state import TrainingProgress, save_training_state
+
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    kwargs = {
+        "network_state": net.state_dict(),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "recipe": {"a": 1},
+    }
+    folder = tmp_path / "t-state"
+    save_training_state(folder, progress=TrainingProgress(1, 0, 1), **kwargs)
+
+    def full(*args, **kw):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(
+        "loraforge.fileio.shutil.disk_usage", lambda _p: type("U", (), {"free": 1024})()
+    )
+    with pytest.raises(OutputWriteError, match=r"cannot write .*t-state: .*1\.0 KiB free"):
+        save_training_state(folder, progress=TrainingProgress(2, 0, 2), **kwargs)
+    assert json.loads((folder / "state.json").read_text())["progress"]["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["t-state"]  # no temporary folder left
+
+
+def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from loraforge.training.lock import LOCK_NAME, hold_output_folder
+
+    lock = tmp_path / LOCK_NAME
+    with hold_output_folder(tmp_path, "t"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with (
+            pytest.raises(TrainingError, match=f"process {os.getpid()} on"),
+            hold_output_folder(tmp_path, "t"),
+        ):
+            pass
+    assert not lock.exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    (tmp_path / ".t-step00000010-state.abcd1234.tmp").mkdir()
+    (tmp_path / ".t.safetensors.x1y2z3.tmp").write_bytes(b"half")
+    (tmp_path / ".other.safetensors.q.tmp").write_bytes(b"another run's")
+    with hold_output_folder(tmp_path, "t"):  # a stale lock: its process has ended
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".loraforge.lock",
+            ".other.safetensors.q.tmp",
+        ]
+    lock.write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(TrainingError, match="another-machine"), hold_output_folder(tmp_path, "t"):
+        pass
+
+
+def test_a_nan_loss_says_what_was_saved_and_names_a_recipe_value_as_the_cause(tmp_path):
+    """Issue 17: the message advised --resume when nothing was saved and blamed the learning
+    rate when a recipe value (network.alpha) was the cause."""
+    from loraforge.recipe import parse_recipe_text
+    from loraforge.training.divergence import divergence_error, suspect_values
+
+    base = "model: {base: a/b}\ndataset: {subsets: [{dir: d}]}\n"
+    recipe = parse_recipe_text(base + "network: {dim: 4, alpha: 4000}\n", base_dir=tmp_path)
+    suspects = suspect_values(recipe)
+    assert len(suspects) == 1 and suspects[0].startswith("network.alpha 4000 is 1000x network.dim")
+    error = divergence_error(float("nan"), 5, saved_lora=None, saved_state=None, suspects=suspects)
+    assert "nothing was saved yet" in error.message and "--resume" not in str(error)
+    assert "network.alpha" in error.hint and "learning rate" not in error.hint
+    state = tmp_path / "t-step00000004-state"
+    error = divergence_error(
+        float("inf"), 5, saved_lora=tmp_path / "t.safetensors", saved_state=state, suspects=()
+    )
+    assert f"resumable state {state}" in error.message and "learning rate" in error.hint
+    first = divergence_error(float("nan"), 1, saved_lora=None, saved_state=None, suspects=())
+    assert "not the cause" in first.hint  # no update happened yet
+    assert suspect_values(parse_recipe_text(base, base_dir=tmp_path)) == ()
+    fast = parse_recipe_text(base + "training: {learning_rate: 0.5}\n", base_dir=tmp_path)
+    assert [s.split(" ")[0] for s in suspect_values(fast)] == ["training.learning_rate"]
