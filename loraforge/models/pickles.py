@@ -2,14 +2,15 @@
 (``model.allow_pickle``) instead of failing inside a loader. Torch-free: ``check`` uses it.
 
 A pickle can run code when it is loaded; loraforge reads one only when the recipe opts in, and then
-with ``torch.load(weights_only=True)``.
+with :func:`load_weights_only`, the one place that unpickles (``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from loraforge.errors import ModelError
+from loraforge.errors import LoraforgeError, ModelError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format
@@ -71,3 +72,21 @@ PICKLE_HINT = (
     "convert it to .safetensors, or set model.allow_pickle: true if you trust the file (it is "
     "then read with torch.load(weights_only=True))"
 )
+
+
+def load_weights_only(path: Path, error: type[LoraforgeError], hint: str) -> Any:
+    """Unpickle ``path`` with ``torch.load(weights_only=True)`` on the CPU: tensors and plain
+    containers only, never arbitrary code. Callers decide first whether a pickle may be read.
+
+    Raises:
+        error: the file cannot be read that way (damaged, or it holds more than tensors), with
+            ``hint``.
+    """
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for damaged or foreign files
+        raise error(
+            f"{path}: cannot be read as a weights-only PyTorch file ({e})", hint=hint
+        ) from e

@@ -80,17 +80,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
     import torch
 
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
-        raise ModelError(
-            f"{path}: cannot be read with weights_only=True ({e})",
-            hint="convert the checkpoint to .safetensors",
-        ) from e
+    from loraforge.models.pickles import load_weights_only
+
+    data = load_weights_only(path, ModelError, hint="convert the checkpoint to .safetensors")
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -89,14 +89,14 @@ def _read_pickle(path: Path, allow_pickle: bool) -> LoraFile:
             hint="convert it to .safetensors, or pass --allow-pickle if you trust the file "
             "(it is then read with torch.load(weights_only=True))",
         )
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LoraFileError(
-            f"{path}: cannot be read as a weights-only PyTorch file: {e}",
-            hint="the file may be corrupt or hold more than tensors; convert it with the tool "
-            "that made it",
-        ) from e
+    from loraforge.models.pickles import load_weights_only
+
+    data = load_weights_only(
+        path,
+        LoraFileError,
+        hint="the file may be corrupt or hold more than tensors; convert it with the tool "
+        "that made it",
+    )
     if (
         isinstance(data, Mapping)
         and "state_dict" in data

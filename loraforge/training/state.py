@@ -303,10 +303,9 @@ def check_recipe_compatible(
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged or foreign files
-        raise TrainingError(f"cannot read {path}: {e}", hint="the state is damaged") from e
+    from loraforge.models.pickles import load_weights_only
+
+    return load_weights_only(path, TrainingError, hint="the state is damaged")
 
 
 def load_training_state(
