@@ -14,7 +14,6 @@ from loraforge.training.settings import OutputSettings
 from loraforge.training.state import (
     NETWORK_FILE,
     OPTIMIZER_FILE,
-    RNG_FILE,
     SCHEDULER_FILE,
     STATE_JSON,
     TrainingProgress,
@@ -81,7 +80,7 @@ def saved_step(state_dir: Path | None) -> int:
 
 
 @dataclass(frozen=True)
-class Restored:
+class ResumePoint:
     """Where a resumed run continues and the loop's own saved data."""
 
     progress: TrainingProgress
@@ -96,7 +95,7 @@ def restore_run(
     optimizer: Any,
     scheduler: Any,
     scaler: Any | None,
-) -> Restored:
+) -> ResumePoint:
     """Load a state into the run's network, optimizer, scheduler and grad scaler (in place).
 
     Without ``state_dir``, the run starts at step 0.
@@ -105,7 +104,7 @@ def restore_run(
         TrainingError: the state belongs to another recipe or does not fit the network.
     """
     if state_dir is None:
-        return Restored(TrainingProgress(0, 0, 0))
+        return ResumePoint(TrainingProgress(0, 0, 0))
     resumed = load_training_state(
         state_dir, recipe=recipe, optimizer=optimizer, scheduler=scheduler
     )
@@ -119,7 +118,7 @@ def restore_run(
     if scaler is not None and "scaler" in resumed.extra:
         scaler.load_state_dict(resumed.extra["scaler"])
     info(f"resuming from {state_dir} at step {resumed.progress.global_step}")
-    return Restored(resumed.progress, resumed.extra)
+    return ResumePoint(resumed.progress, resumed.extra)
 
 
 def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
@@ -169,4 +168,4 @@ def find_latest_state(output_dir: Path | str, name: str) -> Path | None:
     return None if best is None else best[2]
 
 
-_STATE_FILES = (STATE_JSON, NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE)
+_STATE_FILES = (STATE_JSON, NETWORK_FILE, OPTIMIZER_FILE, SCHEDULER_FILE)

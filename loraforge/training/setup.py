@@ -36,7 +36,7 @@ from loraforge.training.build import (
 from loraforge.training.distributed import broadcast_module
 from loraforge.training.divergence import suspect_values
 from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
-from loraforge.training.resume import Restored, resolve_resume, restore_run, saved_step
+from loraforge.training.resume import ResumePoint, resolve_resume, restore_run, saved_step
 from loraforge.training.run_facts import metadata_writer, run_facts
 from loraforge.training.sampling import SampleModels
 from loraforge.training.saving import (
@@ -238,7 +238,7 @@ def restore_and_sync(
     scheduler: Any,
     settings: RunSettings,
     accelerator: Any,
-) -> Restored:
+) -> ResumePoint:
     """Load the resume state (if any), re-apply a past text-encoder stop, and give every rank
     rank 0's network weights."""
     restored = restore_run(

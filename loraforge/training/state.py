@@ -4,11 +4,16 @@ A state folder (named by :mod:`loraforge.training.output_names`, e.g. ``lora-ste
 holds:
 
 - ``state.json``: format version, progress (global step, epoch, position in the epoch), the
-  recipe fingerprint and its hash, Python and NumPy RNG states, and loop-defined ``extra`` data;
+  recipe fingerprint and its hash, and loop-defined ``extra`` data;
 - ``network.safetensors``: the trainable network weights;
 - ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict()``, read back with
-  ``torch.load(weights_only=True)`` (no arbitrary unpickling);
-- ``rng.safetensors``: torch CPU/CUDA RNG states and the named ``torch.Generator`` states.
+  ``torch.load(weights_only=True)`` (no arbitrary unpickling).
+
+No random-generator states are saved: every batch re-seeds its generators from where it is in
+the run (:func:`loraforge.training.step.batch_seed`), and every sample's augmentation from its own
+seed, so a resumed run draws what the uninterrupted one would (the resume tests are bit-exact).
+States written by earlier versions carry an ``rng`` entry and ``rng.safetensors``; both are
+ignored.
 
 The folder is written under a temporary name and renamed into place, so an interrupted save
 never leaves a half-written state under the real name.
@@ -18,13 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from loraforge import __version__
@@ -36,7 +39,6 @@ STATE_JSON = "state.json"
 NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
-RNG_FILE = "rng.safetensors"
 
 # Recipe fields that may change between an interruption and the resume without changing what
 # is trained: where and how often files are written, sampling, logging, tagging, loader workers.
@@ -80,8 +82,8 @@ class TrainingProgress:
 
 
 @dataclass(frozen=True)
-class ResumedState:
-    """What :func:`load_training_state` gives back (optimizer, scheduler and RNGs are restored
+class LoadedState:
+    """What :func:`load_training_state` gives back (optimizer and scheduler are restored
     in place).
 
     Attributes:
@@ -131,63 +133,6 @@ def recipe_hash(fingerprint: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _rng_json() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": {
-            "name": name,
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-
-
-def _rng_tensors(generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{index}"] = state
-    for name, generator in generators.items():
-        tensors[f"generator.{name}"] = generator.get_state()
-    return tensors
-
-
-def _restore_rng(
-    rng_json: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    generators: Mapping[str, torch.Generator],
-) -> None:
-    version, internal, gauss = rng_json["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = rng_json["numpy"]
-    np.random.set_state(
-        (
-            np_state["name"],
-            np.array(np_state["keys"], dtype=np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda_keys = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))
-    cuda = [tensors[k] for k in cuda_keys]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    for name, generator in generators.items():
-        key = f"generator.{name}"
-        if key not in tensors:
-            raise TrainingError(
-                f"the saved state has no random generator {name!r}",
-                hint="this state was written by a different loraforge version; start a new run",
-            )
-        generator.set_state(tensors[key])
-
-
 def save_training_state(
     directory: Path | str,
     *,
@@ -196,7 +141,6 @@ def save_training_state(
     scheduler: Stateful,
     progress: TrainingProgress,
     recipe: Mapping[str, Any],
-    generators: Mapping[str, torch.Generator] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a resumable state folder atomically (an existing one is replaced).
@@ -207,7 +151,6 @@ def save_training_state(
         optimizer, scheduler: anything with ``state_dict()`` (accelerate wrappers too).
         progress: where training stands.
         recipe: the resolved recipe (``Recipe.to_dict()``).
-        generators: named ``torch.Generator`` objects the loop draws from (noise, shuffling...).
         extra: JSON-serialisable loop data (sampler state, loss history...).
 
     Returns:
@@ -221,7 +164,6 @@ def save_training_state(
         "progress": asdict(progress),
         "recipe_hash": recipe_hash(fingerprint),
         "recipe": fingerprint,
-        "rng": _rng_json(),
         "extra": dict(extra or {}),
     }
     from safetensors.torch import save_file
@@ -233,7 +175,6 @@ def save_training_state(
         save_file(weights, str(tmp / NETWORK_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        save_file(_rng_tensors(generators or {}), str(tmp / RNG_FILE))
         text = json.dumps(document, indent=1, default=str)
         (tmp / STATE_JSON).write_text(text, encoding="utf-8")
     return directory
@@ -314,15 +255,13 @@ def load_training_state(
     recipe: Mapping[str, Any],
     optimizer: Stateful,
     scheduler: Stateful,
-    generators: Mapping[str, torch.Generator] | None = None,
-) -> ResumedState:
-    """Check a state folder against the recipe and restore optimizer, scheduler and RNGs.
+) -> LoadedState:
+    """Check a state folder against the recipe and restore the optimizer and scheduler.
 
     Args:
         directory: a folder written by :func:`save_training_state`.
         recipe: the resolved recipe of this run (``Recipe.to_dict()``).
         optimizer, scheduler: built exactly as in the run that saved; restored in place.
-        generators: the same named generators as at save time; restored in place.
 
     Returns:
         Progress, the network weights to load, and the loop's extra data.
@@ -348,6 +287,5 @@ def load_training_state(
                 f"{directory}: the saved {label} state does not fit this run's {label}: {e}",
                 hint="resume with the same network and optimizer settings that wrote the state",
             ) from e
-    _restore_rng(document["rng"], load_file(str(directory / RNG_FILE)), generators or {})
     progress = TrainingProgress(**document["progress"])
-    return ResumedState(directory, progress, network_state, dict(document.get("extra", {})))
+    return LoadedState(directory, progress, network_state, dict(document.get("extra", {})))
