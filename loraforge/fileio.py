@@ -14,12 +14,13 @@ import errno
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loraforge.errors import ModelError, OutputExistsError, OutputWriteError
+from loraforge.errors import LoraforgeError, ModelError, OutputExistsError, OutputWriteError
 
 _DISK_FULL_WORDS = ("no space left", "os error 28", "storagefull", "disk quota")
 
@@ -163,3 +164,54 @@ def read_json(path: Path, *, hint: str = "is the model folder complete?") -> dic
         return json.loads(Path(path).read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"cannot read {path} ({e})", hint=hint) from e
+
+
+# A safetensors header larger than this is not a real header (guards against a corrupt length).
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def read_safetensors_header(
+    path: Path, *, error: type[LoraforgeError], hint: str
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Returns:
+        ``(entries, metadata)``: ``entries`` maps each tensor key to its ``dtype``, ``shape``
+        and ``data_offsets``.
+
+    Raises:
+        error: not a safetensors file, a corrupt header, or a truncated file (with ``hint``).
+    """
+
+    def corrupt(why: str) -> LoraforgeError:
+        return error(f"{path}: is not a readable safetensors file: {why}", hint=hint)
+
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise corrupt(str(e)) from e
+    with path.open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise corrupt(f"only {size} bytes long")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise corrupt("the header length is larger than the file")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt("the header is not JSON") from e
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = 0
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise corrupt(f"the entry for {key!r} has no data offsets")
+        data_len = max(data_len, int(offsets[1]))
+    if 8 + header_len + data_len > size:
+        missing = 8 + header_len + data_len - size
+        raise corrupt(f"it is truncated ({missing} bytes of tensor data missing)")
+    return header, {str(k): str(v) for k, v in metadata.items()}

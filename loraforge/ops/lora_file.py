@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,10 +24,8 @@ from pathlib import Path
 import torch
 
 from loraforge.errors import LoraFileError
-from loraforge.fileio import atomic_path
+from loraforge.fileio import atomic_path, read_safetensors_header
 from loraforge.models.pickles import PICKLE_SUFFIXES, looks_like_pickle
-
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -113,56 +110,18 @@ def _read_pickle(path: Path, allow_pickle: bool) -> LoraFile:
     return LoraFile(tensors=tensors, metadata={}, path=path)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
-    """Parse and check a safetensors header without reading tensor data.
-
-    Returns:
-        ``(entries, metadata)``: ``entries`` maps each tensor key to its ``dtype``, ``shape``
-        and ``data_offsets``.
-
-    Raises:
-        LoraFileError: not a safetensors file, a corrupt header, or a truncated file.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise _corrupt(path, f"only {size} bytes long")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > min(_MAX_HEADER, size - 8):
-            raise _corrupt(path, "the header length is larger than the file")
-        raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _corrupt(path, "the header is not JSON") from e
-    if not isinstance(header, dict):
-        raise _corrupt(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_len = 0
-    for key, entry in header.items():
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise _corrupt(path, f"the entry for {key!r} has no data offsets")
-        data_len = max(data_len, int(offsets[1]))
-    if 8 + header_len + data_len > size:
-        missing = 8 + header_len + data_len - size
-        raise _corrupt(path, f"it is truncated ({missing} bytes of tensor data missing)")
-    return header, {str(k): str(v) for k, v in metadata.items()}
+_INCOMPLETE = "the download or copy may be incomplete; fetch the file again"
 
 
 def _corrupt(path: Path, why: str) -> LoraFileError:
-    return LoraFileError(
-        f"{path}: is not a readable safetensors file: {why}",
-        hint="the download or copy may be incomplete; fetch the file again",
-    )
+    return LoraFileError(f"{path}: is not a readable safetensors file: {why}", hint=_INCOMPLETE)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    _, metadata = read_safetensors_header(path)
+    _, metadata = read_safetensors_header(path, error=LoraFileError, hint=_INCOMPLETE)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:

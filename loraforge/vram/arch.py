@@ -12,15 +12,13 @@ No weights are read and torch is not imported. In order of preference:
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loraforge.errors import ModelError, RecipeError
-from loraforge.fileio import read_json
+from loraforge.fileio import read_json, read_safetensors_header
 from loraforge.models.families import (
     architecture_config_dir,
     detect_family_from_configs,
@@ -31,8 +29,6 @@ from loraforge.models.families import (
 from loraforge.models.single_file import embedded_configs
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-# A safetensors header larger than this is not a checkpoint header (guards a corrupt file).
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,25 +95,6 @@ def published_architecture(family: str) -> Architecture:
     return read_config_dir(folder, family, source=f"published {family} architecture")
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file (tensor names, shapes, ``__metadata__``).
-
-    Raises:
-        ModelError: the file is not a safetensors file.
-    """
-    try:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if not 0 < length <= _MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length}")
-            return json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as e:
-        raise ModelError(
-            f"{path}: not a readable .safetensors file ({e})",
-            hint="check model.base",
-        ) from e
-
-
 class _HeaderEntry:
     """A tensor's header entry, shaped like a tensor for family detection (``.shape``)."""
 
@@ -126,8 +103,7 @@ class _HeaderEntry:
 
 
 def _from_checkpoint(path: Path, family: str) -> Architecture:
-    header = safetensors_header(path)
-    metadata = header.get("__metadata__") or {}
+    entries, metadata = read_safetensors_header(path, error=ModelError, hint="check model.base")
     embedded = embedded_configs(metadata)
     if embedded is not None:
         configs = embedded["configs"]
@@ -135,7 +111,7 @@ def _from_checkpoint(path: Path, family: str) -> Architecture:
         resolved = found if family in ("auto", found) else family
         parts = {n: configs[n] for n in COMPONENTS if n in configs}
         return Architecture(resolved, parts, f"configs embedded in {path.name}")
-    keys = {k: _HeaderEntry(v) for k, v in header.items() if k != "__metadata__"}
+    keys = {k: _HeaderEntry(v) for k, v in entries.items()}
     detection = detect_family_from_keys(keys, source=str(path))
     resolved = resolve_family(family, detection, source=str(path))
     published = published_architecture(resolved)
