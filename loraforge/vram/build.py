@@ -232,7 +232,7 @@ def trace_tokenizers(count: int) -> tuple[Any, ...]:
 
     from loraforge.models.clip_tokenizer import write_tiny_tokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="loraforge-trace-tokenizer-"))
-    write_tiny_tokenizer(folder)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    with tempfile.TemporaryDirectory(prefix="loraforge-trace-tokenizer-") as folder:
+        write_tiny_tokenizer(Path(folder))
+        tokenizer = CLIPTokenizer.from_pretrained(folder)  # reads the files into memory
     return (tokenizer,) * count
