@@ -30,24 +30,24 @@ def subsets_recipe(root: Path, count: int) -> Path:
     Image.new("RGB", (64, 64), (120, 30, 200)).save(image)
     lines = ["model: {base: org/model}", "dataset:", "  subsets:"]
     for i in range(count):
-        folder = root / "data" / f"{i}_thing"
+        folder = root / "data" / f"1_thing{i}"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "a.png"
         if not target.exists():
             target.hardlink_to(image)
-        lines += [f"    - dir: data/{i}_thing", "      shuffle_caption: true"]
+        lines += [f"    - dir: data/1_thing{i}", "      shuffle_caption: true"]
     return _write(root / f"subsets-{count}.yaml", lines)
 
 
 def prompts_recipe(root: Path, count: int) -> Path:
-    lines = ["model: {base: org/model}", "dataset: {subsets: [{dir: data/0_thing}]}"]
+    lines = ["model: {base: org/model}", "dataset: {subsets: [{dir: data/1_thing0}]}"]
     lines += ["sample:", "  every_n_epochs: 1", "  prompts:"]
     lines += [f"    - prompt: a photo of thing {i}, best quality" for i in range(count)]
     return _write(root / f"prompts-{count}.yaml", lines)
 
 
 def tags_recipe(root: Path, count: int) -> Path:
-    lines = ["model: {base: org/model}", "dataset: {subsets: [{dir: data/0_thing}]}"]
+    lines = ["model: {base: org/model}", "dataset: {subsets: [{dir: data/1_thing0}]}"]
     lines += ["tagging:", "  undesired_tags:"]
     lines += [f"    - some_tag_name_{i}" for i in range(count)]
     return _write(root / f"tags-{count}.yaml", lines)
