@@ -151,8 +151,9 @@ def _loss_setup(
 
 def _create_optimizer_state(models: StepModels) -> None:
     """One optimizer step on zero gradients: the state a first real step leaves."""
-    params = [p for g in models.optimizer.param_groups for p in g["params"] if p.requires_grad]
-    for p in params:
+    from loraforge.training.step import trainable_parameters
+
+    for p in trainable_parameters(models.optimizer):
         p.grad = torch.zeros_like(p)
     models.optimizer.step()
     models.optimizer.zero_grad(set_to_none=True)
