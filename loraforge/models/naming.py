@@ -270,3 +270,30 @@ def _add(targets: dict[str, Any], name: str, module: Any, path: str) -> None:
     if name in targets and targets[name] is not module:
         raise ValueError(f"two modules get the kohya name {name!r} (second one: {path})")
     targets[name] = module
+
+
+#: text-encoder module names without CLIPTextModel's ``text_model`` part, as a plain
+#: ``named_modules()`` walk writes them under transformers >= 5 (lycoris-lora does);
+#: no UI loads them.
+TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_encoder_layers_")
+
+
+def restore_text_model_names(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """Rename ``lora_te_encoder_layers_…`` keys to the kohya names (``lora_te_text_model_…``).
+
+    A key whose kohya name is already in the file is left alone (the file then has both).
+
+    Returns:
+        the tensors with restored names, and the module names that were renamed (as found).
+    """
+    restored: dict[str, torch.Tensor] = {}
+    renamed: set[str] = set()
+    for key, tensor in tensors.items():
+        fixed = TE_WITHOUT_TEXT_MODEL.sub(r"\1_text_model_encoder_layers_", key)
+        if fixed != key and fixed not in tensors:
+            renamed.add(key.split(".", 1)[0])
+            key = fixed
+        restored[key] = tensor
+    return restored, tuple(sorted(renamed))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from loraforge.models.naming import restore_text_model_names
 from loraforge.ops.family import FamilyGuess, detect_family
 from loraforge.ops.lora_file import LoraFile, read_lora_file
-from loraforge.ops.modules import ParsedLora, parse_lora, restore_text_model_names
+from loraforge.ops.modules import ParsedLora, parse_lora
 from loraforge.ops.validation import ExpectedNames, name_problems
 
 
@@ -23,7 +24,7 @@ class LoadedLora:
         parsed: the modules of ``tensors``.
         family: the detected model family.
         renamed: modules whose names lacked ``text_model`` in the file (see
-            :func:`~loraforge.ops.modules.restore_text_model_names`).
+            :func:`~loraforge.models.naming.restore_text_model_names`).
     """
 
     file: LoraFile

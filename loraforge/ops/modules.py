@@ -11,7 +11,6 @@ report every problem at once; operations call :meth:`ParsedLora.require_valid`.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,10 +44,6 @@ BIAS_TENSORS = {"full": "diff_b", "norm": "b_norm"}
 #: tensors any algorithm may carry.
 COMMON_TENSORS = frozenset({"alpha", "dora_scale"})
 
-#: text-encoder module names without CLIPTextModel's ``text_model`` part, as a plain
-#: ``named_modules()`` walk writes them under transformers >= 5 (lycoris-lora does);
-#: no UI loads them.
-TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_encoder_layers_")
 
 #: every algorithm name this module reports (``locon``/``boft``/``dora`` are refinements).
 ALGORITHMS = (
@@ -252,27 +247,6 @@ def user_algorithm(m: LoraModule) -> str:
     if m.algorithm == "oft" and m.boft:
         return "boft"
     return m.algorithm
-
-
-def restore_text_model_names(
-    tensors: Mapping[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """Rename ``lora_te_encoder_layers_…`` keys to the kohya names (``lora_te_text_model_…``).
-
-    A key whose kohya name is already in the file is left alone (the file then has both).
-
-    Returns:
-        the tensors with restored names, and the module names that were renamed (as found).
-    """
-    restored: dict[str, torch.Tensor] = {}
-    renamed: set[str] = set()
-    for key, tensor in tensors.items():
-        fixed = TE_WITHOUT_TEXT_MODEL.sub(r"\1_text_model_encoder_layers_", key)
-        if fixed != key and fixed not in tensors:
-            renamed.add(key.split(".", 1)[0])
-            key = fixed
-        restored[key] = tensor
-    return restored, tuple(sorted(renamed))
 
 
 def parse_lora(tensors: Mapping[str, torch.Tensor], label: str = "<state dict>") -> ParsedLora:

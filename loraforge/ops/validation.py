@@ -13,7 +13,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 
 import torch
 
-from loraforge.ops.modules import TE_WITHOUT_TEXT_MODEL, Problem
+from loraforge.models.naming import TE_WITHOUT_TEXT_MODEL
+from loraforge.ops.modules import Problem
 
 #: ``(family, has_conv) -> (every layer name of the base model, kohya's default targets)``;
 #: ``None`` when the family's names are not available.

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from loraforge.errors import LoraFileError
+from loraforge.models.naming import restore_text_model_names
 from loraforge.ops.family import detect_family
-from loraforge.ops.modules import parse_lora, restore_text_model_names
+from loraforge.ops.modules import parse_lora
 
 UNET = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 TE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
