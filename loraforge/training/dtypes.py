@@ -50,11 +50,6 @@ class DtypePlan:
     def fp8_base(self) -> bool:
         return self.frozen == "fp8"
 
-    @property
-    def autocast(self) -> str | None:
-        """The autocast dtype name, ``None`` for none."""
-        return None if self.compute == "fp32" else self.compute
-
 
 def dtype_plan(training: TrainingConfig, save_precision: str = "fp16") -> DtypePlan:
     """Resolve the precision fields of ``training``.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from loraforge.errors import DependencyError, TrainingError
-from loraforge.training.dtypes import DtypePlan, dtype_plan, torch_dtype
+from loraforge.training.dtypes import dtype_plan, torch_dtype
 
 if TYPE_CHECKING:
     from loraforge.recipe import TrainingConfig
@@ -30,7 +30,6 @@ class Precision:
         fp8_base: Linear/Conv2d weights of the UNet and text encoders stored as float8 e4m3.
         network_dtype: dtype of the trainable parameters (and their gradients).
         save_dtype: dtype of the saved LoRA tensors.
-        plan: the same, by name.
     """
 
     mixed_precision: str
@@ -38,7 +37,6 @@ class Precision:
     fp8_base: bool
     network_dtype: torch.dtype
     save_dtype: torch.dtype
-    plan: DtypePlan
 
 
 def resolve_precision(training: TrainingConfig, save_precision: str) -> Precision:
@@ -55,7 +53,6 @@ def resolve_precision(training: TrainingConfig, save_precision: str) -> Precisio
         fp8_base=plan.fp8_base,
         network_dtype=torch_dtype(plan.network),
         save_dtype=torch_dtype(plan.save),
-        plan=plan,
     )
 
 

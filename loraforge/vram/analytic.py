@@ -97,7 +97,7 @@ def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[
     return [
         VramRow(
             f"network weights ({s.network_dtype})",
-            size.stored_bytes(net_bytes),
+            size.allocated_bytes(net_bytes),
             f"{what}: {_millions(size.total)} in {size.unet_modules + size.text_modules} modules",
         ),
         VramRow(

@@ -41,7 +41,7 @@ class NetworkSize:
     tensor_sizes: tuple[int, ...] = ()
     scalar_buffers: int = 0
 
-    def stored_bytes(self, dtype_bytes: int, block: int = 512) -> int:
+    def allocated_bytes(self, dtype_bytes: int, block: int = 512) -> int:
         """Bytes of the network's tensors as the CUDA allocator holds them: every parameter
         tensor and scalar buffer (alpha, …) rounded up to ``block`` bytes."""
 
