@@ -26,7 +26,8 @@ from PIL import Image
 
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.discovery import discover
-from loraforge.data.images import list_image_files, load_image_rgb
+from loraforge.data.folders import list_image_files
+from loraforge.data.images import load_image_rgb
 from loraforge.data.plan import plan_buckets
 from loraforge.recipe import parse_recipe_text
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from loraforge.data.caption_files import read_caption
-from loraforge.data.images import BadImageError, image_entries, read_image_size, verify_image
+from loraforge.data.folders import list_folder
+from loraforge.data.images import BadImageError, read_image_size, verify_image
 from loraforge.data.subsets import ResolvedSubset, resolve_subsets
 from loraforge.errors import DatasetError
 from loraforge.recipe.types import DatasetConfig
@@ -201,8 +202,8 @@ class _Scanned:
 
 
 def _scan_subset(subset: ResolvedSubset, pool: ThreadPoolExecutor | None, verify: bool) -> _Scanned:
-    paths, odd = image_entries(subset.dir)
-    folder_names = frozenset(name.lower() for name in os.listdir(subset.dir))
+    listing = subset.listing or list_folder(subset.dir)
+    paths, odd, folder_names = listing.images, listing.odd, listing.names
     records: list[ImageRecord] = []
     skipped: list[FileIssue] = [FileIssue(path, reason) for path, reason in odd]
     caption_issues: list[FileIssue] = []

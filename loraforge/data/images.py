@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from loraforge.data.image_headers import plain_header_size
 from loraforge.errors import DatasetError
 
 # The formats people train on, plus the modern ones when this Pillow can open them. Lower case;
@@ -76,72 +77,6 @@ class BadImageError(DatasetError):
         self.reason = reason
 
 
-def is_image_file(path: Path) -> bool:
-    """Whether ``path`` has an image extension (case-insensitive) and is not a hidden file."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def list_image_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """The image files in ``folder``, sorted by path.
-
-    Args:
-        folder: the directory to list.
-        recursive: also descend into sub-directories (default False, like sd-scripts).
-
-    Returns:
-        Paths with an extension in :data:`IMAGE_EXTENSIONS` (any case), hidden files
-        (``.name``, e.g. macOS ``._x.jpg`` resource forks) excluded, sorted.
-
-    Raises:
-        DatasetError: ``folder`` does not exist or is not a directory.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(
-            f"{folder}: not a directory",
-            hint="check the dataset path in the recipe (relative paths are relative to the recipe)",
-        )
-    if recursive:
-        found = [
-            Path(root) / name
-            for root, dirs, names in os.walk(folder)
-            for name in names
-            if not _in_hidden_dir(Path(root), folder)
-        ]
-        return sorted(p for p in found if is_image_file(p) and p.is_file())
-    return image_entries(folder)[0]
-
-
-def image_entries(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The image files directly in ``folder``, and entries named like images that are not
-    readable files (a dangling link, a folder called ``x.png``) with the reason, both sorted.
-
-    Raises:
-        DatasetError: ``folder`` is not a directory (see :func:`list_image_files`).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(
-            f"{folder}: not a directory",
-            hint="check the dataset path in the recipe (relative paths are relative to the recipe)",
-        )
-    files, odd = [], []
-    # DirEntry.is_file() usually answers from the directory listing itself, without a stat.
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not is_image_file(Path(entry.name)):
-                continue
-            if entry.is_file():
-                files.append(Path(entry.path))
-            elif entry.is_dir():
-                odd.append((Path(entry.path), "a folder, not an image file"))
-            elif entry.is_symlink():
-                odd.append((Path(entry.path), "a link to a file that does not exist"))
-            else:
-                odd.append((Path(entry.path), "not a regular file"))
-    return sorted(files), sorted(odd)
-
-
 def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Decode ``path`` fully, exactly as training does (:func:`load_image_rgb`).
 
@@ -149,10 +84,6 @@ def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         BadImageError: the pixels cannot be decoded (a header that reads fine is not enough).
     """
     load_image_rgb(path, max_pixels).close()
-
-
-def _in_hidden_dir(root: Path, top: Path) -> bool:
-    return any(part.startswith(".") for part in root.relative_to(top).parts)
 
 
 def read_image_size(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
@@ -171,15 +102,28 @@ def read_image_size(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int
         BadImageError: empty, unreadable, not an image, truncated, or too large.
     """
     path = Path(path)
-    with _opened(path, max_pixels) as (img, file, file_size):
-        width, height = img.size
-        orientation = _exif_orientation(img)
-        suspicious = _looks_truncated(file, file_size, img.format)
-    if suspicious and not _decodes(path):
-        raise BadImageError(path, "truncated (file ends before the image data does)")
+    plain = _plain_size(path)
+    if plain is not None and 0 < plain[0] * plain[1] <= max_pixels:
+        width, height, orientation = plain
+    else:
+        with _opened(path, max_pixels) as (img, file, file_size):
+            width, height = img.size
+            orientation = _exif_orientation(img)
+            suspicious = _looks_truncated(file, file_size, img.format)
+        if suspicious and not _decodes(path):
+            raise BadImageError(path, "truncated (file ends before the image data does)")
     if orientation in _SWAPPING_ORIENTATIONS:
         return height, width
     return width, height
+
+
+def _plain_size(path: Path) -> tuple[int, int, int] | None:
+    """The header fast path (:mod:`loraforge.data.image_headers`); ``None``: use Pillow."""
+    try:
+        with path.open("rb") as file:
+            return plain_header_size(file, os.fstat(file.fileno()).st_size, path.suffix.lower())
+    except OSError:
+        return None  # Pillow's path words the error
 
 
 def load_image_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:

@@ -18,10 +18,10 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraforge.data.images import list_image_files
+from loraforge.data.folders import FolderListing, list_folder
 from loraforge.errors import DatasetError
 from loraforge.recipe.problems import FIX_PATH_HINT
 from loraforge.recipe.types import DatasetConfig, SubsetConfig
@@ -62,6 +62,7 @@ class ResolvedSubset:
         class_tokens: fallback caption (recipe, else folder name, else ``None``).
         is_reg: regularization images.
         config: the recipe subset (caption and augmentation options).
+        listing: the folder's listing, made while resolving (the scan reuses it).
     """
 
     index: int
@@ -71,6 +72,7 @@ class ResolvedSubset:
     class_tokens: str | None
     is_reg: bool
     config: SubsetConfig
+    listing: FolderListing | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def resolve_subsets(dataset: DatasetConfig) -> SubsetResolution:
                 f"{subset_path(config_index)}: {folder} {what}",
                 hint=FIX_PATH_HINT,
             )
-        for folder_dir, name in _image_folders(folder, config_index, warnings):
+        for folder_dir, name, listing in _image_folders(folder, config_index, warnings):
             repeats = _choose(config.repeats, name.repeats if name else None, 1)
             class_tokens = _choose(config.class_tokens, name.class_tokens if name else None, None)
             if repeats < 1:
@@ -127,6 +129,7 @@ def resolve_subsets(dataset: DatasetConfig) -> SubsetResolution:
                     class_tokens=class_tokens,
                     is_reg=config.is_reg,
                     config=config,
+                    listing=listing,
                 )
             )
     return SubsetResolution(tuple(resolved), tuple(warnings), tuple(searched))
@@ -142,31 +145,29 @@ def _choose(recipe_value, folder_value, default):
 
 def _image_folders(
     folder: Path, config_index: int, warnings: list[str]
-) -> list[tuple[Path, FolderName | None]]:
+) -> list[tuple[Path, FolderName | None, FolderListing]]:
     """The image folder itself, or its kohya-named children when it holds no images."""
-    if list_image_files(folder):
-        children = [c for c in _child_dirs(folder) if parse_folder_name(c.name)]
+    listing = list_folder(folder)
+    if listing.images:
+        children = [c for c in listing.child_dirs if parse_folder_name(c.name)]
         if children:
             warnings.append(
                 f"{folder}: holds images itself, so its {len(children)} sub-folder(s) "
                 "are not read; move the images into a sub-folder to use both"
             )
-        return [(folder, parse_folder_name(folder.name))]
-    found: list[tuple[Path, FolderName | None]] = []
-    for child in _child_dirs(folder):
+        return [(folder, parse_folder_name(folder.name), listing)]
+    found: list[tuple[Path, FolderName | None, FolderListing]] = []
+    for child in listing.child_dirs:
         name = parse_folder_name(child.name)
+        child_listing = list_folder(child)
         if name is None:
-            if list_image_files(child):
+            if child_listing.images:
                 warnings.append(
                     f"{child}: ignored, the name does not start with '<repeats>_' "
                     f"(e.g. '10_{child.name}'); or point {subset_path(config_index)} at it"
                 )
             continue
-        found.append((child, name))
+        found.append((child, name, child_listing))
     if not found:
         warnings.append(f"{folder}: no images and no '<repeats>_<name>' sub-folders")
     return found
-
-
-def _child_dirs(folder: Path) -> list[Path]:
-    return sorted(c for c in folder.iterdir() if c.is_dir() and not c.name.startswith("."))

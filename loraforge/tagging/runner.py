@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraforge.data.caption_files import read_caption
-from loraforge.data.images import BadImageError, list_image_files, load_image_rgb
+from loraforge.data.folders import list_image_files
+from loraforge.data.images import BadImageError, load_image_rgb
 from loraforge.fileio import write_text_atomic
 from loraforge.progress import make_progress
 from loraforge.tagging.compose import compose_caption

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from loraforge.data.folders import list_image_files
 from loraforge.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
-    list_image_files,
     load_image_rgb,
     read_image_size,
 )
