@@ -80,3 +80,18 @@ def test_a_run_without_samples_or_recipe_says_so(tmp_path) -> None:
     assert "no sample images were written" in page
     assert "the metrics file holds no recipe" in page
     assert "no VRAM estimate in the metrics file" in page
+
+
+def test_the_report_command_does_not_import_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    _write_run(tmp_path)
+    code = (
+        "import sys; from loraforge.cli import run\n"
+        f"code = run(['report', {str(tmp_path)!r}])\n"
+        "print(code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.split("\n")[-2] == "0 []", result.stdout + result.stderr
+    assert (tmp_path / "r-report.html").is_file()
