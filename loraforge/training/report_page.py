@@ -26,7 +26,7 @@ body { font-family: system-ui, sans-serif; margin: 0; background: #f4f5f7; color
 main { max-width: 1160px; margin: 0 auto; padding: 16px 20px 40px; }
 h1 { font-size: 22px; margin: 8px 0 4px; } h2 { font-size: 16px; margin: 24px 0 8px; }
 .sub { color: #666; font-size: 13px; margin-bottom: 12px; word-break: break-all; }
-.grid { display: grid; grid-template-columns: repeat(2, 560px); gap: 16px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, 562px); gap: 16px; }
 .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 0; }
 .card svg { display: block; }
 table { border-collapse: collapse; font-size: 13px; background: #fff; }
@@ -34,7 +34,8 @@ td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-al
 th { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .samples td { text-align: center; } .samples td.prompt { text-align: left; max-width: 220px; }
-.samples img { width: 128px; min-width: 128px; image-rendering: pixelated; display: block; }
+.samples img { min-width: 128px; min-height: 128px; object-fit: contain; display: block; }
+.samples img.small { image-rendering: pixelated; }
 .missing { width: 128px; height: 128px; background: #ccc; color: #555; font-size: 11px;
   display: flex; align-items: center; justify-content: center; }
 pre { background: #fff; border: 1px solid #ddd; padding: 10px; font-size: 12px;
@@ -170,7 +171,7 @@ def sample_grid(data: RunData) -> str:
             uri = image_data_uri(path) if path is not None else None
             alt = escape(f"{data.prompts[index]} at {point.label}")
             cells.append(
-                f'<td><img src="{uri}" alt="{alt}"></td>'
+                f'<td><img src="{uri}" alt="{alt}"{_small(uri)}></td>'
                 if uri
                 else '<td><div class="missing">missing</div></td>'
             )
@@ -180,6 +181,12 @@ def sample_grid(data: RunData) -> str:
         f'<div style="overflow-x:auto"><table class="samples"><tr><th>prompt</th>{head}</tr>'
         f"{''.join(rows)}</table></div>"
     )
+
+
+def _small(uri: str) -> str:
+    """Small samples (PNG thumbnails, the tiny models' 64-pixel images) are scaled up without
+    blurring."""
+    return ' class="small"' if uri.startswith("data:image/png") else ""
 
 
 def bucket_chart(run: dict[str, Any]) -> str:
