@@ -109,8 +109,11 @@ def test_a_resumed_run_appends_without_duplicating_steps(metrics_run, tmp_path) 
     run_training(load_recipe(moved), resume=str(copy / "t-step00000002-state"))
     records = _records(copy)
     assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]
-    # resume equals uninterrupted, so the resumed steps' losses are the first run's
+    # resume equals uninterrupted, so the resumed steps' numbers are the first run's
     assert tuple(r["loss"] for r in records if r["kind"] == "step") == losses
+    same = ("loss", "average", "lr", "grad_norm", "max_norm", "epoch")
+    first = [{k: r[k] for k in same} for r in _records(out) if r["kind"] == "step"]
+    assert [{k: r[k] for k in same} for r in records if r["kind"] == "step"] == first
     runs = [(r["step"], r["resumed"]) for r in records if r["kind"] == "run"]
     assert runs == [(0, False), (2, True)]
     assert [r["step"] for r in records if r["kind"] == "sample"] == [0, 2, 4]
