@@ -100,6 +100,7 @@ def train(
     run.network.train()
     if s.sample.at_first and s.sample.prompts and progress.global_step == 0:
         take_samples(run, "step", 0, 0, display)  # the "before" column of the grid
+    run.metrics.restart_clock()
     for epoch in range(progress.epoch, length.num_epochs):
         first = progress.step_in_epoch if epoch == progress.epoch else 0
         run.data.sampler.set_epoch(epoch)
@@ -138,21 +139,24 @@ def train(
             if probe is not None:
                 probe.step_ended(progress.global_step)
             losses.append(agreed.loss)
-            display.step(
-                StepReport(
-                    step=progress.global_step,
-                    epoch=epoch + 1,
-                    loss=agreed.loss,
-                    average=window.add(agreed.loss),
-                    lrs=group_learning_rates(run.optimizer, run.scheduler),
-                    max_norm=update.max_norm,
-                )
+            report = StepReport(
+                step=progress.global_step,
+                epoch=epoch + 1,
+                loss=agreed.loss,
+                average=window.add(agreed.loss),
+                lrs=group_learning_rates(run.optimizer, run.scheduler),
+                max_norm=update.max_norm,
+            )
+            display.step(report)
+            run.metrics.step(
+                report, grad_norm=update.grad_norm, skipped=update.skipped, device=run.device
             )
             if te_trains and s.stop_text_encoder_step == progress.global_step:
                 stop_text_encoder(run.optimizer)
                 te_trains = False
                 display.message(f"step {progress.global_step}: the text encoder stops training")
             after_step(run, progress, display, window)
+            run.metrics.restart_clock()  # a step's time leaves out saving and sampling
             if agreed.stop:
                 state = run.checkpointer.interrupted_state(
                     run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
@@ -166,6 +170,7 @@ def train(
         position = progress if mid_epoch else None
         progress = TrainingProgress(progress.global_step, epoch + 1, 0)
         after_epoch(run, progress, display, window)
+        run.metrics.restart_clock()
         if progress.global_step >= length.max_train_steps:
             break
     final = run.checkpointer.final(
@@ -274,6 +279,7 @@ def take_samples(
         autocast=run.accelerator.autocast,
     )
     display.images(step, [(f"samples/{i:02d}", image) for i, (_, image) in enumerate(written)])
+    run.metrics.samples(step, kind, number, s.sample.prompts, [path for path, _ in written])
     points = [(k, n) for at, k, n in sample_points(s.sample, s.length) if at <= step]
     grid = write_sample_grid(s.output.sample_dir, s.output.name, s.sample.prompts, points)
     also = f" and {grid.name}" if grid is not None else ""
