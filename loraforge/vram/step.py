@@ -90,6 +90,8 @@ def _conditioning(
         width, height = s.latent_size
         latent = torch.zeros(4, height, width, dtype=torch_dtype(s.vae_dtype))
         latent_cache = LatentCache(memory={TRACE_KEY: latent})
+        if recipe.training.masked_loss:  # cached with the latents, at latent size
+            latent_cache.mask_memory[TRACE_KEY] = torch.ones(1, height, width)
     if not models.text_encoders:  # cached text-encoder outputs (float32, CPU memory)
         unet = arch.configs["unet"]
         hidden = torch.zeros(_tokens(s), int(unet["cross_attention_dim"]))
@@ -114,8 +116,9 @@ def _tokens(s: MemorySettings) -> int:
     return TOKENS_PER_CHUNK if s.token_chunks == 1 else s.token_chunks * 75 + 2
 
 
-def _batch(s: MemorySettings, live_vae: bool) -> dict[str, Any]:
-    """A batch as the data loader gives it, at the largest bucket."""
+def _batch(s: MemorySettings, live_vae: bool, masked: bool) -> dict[str, Any]:
+    """A batch as the data loader gives it, at the largest bucket (with pixel masks for a
+    masked loss on live latents)."""
     b = s.batch_size
     sizes = torch.tensor([[s.height, s.width]] * b, dtype=torch.int64)
     batch: dict[str, Any] = {
@@ -130,6 +133,8 @@ def _batch(s: MemorySettings, live_vae: bool) -> dict[str, Any]:
     }
     if live_vae:
         batch["images"] = torch.zeros(b, 3, s.height, s.width)
+        if masked:
+            batch["masks"] = torch.ones(b, 1, s.height, s.width)
     return batch
 
 
@@ -210,7 +215,7 @@ def run_training_step(
         # a second batch of an accumulated step runs with the first one's gradients alive
         for index in range(min(t.gradient_accumulation_steps, 2)):
             tracker.phase("inputs")
-            batch = _batch(settings, live_vae=models.vae is not None)
+            batch = _batch(settings, live_vae=models.vae is not None, masked=t.masked_loss)
             accumulate_batch(
                 setup,
                 batch,
