@@ -4,7 +4,8 @@ The step is ``train``'s own: :func:`loraforge.training.step.accumulate_batch` (b
 :class:`~loraforge.training.conditioning.Conditioning`, noise and timesteps, the recipe's loss,
 backward under autocast and checkpointing) for each batch of the step, then
 :func:`~loraforge.training.step.apply_update` (clipping, the recipe's optimizer and scheduler,
-max-norm). Only the models and the batch are made here: the models from the architecture's
+max-norm), and the weight average's update (:class:`~loraforge.training.ema.NetworkEma`, with
+``training.ema`` on the device). Only the models and the batch are made here: the models from the architecture's
 configs (:mod:`loraforge.vram.build`), the batch as fake tensors of the largest bucket. The
 optimizer's state is created first by a step on zero gradients, so the measured step is a
 steady-state one, like steps 2 onwards of a run.
@@ -154,6 +155,17 @@ def _loss_setup(
     )
 
 
+def _ema_on_device(recipe: Recipe, network: Any) -> Any:
+    """``train``'s weight average when it lives on the device (``training.ema.device: same``)."""
+    from loraforge.training.ema import NetworkEma
+    from loraforge.training.settings import EmaSettings
+
+    settings = EmaSettings.from_config(recipe.training.ema)
+    if settings is None or settings.device == "cpu":
+        return None
+    return NetworkEma(network, settings)
+
+
 def _create_optimizer_state(models: StepModels) -> None:
     """One optimizer step on zero gradients: the state a first real step leaves."""
     from loraforge.training.step import trainable_parameters
@@ -202,6 +214,9 @@ def run_training_step(
     register_resident(
         tracker, models.unet, models.text_encoders, models.vae, models.network, models.optimizer
     )
+    ema = _ema_on_device(recipe, models.network)
+    if ema is not None:
+        tracker.register(ema.average.values(), "ema weights")
     with (
         policy(cuda_policy),
         tracker,
@@ -238,6 +253,8 @@ def run_training_step(
             max_grad_norm=settings.max_grad_norm,
             scale_weight_norms=t.scale_weight_norms,
         )
+        if ema is not None:
+            ema.update(models.network, 1)
     return StepMeasurement(
         peak_bytes=tracker.peak,
         at_peak=tracker.live_at_peak(),
