@@ -4,21 +4,11 @@ findings before it loads anything."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-
-def run(*args: str, cwd: Path):
-    return subprocess.run(
-        [sys.executable, "-m", "loraforge", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
+from .test_cli_findings import run
 
 
 def test_missing_and_misfit_masks_are_errors_in_check_and_train(tmp_path: Path) -> None:
