@@ -16,7 +16,7 @@ from pathlib import Path
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.discovery import Discovery, discover
 from loraforge.data.plan import plan_buckets
-from loraforge.data.subsets import subset_path
+from loraforge.data.subsets import ResolvedSubset, subset_path
 from loraforge.errors import DatasetError
 from loraforge.recipe.problems import FIX_PATH_HINT, Problem
 from loraforge.recipe.types import DatasetConfig, SubsetConfig
@@ -152,4 +152,26 @@ def _mask_findings(found: Discovery, indices: list[int]) -> list[Problem]:
         )
         for message in mask_size_problems(lookup.sources, found.images)
     ]
+    return problems + _opaque_alpha_subsets(found, subsets)
+
+
+def _opaque_alpha_subsets(found: Discovery, subsets: list[ResolvedSubset]) -> list[Problem]:
+    """Subsets masked by their alpha channel where no image has one: nothing is masked."""
+    from loraforge.data.images import has_transparency
+
+    problems = []
+    for subset in subsets:
+        if subset.config.conditioning_data_dir is not None or not subset.config.alpha_mask:
+            continue
+        paths = [image.path for image in found.images if image.subset == subset.index]
+        if paths and not any(has_transparency(path) for path in paths):
+            problems.append(
+                Problem(
+                    "warning",
+                    f"no image of {subset.dir} has transparency: its loss is not masked",
+                    path=f"dataset.subsets[{subset.config_index}].alpha_mask",
+                    hint="save the images with an alpha channel (PNG, WebP), or use "
+                    "conditioning_data_dir",
+                )
+            )
     return problems

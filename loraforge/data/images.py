@@ -226,6 +226,16 @@ def load_image_and_alpha(
         return _to_rgb(upright), channel
 
 
+def has_transparency(path: Path) -> bool:
+    """Whether an image has an alpha channel or palette transparency (header only; an
+    unreadable file has none)."""
+    try:
+        with _opened(Path(path), MAX_IMAGE_PIXELS) as (img, _, _):
+            return _has_alpha(img)
+    except BadImageError:
+        return False
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 

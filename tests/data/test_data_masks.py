@@ -205,3 +205,19 @@ def test_mask_identity_changes_with_the_mask_file(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 10**18))
     assert MaskSource("file", path).identity() != before
     assert MaskSource("alpha", path).identity() == "alpha"
+
+
+def test_check_warns_when_no_image_of_an_alpha_subset_has_transparency(
+    tmp_path, subset_config, dataset_config
+) -> None:
+    from loraforge.data.checks import check_dataset
+
+    opaque, clear = tmp_path / "1_opaque", tmp_path / "1_clear"
+    for folder, mode in ((opaque, "RGB"), (clear, "RGBA")):
+        folder.mkdir()
+        Image.new(mode, (64, 64)).save(folder / "x.png")
+        (folder / "x.txt").write_text("x")
+    subsets = [subset_config(f, alpha_mask=True) for f in (opaque, clear)]
+    found = check_dataset(dataset_config(*subsets, **SMALL), masked_loss=True)
+    assert [(p.severity, p.path) for p in found] == [("warning", "dataset.subsets[0].alpha_mask")]
+    assert check_dataset(dataset_config(*subsets, **SMALL)) == []
