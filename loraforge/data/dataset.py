@@ -186,11 +186,6 @@ class TrainingData:
     sampler: BucketBatchSampler
     loader: DataLoader
 
-    @property
-    def masks(self) -> Mapping[str, MaskSource] | None:
-        """Mask source by image key when the run masks the loss."""
-        return self.dataset.masks
-
 
 def build_training_data(
     config: DatasetConfig,
