@@ -47,7 +47,9 @@ def recipe_findings(path: Path, *, dataset: bool = True, models: bool = True) ->
         found = backend_problems(recipe)
         found += loader_problems(recipe)
         found += architecture_problems(recipe)
-        found += check_dataset(recipe.dataset, read_files=dataset)
+        found += check_dataset(
+            recipe.dataset, read_files=dataset, masked_loss=recipe.training.masked_loss
+        )
         found += model_file_problems(recipe) if models else []
         found += machine_problems(recipe)
         problems += [validation.placed(dataclasses.replace(p, file=str(path))) for p in found]

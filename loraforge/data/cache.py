@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from loraforge.data.cache_store import EntryStore
-from loraforge.data.dataset import to_tensor
-from loraforge.data.images import load_image_rgb
+from loraforge.data.dataset import masks_to_size, to_tensor
+from loraforge.data.images import load_image_and_alpha
+from loraforge.data.masks import MaskSource, load_mask, sample_mask
 from loraforge.data.plan import BucketPlan, PlannedImage
 from loraforge.data.text_cache import TextCache, prepare_text_cache
 from loraforge.data.transforms import flip_horizontal, resize_and_crop
@@ -69,23 +70,35 @@ class CacheStats:
 
 @dataclass
 class LatentCache:
-    """Latents by image key; flipped versions under ``key`` + :data:`FLIP_SUFFIX`."""
+    """Latents by image key; flipped versions under ``key`` + :data:`FLIP_SUFFIX`. With masked
+    loss every entry also holds its loss mask at latent size (``(1, H/8, W/8)``), cut and
+    flipped like the latents' pixels."""
 
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
     store: EntryStore | None = None
     stats: CacheStats = field(default_factory=CacheStats)
+    mask_memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def get(self, key: str, flipped: bool = False) -> torch.Tensor:
+    def get(self, key: str, flipped: bool = False, tensor: str = "latents") -> torch.Tensor:
         name = key + FLIP_SUFFIX if flipped else key
-        if name in self.memory:
-            return self.memory[name]
+        memory = self.memory if tensor == "latents" else self.mask_memory
+        if name in memory:
+            return memory[name]
         if self.store is None:
-            raise KeyError(f"no cached latents for {name}")
-        return self.store.load(name)["latents"]
+            raise KeyError(f"no cached {tensor} for {name}")
+        entry = self.store.load(name)
+        if tensor not in entry:
+            raise KeyError(f"the cache entry of {name} has no {tensor}")
+        return entry[tensor]
 
     def batch(self, keys: Sequence[str], flipped: Sequence[bool]) -> torch.Tensor:
         """Stack the cached latents of one batch (all images of a batch share a bucket)."""
         return torch.stack([self.get(k, f) for k, f in zip(keys, flipped, strict=True)])
+
+    def masks(self, keys: Sequence[str], flipped: Sequence[bool]) -> torch.Tensor:
+        """Stack the cached loss masks of one batch: ``(B, 1, H/8, W/8)``."""
+        pairs = zip(keys, flipped, strict=True)
+        return torch.stack([self.get(k, f, tensor="mask") for k, f in pairs])
 
 
 FLIP_SUFFIX = "#flipped"
@@ -97,6 +110,7 @@ class _Job:
     planned: PlannedImage
     flipped: bool
     depends: dict[str, str]
+    mask: MaskSource | None = None
 
 
 def _image_identity(path: Path) -> str:
@@ -105,11 +119,16 @@ def _image_identity(path: Path) -> str:
 
 
 def _jobs(
-    plan: BucketPlan, flip_subsets: set[int], vae_identity: str, dtype: torch.dtype
+    plan: BucketPlan,
+    flip_subsets: set[int],
+    vae_identity: str,
+    dtype: torch.dtype,
+    masks: Mapping[str, MaskSource] | None,
 ) -> list[_Job]:
     jobs = []
     for planned in plan.images:
         record, assignment = planned.record, planned.assignment
+        mask = masks.get(record.key) if masks is not None else None
         depends = {
             "vae": vae_identity,
             "image": _image_identity(record.path),
@@ -118,20 +137,31 @@ def _jobs(
             "crop": "x".join(map(str, assignment.center_crop())),
             "dtype": str(dtype).removeprefix("torch."),
             "noise": "per-key",  # each entry's posterior sample is seeded by its own key
+            **({"mask": mask.identity()} if mask is not None else {}),
         }
         for flipped in (False, True) if record.subset in flip_subsets else (False,):
             name = record.key + FLIP_SUFFIX if flipped else record.key
-            jobs.append(_Job(name, planned, flipped, {**depends, "flipped": str(flipped)}))
+            jobs.append(_Job(name, planned, flipped, {**depends, "flipped": str(flipped)}, mask))
     return jobs
 
 
-def _pixels(job: _Job) -> torch.Tensor:
-    assignment = job.planned.assignment
-    image = resize_and_crop(
-        load_image_rgb(job.planned.record.path), assignment, assignment.center_crop()
-    )
-    pixels = np.array(image, dtype=np.uint8)
-    return to_tensor(flip_horizontal(pixels) if job.flipped else pixels)
+def _sample(job: _Job) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The entry's pixels ``(3, H, W)`` and, with a mask source, its mask ``(1, H, W)``."""
+    record, assignment = job.planned.record, job.planned.assignment
+    origin = assignment.center_crop()
+    wants_alpha = job.mask is not None and job.mask.kind == "alpha"
+    rgb, alpha = load_image_and_alpha(record.path, alpha=wants_alpha)
+    pixels = np.array(resize_and_crop(rgb, assignment, origin), dtype=np.uint8)
+    mask = None
+    if job.mask is not None:
+        loaded = load_mask(job.mask, record.size, alpha)
+        mask = torch.from_numpy(sample_mask(loaded, assignment, origin, job.flipped))[None]
+    return to_tensor(flip_horizontal(pixels) if job.flipped else pixels), mask
+
+
+def _decode_batch(jobs: list[_Job]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    samples = [_sample(job) for job in jobs]
+    return torch.stack([pixels for pixels, _ in samples]), [mask for _, mask in samples]
 
 
 def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
@@ -156,6 +186,7 @@ def prepare_latent_cache(
     decode_workers: int = 2,
     seed: int = 0,
     progress: Progress | None = None,
+    masks: Mapping[str, MaskSource] | None = None,
 ) -> LatentCache:
     """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once.
 
@@ -172,13 +203,15 @@ def prepare_latent_cache(
         seed: with each entry's key, seeds its posterior sample (see :func:`entry_generator`),
             so a cache is the same however it was built.
         progress: called with ``(done, total)`` after every batch.
+        masks: mask source by image key (masked loss): every entry also stores its loss mask
+            at latent size, and depends on the mask's source.
     """
     started = time.perf_counter()
     store = EntryStore(cache_dir) if mode == "disk" else None
     if mode == "disk" and cache_dir is None:
         raise ValueError("a disk cache needs cache_dir")
     cache = LatentCache(store=store)
-    jobs = _jobs(plan, flip_subsets, vae_identity, vae.dtype)
+    jobs = _jobs(plan, flip_subsets, vae_identity, vae.dtype, masks)
     todo = []
     for job in jobs:
         if store is not None and store.is_valid(job.name, job.depends):
@@ -191,20 +224,23 @@ def prepare_latent_cache(
         progress(done, len(jobs))
     with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
         batches = list(_batches(todo, batch_size))
-        pending = pool.map(lambda b: torch.stack([_pixels(j) for j in b]), batches[:1])
+        pending = pool.map(_decode_batch, batches[:1])
         for index, batch in enumerate(batches):
-            pixels = next(iter(pending))
+            pixels, masks_of_batch = next(iter(pending))
             # Decode the next batch while the VAE works on this one.
-            pending = pool.map(
-                lambda b: torch.stack([_pixels(j) for j in b]), batches[index + 1 : index + 2]
-            )
+            pending = pool.map(_decode_batch, batches[index + 1 : index + 2])
             generators = [entry_generator(vae, seed, job.name) for job in batch]
             latents = encode_pixels(vae, pixels, generators).to("cpu")
-            for job, latent in zip(batch, latents, strict=True):
+            for job, latent, mask in zip(batch, latents, masks_of_batch, strict=True):
+                entry = {"latents": latent}
+                if mask is not None:
+                    entry["mask"] = masks_to_size(mask[None], tuple(latent.shape[-2:]))[0]
                 if store is not None:
-                    store.save(job.name, {"latents": latent}, job.depends)
+                    store.save(job.name, entry, job.depends)
                 else:
                     cache.memory[job.name] = latent
+                    if mask is not None:
+                        cache.mask_memory[job.name] = entry["mask"]
             cache.stats.encoded += len(batch)
             done += len(batch)
             if progress:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from loraforge.data.cache import LatentCache, prepare_latent_cache
+from loraforge.data.masks import require_masks
 from loraforge.data.plan import BucketPlan
 from loraforge.data.subsets import ResolvedSubset
 from loraforge.data.text_cache import TextCache, fixed_captions, prepare_text_cache
@@ -63,6 +64,9 @@ def prepare_caches(
     latents = text = None
     if cfg.latents in wanted:
         flips = {i for i, s in enumerate(subsets) if s.config.flip_aug}
+        masks = None
+        if recipe.training.masked_loss:  # the entries hold the masks too
+            masks = require_masks([planned.record for planned in plan.images], subsets)
         with progress("caching latents") as update:
             latents = prepare_latent_cache(
                 plan,
@@ -75,6 +79,7 @@ def prepare_caches(
                 decode_workers=max(1, recipe.dataset.num_workers),
                 seed=recipe.training.seed,
                 progress=update,
+                masks=masks,
             )
     if cfg.text_encoder_outputs in wanted:
         captions = fixed_captions(plan, subsets)

@@ -16,19 +16,23 @@ from pathlib import Path
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.discovery import Discovery, discover
 from loraforge.data.plan import plan_buckets
-from loraforge.data.subsets import subset_path
+from loraforge.data.subsets import ResolvedSubset, subset_path
 from loraforge.errors import DatasetError
 from loraforge.recipe.problems import FIX_PATH_HINT, Problem
 from loraforge.recipe.types import DatasetConfig, SubsetConfig
 
 
-def check_dataset(dataset: DatasetConfig, *, read_files: bool = True) -> list[Problem]:
+def check_dataset(
+    dataset: DatasetConfig, *, read_files: bool = True, masked_loss: bool = False
+) -> list[Problem]:
     """Check the bucket settings and that the dataset's folders exist and hold usable images.
 
     Args:
         dataset: the recipe's dataset section (paths already absolute).
         read_files: also look at the folders and images (``False``: the bucket settings only,
             for checking a recipe without its data).
+        masked_loss: the run masks the loss (``training.masked_loss``): every image of a subset
+            with a mask folder needs a mask of its size there.
 
     Returns:
         Problems, errors first; empty when everything is usable.
@@ -53,7 +57,7 @@ def check_dataset(dataset: DatasetConfig, *, read_files: bool = True) -> list[Pr
             )
         )
     if present:
-        problems += _check_contents(dataset, present, plan=settings_valid)
+        problems += _check_contents(dataset, present, plan=settings_valid, masks=masked_loss)
     return sorted(problems, key=lambda p: p.severity != "error")
 
 
@@ -66,9 +70,11 @@ def bucket_settings_problems(dataset: DatasetConfig) -> list[Problem]:
     return []
 
 
-def _check_contents(full: DatasetConfig, indices: list[int], *, plan: bool) -> list[Problem]:
+def _check_contents(
+    full: DatasetConfig, indices: list[int], *, plan: bool, masks: bool
+) -> list[Problem]:
     """Findings of discovery over the subsets at ``indices`` (and of bucketing, when ``plan``
-    and the settings are valid)."""
+    and the settings are valid; and of the mask folders, with ``masks``)."""
     present = replace(full, subsets=tuple(full.subsets[i] for i in indices))
     try:
         found = discover(present)
@@ -91,6 +97,8 @@ def _check_contents(full: DatasetConfig, indices: list[int], *, plan: bool) -> l
         for text in found.warnings
         if not text.startswith(said)
     ]
+    if masks:
+        problems += _mask_findings(found, indices)
     if not plan:
         return problems
     try:
@@ -121,3 +129,49 @@ def _empty_subset_problem(subset: SubsetConfig, recipe_index: int) -> Problem:
         hint="add images (png, jpg, webp, ...) or '<repeats>_<class>' sub-folders with images, "
         "or remove the subset",
     )
+
+
+def _mask_findings(found: Discovery, indices: list[int]) -> list[Problem]:
+    """Mask folders that are missing or lack masks, and masks of the wrong size (train stops
+    on each). ``indices`` maps the checked subsets back to their place in the recipe."""
+    from loraforge.data.masks import find_masks, mask_problems, mask_size_problems
+
+    # discovery numbered the subsets of the checked part of the recipe
+    subsets = [replace(s, config_index=indices[s.config_index]) for s in found.subsets]
+    lookup = find_masks(found.images, subsets)
+    problems = [
+        Problem("error", f"{message}: train will stop", path=path, hint=hint)
+        for path, message, hint in mask_problems(lookup, found.images, subsets)
+    ]
+    problems += [
+        Problem(
+            "error",
+            f"{message}: train will stop",
+            path="dataset.subsets",
+            hint="make each mask the same size as its image",
+        )
+        for message in mask_size_problems(lookup.sources, found.images)
+    ]
+    return problems + _opaque_alpha_subsets(found, subsets)
+
+
+def _opaque_alpha_subsets(found: Discovery, subsets: list[ResolvedSubset]) -> list[Problem]:
+    """Subsets masked by their alpha channel where no image has one: nothing is masked."""
+    from loraforge.data.images import has_transparency
+
+    problems = []
+    for subset in subsets:
+        if subset.config.conditioning_data_dir is not None or not subset.config.alpha_mask:
+            continue
+        paths = [image.path for image in found.images if image.subset == subset.index]
+        if paths and not any(has_transparency(path) for path in paths):
+            problems.append(
+                Problem(
+                    "warning",
+                    f"no image of {subset.dir} has transparency: its loss is not masked",
+                    path=f"dataset.subsets[{subset.config_index}].alpha_mask",
+                    hint="save the images with an alpha channel (PNG, WebP), or use "
+                    "conditioning_data_dir",
+                )
+            )
+    return problems

@@ -11,6 +11,8 @@ The only module in :mod:`loraforge.data` that imports torch. A batch is a dict:
 ``flipped``           list of bools
 ``keys``              list of image keys (absolute paths, the cache lookup key)
 ``is_reg``            list of bools
+``masks``             float32 ``(B, 1, H, W)`` loss weights in ``[0, 1]``, cut like the images
+                      (only with masks and images; see :mod:`loraforge.data.masks`)
 
 SDXL's crop conditioning here is the real crop offset in the resized image (as in the SDXL paper
 and diffusers' SDXL scripts); sd-scripts passes a centred "fit" offset instead.
@@ -19,7 +21,7 @@ and diffusers' SDXL scripts); sd-scripts passes a centred "fit" offset instead.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from loraforge.data.buckets import BucketSettings, crop_origin
 from loraforge.data.captions import CaptionOptions, process_caption
 from loraforge.data.discovery import Discovery, discover
-from loraforge.data.images import load_image_rgb
+from loraforge.data.images import load_image_and_alpha
+from loraforge.data.masks import MaskSource, load_mask, require_masks, sample_mask
 from loraforge.data.plan import BucketPlan, plan_buckets
 from loraforge.data.sampler import BucketBatchSampler, SampleRef
 from loraforge.data.subsets import ResolvedSubset
@@ -62,6 +65,8 @@ class BucketDataset(Dataset):
         prior_loss_weight: loss weight of regularization images (default 1.0).
         with_images: decode images (default True); False gives captions and sizes only, for
             training from cached latents.
+        masks: mask source by image key (masked loss; with images, each item gets its mask),
+            or ``None``.
     """
 
     def __init__(
@@ -70,10 +75,12 @@ class BucketDataset(Dataset):
         subsets: Sequence[ResolvedSubset],
         prior_loss_weight: float = 1.0,
         with_images: bool = True,
+        masks: Mapping[str, MaskSource] | None = None,
     ) -> None:
         self.plan = plan
         self.prior_loss_weight = prior_loss_weight
         self.with_images = with_images
+        self.masks = masks
         self._options = [
             _SubsetOptions(
                 CaptionOptions.from_subset(s.config),
@@ -101,7 +108,13 @@ class BucketDataset(Dataset):
         origin = crop_origin(assignment, options.random_crop, rng)
         item: dict[str, Any] = {}
         if self.with_images:
-            item["image"] = self._pixels(record.path, assignment, origin, options, flipped, rng)
+            source = self.masks.get(record.key) if self.masks is not None else None
+            wants_alpha = source is not None and source.kind == "alpha"
+            rgb, alpha = load_image_and_alpha(record.path, alpha=wants_alpha)
+            if source is not None:
+                mask = load_mask(source, record.size, alpha)
+                item["mask"] = torch.from_numpy(sample_mask(mask, assignment, origin, flipped))
+            item["image"] = self._pixels(rgb, assignment, origin, options, flipped, rng)
         if flipped:
             origin = flipped_crop_origin(origin, assignment)
         bucket_w, bucket_h = assignment.bucket
@@ -117,8 +130,8 @@ class BucketDataset(Dataset):
         )
         return item
 
-    def _pixels(self, path, assignment, origin, options, flipped, rng) -> torch.Tensor:
-        image = resize_and_crop(load_image_rgb(path), assignment, origin)
+    def _pixels(self, rgb, assignment, origin, options, flipped, rng) -> torch.Tensor:
+        image = resize_and_crop(rgb, assignment, origin)
         pixels = np.array(image, dtype=np.uint8)  # a writable copy, as torch wants
         if options.color_aug:
             pixels = color_augment(pixels, rng)
@@ -149,7 +162,18 @@ def collate_samples(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     if items and "image" in items[0]:
         batch["images"] = torch.stack([item["image"] for item in items])
+    if items and "mask" in items[0]:
+        batch["masks"] = torch.stack([item["mask"] for item in items]).unsqueeze(1)
     return batch
+
+
+def masks_to_size(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Average ``(B, 1, H, W)`` masks down to ``size`` ``(h, w)`` (latent pixels): each latent
+    pixel's weight is the mean over the image pixels it covers (sd-scripts' ``area``
+    interpolation in ``apply_masked_loss``); masks already at ``size`` come back unchanged."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    return torch.nn.functional.interpolate(masks, size=size, mode="area")
 
 
 @dataclass(frozen=True)
@@ -174,6 +198,7 @@ def build_training_data(
     rank: int = 0,
     with_images: bool = True,
     discovery: Discovery | None = None,
+    masks: bool = False,
 ) -> TrainingData:
     """Discover, bucket and wrap a dataset in a DataLoader.
 
@@ -189,14 +214,17 @@ def build_training_data(
         num_replicas: data-parallel processes; rank: this one.
         with_images: decode images (False when training from cached latents).
         discovery: a discovery already made (default: discover now).
+        masks: load every image's loss mask (masked loss).
 
     Raises:
         DatasetError: see :func:`~loraforge.data.discovery.discover` and
-            :func:`~loraforge.data.plan.plan_buckets`.
+            :func:`~loraforge.data.plan.plan_buckets`; with ``masks``, a subset or image
+            without a usable mask (:func:`~loraforge.data.masks.require_masks`).
     """
     discovery = discovery if discovery is not None else discover(config)
     plan = plan_buckets(discovery, BucketSettings.from_dataset(config))
-    dataset = BucketDataset(plan, discovery.subsets, prior_loss_weight, with_images)
+    sources = require_masks(discovery.images, discovery.subsets) if masks else None
+    dataset = BucketDataset(plan, discovery.subsets, prior_loss_weight, with_images, sources)
     sampler = BucketBatchSampler(
         plan.bucket_samples(), batch_size, seed=seed, num_replicas=num_replicas, rank=rank
     )

@@ -139,6 +139,26 @@ def load_image_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
     Raises:
         BadImageError: empty, unreadable, not an image, truncated, or too large.
     """
+    return load_image_and_alpha(path, max_pixels, alpha=False)[0]
+
+
+def load_image_and_alpha(
+    path: Path, max_pixels: int = MAX_IMAGE_PIXELS, *, alpha: bool = True
+) -> tuple[Image.Image, Image.Image | None]:
+    """Decode an image once: RGB as :func:`load_image_rgb` gives it, and its alpha channel.
+
+    Args:
+        path: the image file.
+        max_pixels: images with more pixels are rejected as decompression bombs.
+        alpha: also return the alpha channel (``False``: ``None`` in its place).
+
+    Returns:
+        ``(rgb, alpha)``: alpha is an upright mode ``"L"`` image (0 = transparent), or ``None``
+        when the image has no transparency (fully opaque) or ``alpha`` is ``False``.
+
+    Raises:
+        BadImageError: empty, unreadable, not an image, truncated, or too large.
+    """
     path = Path(path)
     with _opened(path, max_pixels) as (img, _, _):
         try:
@@ -146,13 +166,27 @@ def load_image_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Imag
             upright = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, ValueError) as e:
             raise BadImageError(path, f"cannot be decoded ({_short(e)})") from e
-        return _to_rgb(upright)
+        channel = upright.convert("RGBA").getchannel("A") if alpha and _has_alpha(upright) else None
+        return _to_rgb(upright), channel
+
+
+def has_transparency(path: Path) -> bool:
+    """Whether an image has an alpha channel or palette transparency (header only; an
+    unreadable file has none)."""
+    try:
+        with _opened(Path(path), MAX_IMAGE_PIXELS) as (img, _, _):
+            return _has_alpha(img)
+    except BadImageError:
+        return False
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB with any alpha (RGBA, LA, PA, palette transparency) composited over white."""
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if not has_alpha:
+    if not _has_alpha(img):
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             # 16-bit/float greyscale: scale to 8 bits instead of clipping everything to white.
             img = _high_depth_to_l(img)

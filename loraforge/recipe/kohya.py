@@ -17,6 +17,7 @@ _SUBSET_KEYS = (
     "secondary_separator", "enable_wildcard", "caption_prefix", "caption_suffix",
     "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
     "flip_aug", "color_aug", "random_crop", "class_tokens", "is_reg", "caption_extension",
+    "alpha_mask", "conditioning_data_dir",
 )  # fmt: skip
 _SAME_NAME = {
     "dataset": ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
@@ -33,7 +34,7 @@ _SAME_NAME = {
         "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule",
         "huber_c", "huber_scale", "prior_loss_weight", "max_grad_norm", "scale_weight_norms",
-        "seed",
+        "masked_loss", "seed",
     ),
     "output": ("save_every_n_epochs", "save_every_n_steps", "save_precision", "save_state"),
 }  # fmt: skip
@@ -137,8 +138,6 @@ for _name in [
     "highvram",
     "config_file",
     "output_config",
-    "conditioning_data_dir",
-    "masked_loss",
     "text_encoder_batch_size",
     "disable_mmap_load_safetensors",
     "weighting_scheme",
@@ -153,7 +152,6 @@ for _name in [
     "resize_interpolation",
     "token_warmup_min",
     "token_warmup_step",
-    "alpha_mask",
     "dataset_class",
     "in_json",
     "metadata_file",

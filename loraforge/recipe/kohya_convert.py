@@ -356,6 +356,11 @@ class _Converter:
         if self.subsets:
             subsets = [{"dir": s["dir"], **self.subset_defaults, **s} for s in self.subsets]
             recipe.setdefault("dataset", {})["subsets"] = subsets
+            masked = recipe.get("training", {}).get("masked_loss")
+            if any(_flag(s.get("alpha_mask")) for s in subsets) and not masked:
+                # sd-scripts masks the loss whenever a batch has alpha masks
+                self.set("training.masked_loss", True)
+                self.result.notes.append("alpha_mask -> training.masked_loss: true")
         elif self.subset_defaults:
             self.result.notes.append("no train_data_dir or dataset_config: add dataset.subsets")
         order = ("model", "dataset", "cache", "network", "training", "output", "sample", "logging")

@@ -234,7 +234,8 @@ def _path_slots(data: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     """Every (mapping, key) of a recipe mapping that may hold a file-system path."""
     slots = [(data[section], key) for section, key in _PATH_FIELDS]
     slots.append((data["model"], "base"))  # a path, or a hub id that _resolve_paths leaves alone
-    slots += [(subset, "dir") for subset in data["dataset"]["subsets"]]
+    for subset in data["dataset"]["subsets"]:
+        slots += [(subset, "dir"), (subset, "conditioning_data_dir")]
     return slots
 
 
@@ -246,8 +247,9 @@ def _path_fields(data: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:
     fields += [(("model", "base"), data["model"].get("base"))]
     fields += [(("tagging", "model"), data["tagging"].get("model"))]
     fields += [
-        (("dataset", "subsets", index, "dir"), subset.get("dir"))
+        (("dataset", "subsets", index, key), subset.get(key))
         for index, subset in enumerate(data["dataset"]["subsets"])
+        for key in ("dir", "conditioning_data_dir")
     ]
     return fields
 

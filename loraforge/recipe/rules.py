@@ -16,6 +16,7 @@ from loraforge.recipe.capabilities import (
     SINGLE_LR_OPTIMIZERS,
     algorithms_of,
 )
+from loraforge.recipe.rules_masks_ema import ema_problems, masked_loss_problems
 from loraforge.recipe.types import Recipe
 
 Finding = tuple[str, tuple[Any, ...], str, str | None]
@@ -33,6 +34,8 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
         _prediction,
         _dataset,
         _output,
+        masked_loss_problems,
+        ema_problems,
     ):
         findings.extend(rule(recipe))
     return findings

@@ -44,6 +44,8 @@ class SubsetConfig:
     flip_aug: bool
     color_aug: bool
     random_crop: bool
+    alpha_mask: bool
+    conditioning_data_dir: str | None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,16 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    decay: float
+    warmup: bool
+    start_step: int
+    every_n_steps: int
+    device: Literal["same", "cpu"]
+    save_raw: bool
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     max_train_epochs: int | None
     max_train_steps: int | None
@@ -160,6 +172,8 @@ class TrainingConfig:
     prior_loss_weight: float
     max_grad_norm: float
     scale_weight_norms: float | None
+    masked_loss: bool
+    ema: EmaConfig | None
     seed: int
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from loraforge.data.cache import LatentCache, TextCache, encode_pixels
+from loraforge.data.dataset import masks_to_size
 from loraforge.models.prompts import PromptEmbeds, encode_prompts
 
 
@@ -65,6 +66,16 @@ class Conditioning:
         else:
             latents = encode_pixels(self.vae, batch["images"], generator)
         return latents.to(self.device, torch.float32, non_blocking=True)
+
+    def masks(self, batch: Mapping[str, Any], size: tuple[int, int]) -> torch.Tensor:
+        """``(B, 1, h, w)`` loss masks of the batch at latent size ``(h, w)`` (float32): from
+        the latent cache, or the batch's pixel masks averaged down."""
+        if self.latent_cache is not None:
+            masks = self.latent_cache.masks(batch["keys"], batch["flipped"])
+        else:
+            masks = batch["masks"]
+        masks = masks_to_size(masks.to(torch.float32), size)
+        return masks.to(self.device, non_blocking=True)
 
     def text(self, captions: Sequence[str], *, with_grad: bool) -> PromptEmbeds:
         """Prompt embeddings of training ``captions`` (from the cache when there is one);

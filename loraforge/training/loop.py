@@ -7,6 +7,7 @@ functions in their own modules.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ def train(
                 scale_weight_norms=s.scale_weight_norms,
             )
             progress = TrainingProgress(progress.global_step + 1, epoch, index + 1)
+            if run.ema is not None:
+                run.ema.update(run.network, progress.global_step)
             if probe is not None:
                 probe.step_ended(progress.global_step)
             losses.append(agreed.loss)
@@ -268,16 +271,19 @@ def take_samples(
         return
     s = run.settings
     request = SampleRequest(s.output.sample_dir, s.output.name, kind, number)
-    written = sample_during_training(
-        run.sample_models,
-        run.network,
-        run.optimizer,
-        s.sample.prompts,
-        s.sample.sampler,
-        request,
-        device=run.device,
-        autocast=run.accelerator.autocast,
-    )
+    # samples show what the file saved now holds: the averaged weights of an EMA run
+    averaged = run.ema.applied(run.network) if run.ema is not None else contextlib.nullcontext()
+    with averaged:
+        written = sample_during_training(
+            run.sample_models,
+            run.network,
+            run.optimizer,
+            s.sample.prompts,
+            s.sample.sampler,
+            request,
+            device=run.device,
+            autocast=run.accelerator.autocast,
+        )
     display.images(step, [(f"samples/{i:02d}", image) for i, (_, image) in enumerate(written)])
     run.metrics.samples(step, kind, number, s.sample.prompts, [path for path, _ in written])
     points = [(k, n) for at, k, n in sample_points(s.sample, s.length) if at <= step]

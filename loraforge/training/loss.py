@@ -2,8 +2,8 @@
 
 Formulas follow kohya-ss/sd-scripts (``train_util.get_huber_threshold_if_needed``,
 ``train_util.conditional_loss``, ``custom_train_functions.apply_snr_weight`` and friends) and are
-applied in sd-scripts' order: element-wise loss -> mean per sample -> per-sample weight (prior
-loss weight of regularisation images) -> min-SNR -> v-pred scaling -> v-pred-like -> debiased ->
+applied in sd-scripts' order: element-wise loss -> loss mask (``apply_masked_loss``, with masked
+loss) -> mean per sample -> per-sample weight (prior loss weight of regularisation images) -> min-SNR -> v-pred scaling -> v-pred-like -> debiased ->
 batch mean.
 """
 
@@ -44,6 +44,7 @@ class LossOptions:
     scale_v_pred_loss_like_noise_pred: bool = False
     v_pred_like_loss: float | None = None
     debiased_estimation_loss: bool = False
+    masked_loss: bool = False
 
     @classmethod
     def from_training(cls, training: TrainingConfig, v_prediction: bool) -> LossOptions:
@@ -64,6 +65,7 @@ class LossOptions:
             scale_v_pred_loss_like_noise_pred=training.scale_v_pred_loss_like_noise_pred,
             v_pred_like_loss=training.v_pred_like_loss,
             debiased_estimation_loss=training.debiased_estimation_loss,
+            masked_loss=training.masked_loss,
         )
 
 
@@ -235,6 +237,7 @@ def training_loss(
     loss_weights: torch.Tensor,
     schedule: NoiseSchedule,
     options: LossOptions,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scalar loss of one batch, exactly as sd-scripts' ``process_batch`` computes it.
 
@@ -245,6 +248,9 @@ def training_loss(
         loss_weights: ``(B,)`` from :func:`sample_loss_weights`.
         schedule: the noise schedule (alphas for the huber schedule, the SNR table).
         options: the loss fields.
+        mask: ``(B, 1, H, W)`` weight of each latent pixel (masked loss), or ``None``. As in
+            sd-scripts the masked loss is still averaged over every pixel, so a half-masked
+            image weighs half.
 
     Returns:
         0-dim float32 tensor.
@@ -253,6 +259,10 @@ def training_loss(
         options, timesteps, schedule.alphas_cumprod, schedule.num_train_timesteps
     )
     loss = conditional_loss(pred.float(), target.float(), options.loss_type, "none", huber_c)
+    if mask is not None:
+        if mask.shape[0] != loss.shape[0] or mask.shape[-2:] != loss.shape[-2:]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not fit the loss {tuple(loss.shape)}")
+        loss = loss * mask.to(loss.device, loss.dtype)
     loss = per_sample_mean(loss) * loss_weights.to(loss.device)
     loss = weight_per_sample_loss(loss, timesteps, schedule.all_snr, options)
     return loss.mean()

@@ -32,6 +32,15 @@ def last_ckpt_name(name: str, ext: str = EXT) -> str:
     return f"{name}{ext}"
 
 
+RAW_EXT = "-raw" + EXT
+
+
+def raw_ckpt_name(file_name: str) -> str:
+    """``lora-step00000100-raw.safetensors``: the raw (not averaged) weights saved next to a
+    file that holds the EMA weights (``training.ema.save_raw``)."""
+    return file_name.removesuffix(EXT) + RAW_EXT
+
+
 def epoch_state_name(name: str, epoch: int) -> str:
     """``lora-000004-state``: the resumable state saved at the end of epoch 4."""
     return f"{name}-{epoch:06d}-state"

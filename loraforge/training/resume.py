@@ -95,8 +95,10 @@ def restore_run(
     optimizer: Any,
     scheduler: Any,
     scaler: Any | None,
+    ema: Any = None,
 ) -> ResumePoint:
-    """Load a state into the run's network, optimizer, scheduler and grad scaler (in place).
+    """Load a state into the run's network, optimizer, scheduler, grad scaler and weight
+    average (in place).
 
     Without ``state_dir``, the run starts at step 0.
 
@@ -115,10 +117,26 @@ def restore_run(
             f"({len(missing)} tensors missing, {len(unexpected)} unexpected)",
             hint="resume with the recipe that wrote this state",
         )
+    if ema is not None:
+        _restore_ema(ema, resumed.ema_state, state_dir)
     if scaler is not None and "scaler" in resumed.extra:
         scaler.load_state_dict(resumed.extra["scaler"])
     info(f"resuming from {state_dir} at step {resumed.progress.global_step}")
     return ResumePoint(resumed.progress, resumed.extra)
+
+
+def _restore_ema(ema: Any, state: Any, state_dir: Path) -> None:
+    if state is None:
+        raise TrainingError(
+            f"{state_dir} holds no weight average (training.ema was off when it was saved)",
+            hint="resume with the recipe that wrote this state",
+        )
+    try:
+        ema.load_state_dict(state)
+    except ValueError as e:
+        raise TrainingError(
+            f"{state_dir}: {e}", hint="resume with the recipe that wrote this state"
+        ) from e
 
 
 def find_latest_state(output_dir: Path | str, name: str) -> Path | None:

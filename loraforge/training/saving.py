@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 from loraforge.errors import OutputExistsError
 from loraforge.training.output_names import (
+    RAW_EXT,
     epoch_ckpt_name,
     epoch_state_name,
     last_ckpt_name,
     last_state_name,
     metrics_name,
+    raw_ckpt_name,
     rotate,
     step_ckpt_name,
     step_state_name,
@@ -153,7 +155,10 @@ def interrupt_state(output: OutputSettings, length: TrainingLength) -> PlannedFi
 
 
 def _save_files(output: OutputSettings, step: int, file_name: str) -> list[PlannedFile]:
-    return [PlannedFile(step, output.dir / file_name, "lora")]
+    files = [PlannedFile(step, output.dir / file_name, "lora")]
+    if output.save_raw:
+        files.append(PlannedFile(step, output.dir / raw_ckpt_name(file_name), "lora"))
+    return files
 
 
 def _sample_files(
@@ -223,6 +228,8 @@ class Checkpointer:
         metadata_for: the metadata of a file saved at a given progress.
         recipe: the resolved recipe (``Recipe.to_dict()``), stored in states for resume checks.
         is_main: whether this process writes files.
+        ema: the weight average: LoRA files hold it (and ``<file>-raw.safetensors`` the raw
+            weights with ``output.save_raw``), states store it.
 
     Attributes:
         kept: the newest LoRA file and state folder written so far, by kind (``lora``,
@@ -237,33 +244,57 @@ class Checkpointer:
         recipe: Mapping[str, Any],
         *,
         is_main: bool,
+        ema: Any = None,
     ) -> None:
         self.output = output
         self.save_dtype = save_dtype
         self.metadata_for = metadata_for
         self.recipe = recipe
         self.is_main = is_main
+        self.ema = ema
         self.kept: dict[FileKind, tuple[int, Path]] = {}
 
     def write_lora(
         self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress
     ) -> Path:
-        """Write the network as ``output.dir / file_name`` (schedule-free optimizers in eval)."""
+        """Write the network as ``output.dir / file_name`` (schedule-free optimizers in eval):
+        the EMA weights when the run keeps an average (and the raw ones next to them with
+        ``save_raw``)."""
         from loraforge.ops.lora_file import write_lora_file
+        from loraforge.training.ema import ema_metadata
         from loraforge.training.optim import set_eval_mode, set_train_mode
 
         path = self.output.dir / file_name
+        raw_wanted = self.ema is None or self.output.save_raw
+        raw = averaged = None
         # Every rank switches schedule-free optimizers to eval and back, so the weights (which
         # the switch recomputes) stay identical on all of them.
         set_eval_mode(optimizer)
         try:
-            tensors = network.state_dict_for_save(self.save_dtype) if self.is_main else None
+            if self.is_main and raw_wanted:
+                raw = network.state_dict_for_save(self.save_dtype)
+            if self.is_main and self.ema is not None:
+                with self.ema.applied(network):
+                    averaged = network.state_dict_for_save(self.save_dtype)
         finally:
             set_train_mode(optimizer)
-        if tensors is not None:
-            metadata = {**self.metadata_for(progress), **network.metadata()}
-            write_lora_file(path, tensors, metadata, force=True)  # conflicts refused up front
-            self.kept["lora"] = (progress.global_step, path)
+        if not self.is_main:
+            return path
+        metadata = {**self.metadata_for(progress), **network.metadata()}
+        step = progress.global_step
+        # conflicts with existing files were refused up front
+        if averaged is None:
+            write_lora_file(path, raw, metadata, force=True)
+        else:
+            write_lora_file(
+                path, averaged, {**metadata, **ema_metadata(self.ema, step)}, force=True
+            )
+            if raw is not None:
+                raw_meta = {**metadata, **ema_metadata(self.ema, step, raw=True)}
+                write_lora_file(
+                    self.output.dir / raw_ckpt_name(file_name), raw, raw_meta, force=True
+                )
+        self.kept["lora"] = (step, path)
         return path
 
     def write_state(
@@ -284,6 +315,7 @@ class Checkpointer:
         written = save_training_state(
             path,
             network_state=network.state_dict(),
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
             optimizer=optimizer,
             scheduler=scheduler,
             progress=progress,
@@ -324,6 +356,8 @@ class Checkpointer:
             self.write_state(state, network, optimizer, scheduler, progress, extra)
         if self.is_main:
             rotate(self.output.dir, name, kind, self.output.save_last_n)
+            if self.output.save_raw:
+                rotate(self.output.dir, name, kind, self.output.save_last_n, ext=RAW_EXT)
             if self.output.save_state:
                 rotate(self.output.dir, name, kind, self.output.save_last_n, states=True)
         return path

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from loraforge.errors import RecipeError
 from loraforge.recipe import Recipe
+from loraforge.recipe.types import EmaConfig
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,41 @@ class SampleSettings:
 
 
 @dataclass(frozen=True)
+class EmaSettings:
+    """The recipe's ``training.ema`` (see the schema for each field)."""
+
+    decay: float = 0.999
+    warmup: bool = True
+    start_step: int = 0
+    every_n_steps: int = 1
+    device: str = "same"
+    save_raw: bool = False
+
+    @classmethod
+    def from_config(cls, config: EmaConfig | None) -> EmaSettings | None:
+        if config is None:
+            return None
+        return cls(
+            decay=config.decay,
+            warmup=config.warmup,
+            start_step=config.start_step,
+            every_n_steps=config.every_n_steps,
+            device=config.device,
+            save_raw=config.save_raw,
+        )
+
+    def updates_until(self, step: int) -> int:
+        """How many averaging updates steps ``1..step`` make."""
+        return max(0, step - self.start_step) // self.every_n_steps
+
+    def decay_of_update(self, update: int) -> float:
+        """The decay ``d_n`` of the ``update``-th averaging update (1-based)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + update) / (10 + update))
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     """Where and when files are written (``output`` section)."""
 
@@ -113,6 +149,7 @@ class OutputSettings:
     save_state: bool
     log_with: str
     log_dir: Path
+    save_raw: bool = False  # EMA runs: also the raw weights, as <file>-raw.safetensors
 
     @property
     def sample_dir(self) -> Path:
@@ -142,6 +179,7 @@ class RunSettings:
     seed: int
     output: OutputSettings
     sample: SampleSettings
+    ema: EmaSettings | None = None
 
 
 def resolve_v_prediction(recipe: Recipe, family_v_prediction: bool) -> bool:
@@ -192,6 +230,7 @@ def output_settings(recipe: Recipe) -> OutputSettings:
         save_state=o.save_state,
         log_with=recipe.logging.log_with,
         log_dir=log_dir,
+        save_raw=recipe.training.ema is not None and recipe.training.ema.save_raw,
     )
 
 
@@ -221,4 +260,5 @@ def run_settings(
         seed=t.seed,
         output=output_settings(recipe),
         sample=sample_settings(recipe),
+        ema=EmaSettings.from_config(t.ema),
     )

@@ -35,6 +35,7 @@ from loraforge.training.build import (
 )
 from loraforge.training.distributed import broadcast_module
 from loraforge.training.divergence import suspect_values
+from loraforge.training.ema import NetworkEma
 from loraforge.training.metrics import MetricsLog, open_metrics
 from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
 from loraforge.training.resume import ResumePoint, resolve_resume, restore_run, saved_step
@@ -79,6 +80,7 @@ class TrainingRun:
     loss_history: tuple[float, ...] = ()
     divergence_suspects: tuple[str, ...] = ()  # recipe values a NaN loss is blamed on
     metrics: MetricsLog = field(default_factory=lambda: MetricsLog(None))  # the metrics file
+    ema: NetworkEma | None = None  # the weight average (training.ema)
 
     @property
     def rank(self) -> int:
@@ -155,6 +157,7 @@ def prepare_data(
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
         with_images=recipe.cache.latents == "none",
+        masks=t.masked_loss,
         # decoded once here: a bad image is skipped now, never in the middle of the run
         discovery=discover(recipe.dataset, verify=True),
     )
@@ -213,6 +216,7 @@ def make_checkpointer(
     settings: RunSettings,
     precision: Precision,
     accelerator: Any,
+    ema: NetworkEma | None = None,
 ) -> Checkpointer:
     """The file writer, with the run's metadata (the main process hashes the model files)."""
     facts = run_facts(
@@ -229,6 +233,7 @@ def make_checkpointer(
         metadata_writer(recipe, facts),
         recipe.to_dict(),
         is_main=accelerator.is_main_process,
+        ema=ema,
     )
 
 
@@ -240,6 +245,7 @@ def restore_and_sync(
     scheduler: Any,
     settings: RunSettings,
     accelerator: Any,
+    ema: NetworkEma | None = None,
 ) -> ResumePoint:
     """Load the resume state (if any), re-apply a past text-encoder stop, and give every rank
     rank 0's network weights."""
@@ -250,6 +256,7 @@ def restore_and_sync(
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=getattr(accelerator, "scaler", None),
+        ema=ema,
     )
     saved_processes = restored.extra.get("num_processes", accelerator.num_processes)
     if saved_processes != accelerator.num_processes:
@@ -313,8 +320,10 @@ def setup_run(
     place_frozen_models(recipe, model, precision, conditioning, device)
     network = build_network(recipe, model, precision)
     optimizer, scheduler = build_optimization(recipe, network, settings, accelerator)
+    # the average starts from the initial weights of what the optimizer trains
+    ema = NetworkEma(network, settings.ema) if settings.ema is not None else None
     restored = restore_and_sync(
-        state_dir, recipe, network, optimizer, scheduler, settings, accelerator
+        state_dir, recipe, network, optimizer, scheduler, settings, accelerator, ema
     )
     return TrainingRun(
         settings=settings,
@@ -334,7 +343,9 @@ def setup_run(
             weight_dtype=precision.weight_dtype,
         ),
         generator=torch.Generator("cpu"),
-        checkpointer=make_checkpointer(recipe, data, network, settings, precision, accelerator),
+        checkpointer=make_checkpointer(
+            recipe, data, network, settings, precision, accelerator, ema
+        ),
         sample_models=sample_models(model, conditioning, settings, precision),
         start=restored.progress,
         loss_history=tuple(restored.extra.get("loss_window", ())),
@@ -348,4 +359,5 @@ def setup_run(
             resumed=state_dir is not None,
             is_main=accelerator.is_main_process,
         ),
+        ema=ema,
     )

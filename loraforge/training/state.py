@@ -6,6 +6,7 @@ holds:
 - ``state.json``: format version, progress (global step, epoch, position in the epoch), the
   recipe fingerprint and its hash, and loop-defined ``extra`` data;
 - ``network.safetensors``: the trainable network weights;
+- ``ema.safetensors``: the average of the weights, float32 (only with ``training.ema``);
 - ``optimizer.pt`` and ``scheduler.pt``: their ``state_dict()``, read back with
   ``torch.load(weights_only=True)`` (no arbitrary unpickling).
 
@@ -39,6 +40,7 @@ STATE_JSON = "state.json"
 NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
+EMA_FILE = "ema.safetensors"
 
 # Recipe fields that may change between an interruption and the resume without changing what
 # is trained: where and how often files are written, sampling, logging, tagging, loader workers.
@@ -56,6 +58,8 @@ RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "dataset.num_workers",
     "cache.dir",
     "cache.vae_batch_size",
+    "training.ema.device",
+    "training.ema.save_raw",
 )
 
 
@@ -91,12 +95,14 @@ class LoadedState:
         progress: where to continue.
         network_state: trainable weights to load into the network.
         extra: the loop's own JSON data saved with the state.
+        ema_state: the weight average (``training.ema``), or ``None`` when none was saved.
     """
 
     path: Path
     progress: TrainingProgress
     network_state: dict[str, torch.Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
+    ema_state: dict[str, torch.Tensor] | None = None
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -142,6 +148,7 @@ def save_training_state(
     progress: TrainingProgress,
     recipe: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    ema_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a resumable state folder atomically (an existing one is replaced).
 
@@ -152,6 +159,7 @@ def save_training_state(
         progress: where training stands.
         recipe: the resolved recipe (``Recipe.to_dict()``).
         extra: JSON-serialisable loop data (sampler state, loss history...).
+        ema_state: the weight average, saved as it is (float32), or ``None``.
 
     Returns:
         The state folder path.
@@ -168,11 +176,13 @@ def save_training_state(
     }
     from safetensors.torch import save_file
 
-    weights = {
-        key: value.detach().cpu().contiguous().clone() for key, value in network_state.items()
-    }
+    def on_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
+
     with atomic_folder(directory, force=True) as tmp:
-        save_file(weights, str(tmp / NETWORK_FILE))
+        save_file(on_cpu(network_state), str(tmp / NETWORK_FILE))
+        if ema_state is not None:
+            save_file(on_cpu(ema_state), str(tmp / EMA_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         text = json.dumps(document, indent=1, default=str)
@@ -288,4 +298,7 @@ def load_training_state(
                 hint="resume with the same network and optimizer settings that wrote the state",
             ) from e
     progress = TrainingProgress(**document["progress"])
-    return LoadedState(directory, progress, network_state, dict(document.get("extra", {})))
+    ema_path = directory / EMA_FILE
+    ema_state = load_file(str(ema_path)) if ema_path.is_file() else None
+    extra = dict(document.get("extra", {}))
+    return LoadedState(directory, progress, network_state, extra, ema_state)

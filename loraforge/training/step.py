@@ -84,7 +84,10 @@ def batch_loss(
         setup.schedule, latents, noisy.noise, noisy.timesteps, setup.loss.v_prediction
     )
     weights = batch["loss_weights"].to(device)
-    return training_loss(pred, target, noisy.timesteps, weights, setup.schedule, setup.loss)
+    mask = None
+    if setup.loss.masked_loss:
+        mask = setup.conditioning.masks(batch, (latents.shape[-2], latents.shape[-1]))
+    return training_loss(pred, target, noisy.timesteps, weights, setup.schedule, setup.loss, mask)
 
 
 def accumulate_batch(

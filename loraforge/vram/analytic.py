@@ -105,7 +105,18 @@ def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[
             int(size.trainable * per_param),
             f"{per_param:g} B x {_millions(size.trainable)} trainable",
         ),
+        *_ema_rows(s, size),
     ]
+
+
+def _ema_rows(s: MemorySettings, size: NetworkSize) -> list[VramRow]:
+    """The weight average (``training.ema``): float32 copies of the trainable weights."""
+    if s.ema_device is None:
+        return []
+    if s.ema_device == "cpu":
+        return [VramRow("EMA weights", 0, "ema.device cpu: kept off the GPU", "info")]
+    note = f"4 B x {_millions(size.trainable)} trainable"
+    return [VramRow("EMA weights (fp32)", size.trainable * 4, note)]
 
 
 def _optimizer_phase(s: MemorySettings, size: NetworkSize) -> list[VramRow]:

@@ -44,6 +44,8 @@ class MemorySettings:
         text_encoders_on_gpu: text-encoder outputs are computed live.
         token_chunks: 77-token chunks per caption (max_token_length / 75).
         max_grad_norm: gradient clipping (0 = off).
+        ema_device: where the weight average lives (``same``: on the GPU, ``cpu``), or
+            ``None`` without ``training.ema``.
     """
 
     family: str
@@ -64,6 +66,7 @@ class MemorySettings:
     text_encoders_on_gpu: bool
     token_chunks: int
     max_grad_norm: float
+    ema_device: str | None = None
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -139,4 +142,5 @@ def memory_settings(recipe: Recipe, family: str) -> MemorySettings:
         text_encoders_on_gpu=trains_te or recipe.cache.text_encoder_outputs == "none",
         token_chunks=max(1, recipe.model.max_token_length // 75),
         max_grad_norm=float(t.max_grad_norm or 0.0),
+        ema_device=t.ema.device if t.ema is not None else None,
     )

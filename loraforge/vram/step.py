@@ -4,7 +4,8 @@ The step is ``train``'s own: :func:`loraforge.training.step.accumulate_batch` (b
 :class:`~loraforge.training.conditioning.Conditioning`, noise and timesteps, the recipe's loss,
 backward under autocast and checkpointing) for each batch of the step, then
 :func:`~loraforge.training.step.apply_update` (clipping, the recipe's optimizer and scheduler,
-max-norm). Only the models and the batch are made here: the models from the architecture's
+max-norm), and the weight average's update (:class:`~loraforge.training.ema.NetworkEma`, with
+``training.ema`` on the device). Only the models and the batch are made here: the models from the architecture's
 configs (:mod:`loraforge.vram.build`), the batch as fake tensors of the largest bucket. The
 optimizer's state is created first by a step on zero gradients, so the measured step is a
 steady-state one, like steps 2 onwards of a run.
@@ -90,6 +91,8 @@ def _conditioning(
         width, height = s.latent_size
         latent = torch.zeros(4, height, width, dtype=torch_dtype(s.vae_dtype))
         latent_cache = LatentCache(memory={TRACE_KEY: latent})
+        if recipe.training.masked_loss:  # cached with the latents, at latent size
+            latent_cache.mask_memory[TRACE_KEY] = torch.ones(1, height, width)
     if not models.text_encoders:  # cached text-encoder outputs (float32, CPU memory)
         unet = arch.configs["unet"]
         hidden = torch.zeros(_tokens(s), int(unet["cross_attention_dim"]))
@@ -114,8 +117,9 @@ def _tokens(s: MemorySettings) -> int:
     return TOKENS_PER_CHUNK if s.token_chunks == 1 else s.token_chunks * 75 + 2
 
 
-def _batch(s: MemorySettings, live_vae: bool) -> dict[str, Any]:
-    """A batch as the data loader gives it, at the largest bucket."""
+def _batch(s: MemorySettings, live_vae: bool, masked: bool) -> dict[str, Any]:
+    """A batch as the data loader gives it, at the largest bucket (with pixel masks for a
+    masked loss on live latents)."""
     b = s.batch_size
     sizes = torch.tensor([[s.height, s.width]] * b, dtype=torch.int64)
     batch: dict[str, Any] = {
@@ -130,6 +134,8 @@ def _batch(s: MemorySettings, live_vae: bool) -> dict[str, Any]:
     }
     if live_vae:
         batch["images"] = torch.zeros(b, 3, s.height, s.width)
+        if masked:
+            batch["masks"] = torch.ones(b, 1, s.height, s.width)
     return batch
 
 
@@ -147,6 +153,17 @@ def _loss_setup(
         v_prediction=resolve_v_prediction(recipe, s.family == "sd2-v"),
         weight_dtype=torch_dtype(s.compute_dtype),
     )
+
+
+def _ema_on_device(recipe: Recipe, network: Any) -> Any:
+    """``train``'s weight average when it lives on the device (``training.ema.device: same``)."""
+    from loraforge.training.ema import NetworkEma
+    from loraforge.training.settings import EmaSettings
+
+    settings = EmaSettings.from_config(recipe.training.ema)
+    if settings is None or settings.device == "cpu":
+        return None
+    return NetworkEma(network, settings)
 
 
 def _create_optimizer_state(models: StepModels) -> None:
@@ -197,6 +214,9 @@ def run_training_step(
     register_resident(
         tracker, models.unet, models.text_encoders, models.vae, models.network, models.optimizer
     )
+    ema = _ema_on_device(recipe, models.network)
+    if ema is not None:
+        tracker.register(ema.average.values(), "ema weights")
     with (
         policy(cuda_policy),
         tracker,
@@ -210,7 +230,7 @@ def run_training_step(
         # a second batch of an accumulated step runs with the first one's gradients alive
         for index in range(min(t.gradient_accumulation_steps, 2)):
             tracker.phase("inputs")
-            batch = _batch(settings, live_vae=models.vae is not None)
+            batch = _batch(settings, live_vae=models.vae is not None, masked=t.masked_loss)
             accumulate_batch(
                 setup,
                 batch,
@@ -233,6 +253,8 @@ def run_training_step(
             max_grad_norm=settings.max_grad_norm,
             scale_weight_norms=t.scale_weight_norms,
         )
+        if ema is not None:
+            ema.update(models.network, 1)
     return StepMeasurement(
         peak_bytes=tracker.peak,
         at_peak=tracker.live_at_peak(),

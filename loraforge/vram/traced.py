@@ -73,6 +73,7 @@ def _row_label(category: str, s: MemorySettings) -> tuple[str, str]:
         "vae weights": (f"VAE weights ({s.vae_dtype})", "resident"),
         "network weights": (f"network weights ({s.network_dtype})", "resident"),
         "optimizer state": (f"optimizer state ({s.optimizer})", "resident"),
+        "ema weights": ("EMA weights (fp32)", "resident"),
         "gradients": (f"gradients ({s.network_dtype})", "step"),
         "unet activations": ("UNet activations", "step"),
         "text encoder activations": ("text-encoder activations", "step"),
@@ -90,6 +91,7 @@ _ORDER = (
     "vae weights",
     "network weights",
     "optimizer state",
+    "ema weights",
     "gradients",
     "vae encode",
     "text encoder activations",
@@ -121,6 +123,8 @@ def _rows(at_peak: Mapping[str, int], s: MemorySettings, trainable: int) -> list
                 else "measured"
             )
         rows.append(VramRow(component, at_peak[category], note, kind))  # type: ignore[arg-type]
+    if s.ema_device == "cpu":
+        rows.append(VramRow("EMA weights", 0, "ema.device cpu: kept off the GPU", "info"))
     if not s.text_encoders_on_gpu:
         rows.append(VramRow("text encoder weights", 0, "outputs cached: kept off the GPU", "info"))
     if not s.vae_on_gpu:

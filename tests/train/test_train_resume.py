@@ -1,8 +1,9 @@
 """Resume equals uninterrupted: an interrupted run, resumed, ends with bit-identical weights.
 
 The run crosses an epoch boundary, accumulates gradients over two batches, trains the text
-encoder, uses network and rank dropout, caption shuffling, flips and a data-loader worker:
-everything random must replay exactly after a resume. The interruption goes through the same path as Ctrl-C (the stop
+encoder, uses network and rank dropout, caption shuffling, flips and a data-loader worker, and
+keeps a weight average (EMA, saved files hold it): everything random must replay exactly after
+a resume, and the average must continue exactly. The interruption goes through the same path as Ctrl-C (the stop
 flag is raised and the loop saves ``<name>-state``); a real SIGINT is tested in the CLI tests.
 """
 
@@ -33,6 +34,7 @@ OVERRIDES = {
         "text_encoder_lr": 5e-4,
         "learning_rate": 2e-3,
         "lr_scheduler": "cosine",
+        "ema": {"decay": 0.9, "start_step": 2, "save_raw": True},
     },
     "output": {"save_state": True, "save_every_n_steps": 5},
 }
@@ -63,6 +65,10 @@ def _final_network(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "t-state" / "network.safetensors"))
 
 
+def _final_ema(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "t-state" / "ema.safetensors"))
+
+
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
@@ -90,17 +96,19 @@ def test_stop_mid_epoch_then_resume_auto_equals_uninterrupted(
     assert stopped.final_path == cut_out / "t-state"
     assert not (cut_out / "t.safetensors").exists()
 
+    assert (cut_out / "t-state" / "ema.safetensors").is_file()
+
     resumed = run_training(recipe, resume="auto")
     assert not resumed.interrupted and resumed.progress.global_step == 7
     _assert_same(_final_network(reference), _final_network(cut_out))
-    _assert_same(
-        load_file(str(reference / "t.safetensors")), load_file(str(cut_out / "t.safetensors"))
-    )
-    # the step-5 checkpoint written after the resume equals the reference's too
-    _assert_same(
-        load_file(str(reference / "t-step00000005.safetensors")),
-        load_file(str(cut_out / "t-step00000005.safetensors")),
-    )
+    _assert_same(_final_ema(reference), _final_ema(cut_out))
+    # the files (the EMA weights, and the raw ones beside them), and the step-5 checkpoint
+    # written after the resume, equal the reference's
+    for name in ("t", "t-raw", "t-step00000005", "t-step00000005-raw"):
+        _assert_same(
+            load_file(str(reference / f"{name}.safetensors")),
+            load_file(str(cut_out / f"{name}.safetensors")),
+        )
 
 
 def test_resume_from_a_numbered_state_in_the_second_epoch(
@@ -113,6 +121,7 @@ def test_resume_from_a_numbered_state_in_the_second_epoch(
     result = run_training(recipe, resume=str(cut_out / "t-step00000005-state"))
     assert result.progress.global_step == 7
     _assert_same(_final_network(reference), _final_network(cut_out))
+    _assert_same(_final_ema(reference), _final_ema(cut_out))
 
 
 def test_resume_refuses_a_state_of_another_recipe(reference, write_recipe) -> None:
