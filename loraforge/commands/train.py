@@ -84,7 +84,8 @@ def command(
             )
         raise typer.Exit(130)
     if result.main_process:
-        info(f"done: {result.final_path} ({result.progress.global_step} steps)")
+        how = ", stopped early" if result.stopped_early else ""
+        info(f"done: {result.final_path} ({result.progress.global_step} steps{how})")
 
 
 def aborted_message(aborted: Any, recipe_path: Path) -> str:

@@ -108,7 +108,8 @@ def _jobs(
     plan: BucketPlan, flip_subsets: set[int], vae_identity: str, dtype: torch.dtype
 ) -> list[_Job]:
     jobs = []
-    for planned in plan.images:
+    held_out = {id(p) for p in plan.validation}
+    for planned in (*plan.images, *plan.validation):
         record, assignment = planned.record, planned.assignment
         depends = {
             "vae": vae_identity,
@@ -119,19 +120,26 @@ def _jobs(
             "dtype": str(dtype).removeprefix("torch."),
             "noise": "per-key",  # each entry's posterior sample is seeded by its own key
         }
-        for flipped in (False, True) if record.subset in flip_subsets else (False,):
+        flips = record.subset in flip_subsets and id(planned) not in held_out
+        for flipped in (False, True) if flips else (False,):
             name = record.key + FLIP_SUFFIX if flipped else record.key
             jobs.append(_Job(name, planned, flipped, {**depends, "flipped": str(flipped)}))
     return jobs
 
 
-def _pixels(job: _Job) -> torch.Tensor:
-    assignment = job.planned.assignment
+def centre_pixels(planned: PlannedImage, flipped: bool = False) -> torch.Tensor:
+    """An image at its bucket with the centre crop (optionally mirrored): ``(3, H, W)`` float32
+    in ``[-1, 1]``, what the cache encodes and the validation loss sees."""
+    assignment = planned.assignment
     image = resize_and_crop(
-        load_image_rgb(job.planned.record.path), assignment, assignment.center_crop()
+        load_image_rgb(planned.record.path), assignment, assignment.center_crop()
     )
     pixels = np.array(image, dtype=np.uint8)
-    return to_tensor(flip_horizontal(pixels) if job.flipped else pixels)
+    return to_tensor(flip_horizontal(pixels) if flipped else pixels)
+
+
+def _pixels(job: _Job) -> torch.Tensor:
+    return centre_pixels(job.planned, job.flipped)
 
 
 def _batches(jobs: list[_Job], batch_size: int) -> Iterator[list[_Job]]:
@@ -157,7 +165,8 @@ def prepare_latent_cache(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> LatentCache:
-    """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once.
+    """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once, and
+    every held-out validation image (never mirrored).
 
     Args:
         plan: the bucket plan (images with their buckets).
