@@ -250,6 +250,9 @@ def test_every_sd_scripts_option_is_mapped_to_a_real_recipe_field_or_marked_abse
         ("learning_rate", "", "training.learning_rate"),
         ("train_batch_size", "training", "training.batch_size"),
         ("num_repeats", "dataset", "dataset.subsets[].repeats"),
+        ("validation_split", "", "dataset.validation_split"),
+        ("validate_every_n_epochs", "", "training.validate_every_n_epochs"),
+        ("max_validation_steps", "", "training.max_validation_steps"),
     ],
 )
 def test_sd_scripts_names_get_their_recipe_path_suggested(key: str, where: str, path: str) -> None:
