@@ -116,7 +116,12 @@ def render_plan(plan: Any, *, force: bool) -> None:
         (
             "dataset",
             f"{plan.images} images, {plan.reg_images} regularization, "
-            f"{plan.samples_per_epoch} samples per epoch (repeats included)",
+            f"{plan.samples_per_epoch} samples per epoch (repeats included)"
+            + (
+                f", {plan.validation_images} held out for validation"
+                if plan.validation_images
+                else ""
+            ),
         ),
         (
             "length",
