@@ -218,3 +218,29 @@ def test_validation_without_a_held_out_image_is_an_error(write_recipe) -> None:
     recipe = load_recipe(write_recipe({"dataset": {"validation_split": 0.05}}))
     with pytest.raises(DatasetError, match="no image is held out"):
         setup_run(recipe)
+
+
+def test_sdxl_validation_conditions_on_the_held_out_sizes(
+    tmp_path, make_recipe, tiny_sdxl_dir
+) -> None:
+    """SDXL's size/crop ids come from each held-out image's own size and bucket."""
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            {"dataset": {"validation_split": 0.5}, "training": {"batch_size": 3}},
+            model=tiny_sdxl_dir,
+        )
+    )
+    run = setup_run(recipe)
+    first = run.validator.loss(run.network, run.optimizer, run.accelerator.autocast)
+    assert first > 0 and first == run.validator.loss(
+        run.network, run.optimizer, run.accelerator.autocast
+    )
+    from loraforge.training.validation import batch_inputs
+
+    batch = run.validator.batches[0]
+    inputs = batch_inputs(batch)
+    planned = batch.images[0]
+    width, height = planned.record.size
+    assert inputs["original_sizes_hw"][0].tolist() == [height, width]
+    assert inputs["target_sizes_hw"][0].tolist() == list(reversed(planned.assignment.bucket))
