@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from loraforge import __version__
-from loraforge.commands import bucket, cache, check, init, merge, resize, tag, train
+from loraforge.commands import bucket, cache, check, init, merge, report, resize, tag, train
 from loraforge.console import err
 from loraforge.errors import LoraforgeError
 
@@ -77,6 +77,7 @@ for _name, _module in {
     "train": train,
     "resize": resize,
     "merge": merge,
+    "report": report,
 }.items():
     app.command(_name, help=_module.command.__doc__)(_module.command)
 

@@ -56,3 +56,7 @@ class OutputExistsError(LoraforgeError):
 
 class OutputWriteError(LoraforgeError):
     """An output could not be written (a full disk, a read-only folder)."""
+
+
+class ReportError(LoraforgeError):
+    """A run report cannot be made (no metrics file, an unreadable output folder)."""

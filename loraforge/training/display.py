@@ -75,18 +75,14 @@ class LossWindow:
 
 def peak_memory(device: Any) -> str:
     """Peak memory of the device (``torch.cuda.max_memory_allocated``), or the process's peak
-    resident memory on a CPU, as text."""
-    import torch
+    resident memory on a CPU, as text (see :func:`loraforge.training.metrics.peak_memory_bytes`)."""
+    from loraforge.training.metrics import peak_memory_bytes
 
-    if getattr(device, "type", "cpu") == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-    try:
-        import resource
-
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return f"{peak_kib / 2**20:.1f} GiB RAM"
-    except (ImportError, OSError):
+    peak = peak_memory_bytes(device)
+    if peak is None:
         return "n/a"
+    where = "" if getattr(device, "type", "cpu") == "cuda" else " RAM"
+    return f"{peak / 2**30:.1f} GiB{where}"
 
 
 def _lr_text(lrs: Mapping[str, float]) -> str:

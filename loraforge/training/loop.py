@@ -18,6 +18,7 @@ from loraforge.training.display import LossWindow, StepReport, TrainingDisplay, 
 from loraforge.training.distributed import synchronise_step
 from loraforge.training.divergence import divergence_error
 from loraforge.training.early_stopping import ValidationTracker
+from loraforge.training.metrics import VALIDATION
 from loraforge.training.optim import set_eval_mode, set_train_mode
 from loraforge.training.sample_grid import write_sample_grid
 from loraforge.training.sampling import SampleRequest, sample_during_training
@@ -108,6 +109,7 @@ def train(
     run.network.train()
     if s.sample.at_first and s.sample.prompts and progress.global_step == 0:
         take_samples(run, "step", 0, 0, display)  # the "before" column of the grid
+    run.metrics.restart_clock()
     for epoch in range(progress.epoch, length.num_epochs):
         first = progress.step_in_epoch if epoch == progress.epoch else 0
         run.data.sampler.set_epoch(epoch)
@@ -146,21 +148,24 @@ def train(
             if probe is not None:
                 probe.step_ended(progress.global_step)
             losses.append(agreed.loss)
-            display.step(
-                StepReport(
-                    step=progress.global_step,
-                    epoch=epoch + 1,
-                    loss=agreed.loss,
-                    average=window.add(agreed.loss),
-                    lrs=group_learning_rates(run.optimizer, run.scheduler),
-                    max_norm=update.max_norm,
-                )
+            report = StepReport(
+                step=progress.global_step,
+                epoch=epoch + 1,
+                loss=agreed.loss,
+                average=window.add(agreed.loss),
+                lrs=group_learning_rates(run.optimizer, run.scheduler),
+                max_norm=update.max_norm,
+            )
+            display.step(report)
+            run.metrics.step(
+                report, grad_norm=update.grad_norm, skipped=update.skipped, device=run.device
             )
             if te_trains and s.stop_text_encoder_step == progress.global_step:
                 stop_text_encoder(run.optimizer)
                 te_trains = False
                 display.message(f"step {progress.global_step}: the text encoder stops training")
             stopped_early = after_step(run, progress, display, window, tracker)
+            run.metrics.restart_clock()  # a step's time leaves out validation, saving, sampling
             if agreed.stop:
                 state = run.checkpointer.interrupted_state(
                     run.network,
@@ -180,6 +185,7 @@ def train(
         if stopped_early:
             break
         stopped_early = after_epoch(run, progress, display, window, tracker)
+        run.metrics.restart_clock()
         if stopped_early or progress.global_step >= length.max_train_steps:
             break
     if stopped_early:
@@ -287,6 +293,14 @@ def validate(
     new_best = tracker.add(loss, step)
     run.checkpointer.validation_metadata = tracker.metadata()
     display.validation(ValidationReport(step, loss, tracker.best, tracker.best_step))
+    run.metrics.record(
+        VALIDATION,
+        step,
+        validation_loss=loss,
+        best_validation_loss=tracker.best,
+        best_step=tracker.best_step,
+        since_improvement=tracker.since_improvement,
+    )
     if new_best and run.settings.output.keep_best:
         path = run.checkpointer.best(run.network, run.optimizer, progress)
         display.message(f"step {step}: new best validation loss {loss:.6f}, saved {path}")
@@ -332,6 +346,7 @@ def take_samples(
         autocast=run.accelerator.autocast,
     )
     display.images(step, [(f"samples/{i:02d}", image) for i, (_, image) in enumerate(written)])
+    run.metrics.samples(step, kind, number, s.sample.prompts, [path for path, _ in written])
     points = [(k, n) for at, k, n in sample_points(s.sample, s.length) if at <= step]
     grid = write_sample_grid(s.output.sample_dir, s.output.name, s.sample.prompts, points)
     also = f" and {grid.name}" if grid is not None else ""

@@ -53,6 +53,12 @@ def last_state_name(name: str) -> str:
     return f"{name}-state"
 
 
+def metrics_name(name: str) -> str:
+    """``lora-metrics.jsonl``: the run's metrics, one JSON record per line (see
+    :mod:`loraforge.training.metrics`)."""
+    return f"{name}-metrics.jsonl"
+
+
 def _pattern(name: str, kind: Kind, suffix: str) -> re.Pattern[str]:
     number = r"(\d{6})" if kind == "epoch" else r"step(\d{8})"
     return re.compile(rf"{re.escape(name)}-{number}{re.escape(suffix)}")

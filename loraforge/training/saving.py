@@ -19,6 +19,7 @@ from loraforge.training.output_names import (
     epoch_state_name,
     last_ckpt_name,
     last_state_name,
+    metrics_name,
     rotate,
     step_ckpt_name,
     step_state_name,
@@ -26,7 +27,7 @@ from loraforge.training.output_names import (
 from loraforge.training.settings import OutputSettings, SampleSettings, TrainingLength
 from loraforge.training.state import TrainingProgress
 
-FileKind = Literal["lora", "state", "sample"]
+FileKind = Literal["lora", "state", "sample", "metrics"]
 SaveKind = Literal["epoch", "step"]
 
 
@@ -37,7 +38,8 @@ class PlannedFile:
     Attributes:
         step: the global step at which it is written.
         path: where.
-        kind: ``lora`` | ``state`` (a folder) | ``sample`` (a PNG).
+        kind: ``lora`` | ``state`` (a folder) | ``sample`` (a PNG) | ``metrics`` (the
+            metrics file, listed at step 1: a resumed run appends to it).
     """
 
     step: int
@@ -113,7 +115,7 @@ def planned_outputs(
 ) -> list[PlannedFile]:
     """Every file the run writes, in order of the step that writes it (see also
     :func:`interrupt_state`, which Ctrl-C writes)."""
-    files: list[PlannedFile] = []
+    files = [PlannedFile(1, output.dir / metrics_name(output.name), "metrics")]
     for epoch in range(1, length.num_epochs + 1):
         step = epoch_end_step(epoch, length)
         if is_epoch_save(epoch, output, length):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from loraforge.training.build import (
 )
 from loraforge.training.distributed import broadcast_module
 from loraforge.training.divergence import suspect_values
+from loraforge.training.metrics import MetricsLog, open_metrics
 from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
 from loraforge.training.resume import ResumePoint, resolve_resume, restore_run, saved_step
 from loraforge.training.run_facts import metadata_writer, run_facts
@@ -81,6 +82,7 @@ class TrainingRun:
     divergence_suspects: tuple[str, ...] = ()  # recipe values a NaN loss is blamed on
     validator: Validator | None = None  # the held-out images' loss (None: nothing held out)
     validation_history: dict[str, Any] | None = None  # a resumed run's ValidationTracker state
+    metrics: MetricsLog = field(default_factory=lambda: MetricsLog(None))  # the metrics file
 
     @property
     def rank(self) -> int:
@@ -355,4 +357,13 @@ def setup_run(
         divergence_suspects=suspect_values(recipe),
         validator=validator,
         validation_history=restored.extra.get("validation"),
+        metrics=open_metrics(
+            recipe,
+            data,
+            settings,
+            device,
+            start_step=restored.progress.global_step,
+            resumed=state_dir is not None,
+            is_main=accelerator.is_main_process,
+        ),
     )

@@ -156,10 +156,13 @@ class UpdateResult:
     Attributes:
         skipped: fp16 grad scaling found inf/NaN gradients and skipped the update.
         max_norm: max-norm regularisation result, when ``scale_weight_norms`` is set.
+        grad_norm: total L2 norm of the gradients before clipping (0-dim tensor, unscaled),
+            ``None`` without trainable parameters.
     """
 
     skipped: bool
     max_norm: MaxNormResult | None
+    grad_norm: torch.Tensor | None = None
 
 
 def apply_update(
@@ -174,18 +177,34 @@ def apply_update(
 ) -> UpdateResult:
     """Clip, step the optimizer and scheduler, clear gradients, then max-norm (sd-scripts' order).
 
-    The scheduler does not step when fp16 scaling skipped the update (as accelerate does).
+    The scheduler does not step when fp16 scaling skipped the update (as accelerate does). The
+    pre-clip gradient norm is what clipping returns; without clipping it is computed alone.
     """
     params = list(params)
+    grad_norm = None
     if max_grad_norm and params:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    elif params:
+        grad_norm = unclipped_grad_norm(params, getattr(accelerator, "scaler", None))
     optimizer.step()
     skipped = bool(getattr(optimizer, "step_was_skipped", False))
     if not skipped:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     max_norm = network.apply_max_norm(scale_weight_norms) if scale_weight_norms else None
-    return UpdateResult(skipped, max_norm)
+    return UpdateResult(skipped, max_norm, grad_norm)
+
+
+def unclipped_grad_norm(params: list[nn.Parameter], scaler: Any = None) -> torch.Tensor | None:
+    """Total L2 norm of the gradients (as ``clip_grad_norm_`` computes it), divided by the fp16
+    loss scale when a grad scaler scaled them; ``None`` when no parameter has a gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    if scaler is not None and scaler.is_enabled():
+        norm = norm / scaler.get_scale()
+    return norm
 
 
 def group_learning_rates(optimizer: Any, scheduler: Any) -> dict[str, float]:

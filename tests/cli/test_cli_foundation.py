@@ -26,7 +26,7 @@ def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("loraforge ")
     result = run("--help")
     assert result.returncode == 0
-    for name in ("init", "check", "tag", "bucket", "cache", "train", "resize", "merge"):
+    for name in ("init", "check", "tag", "bucket", "cache", "train", "resize", "merge", "report"):
         assert name in result.stdout
 
 
@@ -259,7 +259,7 @@ def test_check_budget_from_the_preset_header_without_torch() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge"]
+    "name", ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge", "report"]
 )
 def test_every_command_help_shows_a_worked_example(name: str) -> None:
     from typer.testing import CliRunner

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from loraforge.cli import app
 from loraforge.presets import list_presets
 
-COMMANDS = ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge"]
+COMMANDS = ["init", "check", "tag", "bucket", "cache", "train", "resize", "merge", "report"]
 
 
 def help_text(*args: str) -> str:

@@ -79,6 +79,7 @@ def test_dry_run_json_resolves_everything_and_writes_nothing(
         (f["step"], f["kind"], Path(f["path"]).relative_to(out).as_posix()) for f in plan["files"]
     ]
     assert files == [
+        (1, "metrics", "t-metrics.jsonl"),  # appended to by a resumed run
         (5, "lora", "t-000001.safetensors"),
         (5, "state", "t-000001-state"),
         (5, "sample", "sample/t_e000001_00_3.png"),

@@ -102,7 +102,7 @@ def test_validation_loss_matches_an_independent_computation(
 
 
 def test_cached_and_live_latents_give_the_same_validation_loss(
-    write_recipe, shapes_dataset, held_out_dataset
+    write_recipe, shapes_dataset, held_out_dataset, tmp_path
 ) -> None:
     values = []
     for latents in ("none", "memory"):
@@ -114,6 +114,7 @@ def test_cached_and_live_latents_give_the_same_validation_loss(
                     "training": {"batch_size": 2 if latents == "none" else 3},
                 },
                 name=f"{latents}.yaml",
+                out=tmp_path / latents,
             )
         )
         run = setup_run(recipe)
@@ -141,6 +142,15 @@ def test_validation_split_holds_images_out_of_training(write_recipe, tmp_path) -
     assert meta["ss_validation_split"] == "0.34"
     assert meta["ss_validation_step"] == "2"
     assert float(meta["ss_validation_loss"]) > 0
+    # the metrics file has one validation record per validation (the epoch end at step 2 is
+    # not validated twice), the last one the file's
+    from loraforge.training.metrics import read_metrics
+
+    records = read_metrics(tmp_path / "out" / "t-metrics.jsonl")
+    validations = [r for r in records if r["kind"] == "validation"]
+    assert [r["step"] for r in validations] == [1, 2]
+    assert validations[-1]["validation_loss"] == float(meta["ss_validation_loss"])
+    assert validations[-1]["best_step"] in (1, 2)
 
 
 def test_keep_best_writes_the_lowest_validation_loss_and_rotation_keeps_it(
