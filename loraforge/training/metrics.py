@@ -24,8 +24,9 @@ were not finite (a skipped fp16 step).
 
 A resumed run appends: records after the resumed step are dropped first (they belonged to the
 interrupted future the resume replaces), so every step appears once. A fresh run starts the file
-anew (an existing one is an output of an earlier run, refused without ``--force``). Non-finite
-numbers are written as ``null``, so every line is strict JSON.
+anew (an existing one is an output of an earlier run, refused without ``--force``). Either
+happens at the session's first record, so a run that fails before it changes nothing.
+Non-finite numbers are written as ``null``, so every line is strict JSON.
 """
 
 from __future__ import annotations
@@ -122,24 +123,24 @@ class MetricsLog:
         self.path = path
         self.clock = clock
         self.mark = clock()
+        self._session: dict[str, Any] | None = None  # the run record not written yet
+        self._resumed_at: int | None = None
 
     @property
     def enabled(self) -> bool:
         return self.path is not None
 
     def begin(self, start_step: int, *, resumed: bool, facts: Mapping[str, Any]) -> None:
-        """Start a session: a fresh run empties the file, a resumed one drops the records after
-        ``start_step``; then the ``run`` record with ``facts`` is written."""
+        """Start a session. The file is touched at the session's first record: a fresh run then
+        starts it anew, a resumed one drops the records after ``start_step``, and the ``run``
+        record with ``facts`` comes first. A session that fails before recording anything (out
+        of memory at the first step) leaves the file as it was."""
         if self.path is None:
             return
-        kept = []
-        if resumed and self.path.is_file():
-            kept = kept_on_resume(read_metrics(self.path), start_step)
-        with atomic_path(self.path, force=True) as tmp:
-            tmp.write_text("".join(_line(r) for r in kept), encoding="utf-8")
-        self.record(
-            RUN, start_step, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), resumed=resumed, **facts
-        )
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._session = {"kind": RUN, "step": start_step, "time": stamp, "resumed": resumed}
+        self._session.update(facts)
+        self._resumed_at = start_step if resumed else None
         self.restart_clock()
 
     def record(self, kind: str, step: int, **fields: Any) -> None:
@@ -147,8 +148,19 @@ class MetricsLog:
         ``record("validation", 200, validation_loss=0.093)``); non-finite floats become null."""
         if self.path is None:
             return
+        if self._session is not None:
+            self._start_file(self._session)
+            self._session = None
         with self.path.open("a", encoding="utf-8") as f:
             f.write(_line({"kind": kind, "step": step, **fields}))
+
+    def _start_file(self, session: Mapping[str, Any]) -> None:
+        assert self.path is not None
+        kept = []
+        if self._resumed_at is not None and self.path.is_file():
+            kept = kept_on_resume(read_metrics(self.path), self._resumed_at)
+        with atomic_path(self.path, force=True) as tmp:
+            tmp.write_text("".join(_line(r) for r in [*kept, session]), encoding="utf-8")
 
     def restart_clock(self) -> None:
         """The next step's time starts now (called after saving and sampling)."""

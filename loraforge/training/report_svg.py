@@ -45,6 +45,8 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     if high <= low:
         high = low + (abs(low) or 1.0)
     raw = (high - low) / max(1, count)
+    if not raw > 1e-300:  # a span below float resolution (denormals): one unit around it
+        return [float(math.floor(low)), float(math.floor(low)) + 1.0]
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.floor(low / step + 1e-9)  # the tolerance absorbs float division error
@@ -141,12 +143,36 @@ def line_chart(
     return "\n".join([*parts, "</svg>"])
 
 
+MAX_POINTS = 2000  # per series: a long run's line keeps its envelope, not every step
+
+
+def thin(
+    points: Sequence[tuple[float, float | None]], limit: int = MAX_POINTS
+) -> list[tuple[float, float | None]]:
+    """``points`` cut to about ``limit``: the lowest and highest point of each of ``limit / 2``
+    consecutive slices, in x order (spikes survive); gaps are kept."""
+    if len(points) <= limit:
+        return list(points)
+    size = -(-len(points) // (limit // 2))
+    kept: list[tuple[float, float | None]] = []
+    for start in range(0, len(points), size):
+        chunk = points[start : start + size]
+        known = [(x, y) for x, y in chunk if y is not None and math.isfinite(y)]
+        if len(known) < len(chunk):
+            kept.append((chunk[0][0], None))  # a gap in the slice breaks the line
+        if known:
+            low = min(known, key=lambda p: p[1])
+            high = max(known, key=lambda p: p[1])
+            kept += sorted({low, high})
+    return kept
+
+
 def _series_marks(
     s: Series, px: Callable[[float], float], py: Callable[[float], float]
 ) -> list[str]:
     """The polylines (split at gaps) and markers of one series, in pixels."""
     marks, run = [], []
-    for x, y in [*s.points, (math.nan, None)]:  # the sentinel ends the last run
+    for x, y in [*thin(s.points), (math.nan, None)]:  # the sentinel ends the last run
         if y is not None and math.isfinite(y):
             run.append(f"{px(x):.1f},{py(y):.1f}")
             continue

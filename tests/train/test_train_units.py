@@ -73,6 +73,7 @@ def test_planned_outputs_use_sd_scripts_names(tmp_path) -> None:
     sample = SampleSettings(None, 20, "euler_a", (spec,))
     files = [(f.step, f.kind, f.path.name) for f in planned_outputs(output, sample, length)]
     assert files == [
+        (1, "metrics", "lora-metrics.jsonl"),
         (15, "lora", "lora-step00000015.safetensors"),
         (15, "state", "lora-step00000015-state"),
         (20, "lora", "lora-000002.safetensors"),

@@ -81,11 +81,19 @@ def test_peak_memory_on_the_cpu_is_the_process_peak_rss(tmp_path) -> None:
     assert 0 < peak <= now
 
 
-def test_a_fresh_run_starts_the_file_anew(tmp_path) -> None:
+def test_a_fresh_run_starts_the_file_anew_at_its_first_record(tmp_path) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text('{"kind": "step", "step": 7}\n', encoding="utf-8")
-    MetricsLog(path).begin(0, resumed=False, facts={})
-    assert [r["kind"] for r in _lines(path)] == ["run"]
+    log = MetricsLog(path)
+    log.begin(0, resumed=False, facts={})
+    assert [r["step"] for r in _lines(path)] == [7]  # a run failing now changes nothing
+    log.record("step", 1)
+    assert [(r["kind"], r["step"]) for r in _lines(path)] == [("run", 0), ("step", 1)]
+
+
+def test_a_session_that_records_nothing_writes_no_file(tmp_path) -> None:
+    MetricsLog(tmp_path / "m.jsonl").begin(0, resumed=False, facts={})
+    assert not (tmp_path / "m.jsonl").exists()
 
 
 def test_a_resumed_run_drops_the_records_after_its_step(tmp_path) -> None:
@@ -98,8 +106,9 @@ def test_a_resumed_run_drops_the_records_after_its_step(tmp_path) -> None:
         {"kind": "validation", "step": 4},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in old), encoding="utf-8")
-    MetricsLog(path).begin(3, resumed=True, facts={"name": "t"})
-    MetricsLog(path).record("step", 4)
+    log = MetricsLog(path)
+    log.begin(3, resumed=True, facts={"name": "t"})
+    log.record("step", 4)
     records = [(r["kind"], r["step"]) for r in _lines(path)]
     assert records == [
         ("run", 0), ("step", 1), ("step", 2), ("step", 3), ("sample", 3), ("run", 3), ("step", 4),

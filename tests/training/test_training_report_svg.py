@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loraforge.training import report_svg
-from loraforge.training.report_svg import Series, bar_chart, line_chart, nice_ticks
+from loraforge.training.report_svg import Series, bar_chart, line_chart, nice_ticks, thin
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
@@ -19,10 +19,10 @@ finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinit
 def test_ticks_cover_the_range_in_round_steps(a: float, b: float) -> None:
     low, high = min(a, b), max(a, b)
     ticks = nice_ticks(low, high)
-    assert ticks[0] <= low + 1e-9 * max(1.0, abs(low))
-    assert ticks[-1] >= high - 1e-9 * max(1.0, abs(high))
     assert 2 <= len(ticks) <= 12
     steps = [b - a for a, b in itertools.pairwise(ticks)]
+    # covered, up to a float error far below a pixel
+    assert ticks[0] <= low + 1e-6 * steps[0] and ticks[-1] >= high - 1e-6 * steps[0]
     scale = max(abs(ticks[0]), abs(ticks[-1]))
     assert all(math.isclose(s, steps[0], rel_tol=1e-6, abs_tol=1e-9 * scale) for s in steps)
     mantissa = steps[0] / 10 ** math.floor(math.log10(steps[0]))
@@ -75,3 +75,21 @@ def test_a_line_breaks_at_gaps_and_bars_scale_to_their_values() -> None:
     heights = [float(h) for h in re.findall(r'height="([\d.]+)" fill="#123456"><title>', bars)]
     plot = report_svg.HEIGHT - report_svg._TOP - report_svg._BOTTOM
     assert heights == [plot / 2, plot]  # the axis ends at the tick 6
+
+
+def test_a_long_series_is_thinned_keeping_its_extremes() -> None:
+    import random
+
+    rng = random.Random(0)
+    points = [(float(i), rng.uniform(0, 1)) for i in range(20_000)]
+    points[12_345] = (12_345.0, 9.0)  # a spike
+    points[7_000] = (7_000.0, None)  # a gap
+    kept = thin(points)
+    assert len(kept) <= report_svg.MAX_POINTS + 2
+    assert (12_345.0, 9.0) in kept and min(p[1] for p in kept if p[1] is not None) == min(
+        p[1] for p in points if p[1] is not None
+    )
+    assert [x for x, _ in kept] == sorted(x for x, _ in kept)
+    assert any(y is None for _, y in kept)
+    svg = line_chart("t", [Series("a", points, "#111111")])
+    assert sum(len(p.split()) for p in re.findall(r'points="([^"]+)"', svg)) <= len(kept)
