@@ -125,7 +125,21 @@ def _render(report: dict[str, Any]) -> None:
             else ""
         )
     )
+    _render_validation(report)
     _render_skipped(report)
+
+
+def _render_validation(report: dict[str, Any]) -> None:
+    """The held-out validation images, with their buckets (they are never trained on)."""
+    if not report["validation"]:
+        return
+    title = f"held out for validation ({len(report['validation'])} images, not trained on)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("bucket", justify="right")
+    for item in report["validation"]:
+        table.add_row(escape(item["path"]), "x".join(map(str, item["bucket"])))
+    out.print(table)
 
 
 def _render_skipped(report: dict[str, Any]) -> None:

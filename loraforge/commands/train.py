@@ -84,7 +84,8 @@ def command(
             )
         raise typer.Exit(130)
     if result.main_process:
-        info(f"done: {result.final_path} ({result.progress.global_step} steps)")
+        how = ", stopped early" if result.stopped_early else ""
+        info(f"done: {result.final_path} ({result.progress.global_step} steps{how})")
 
 
 def aborted_message(aborted: Any, recipe_path: Path) -> str:
@@ -115,7 +116,12 @@ def render_plan(plan: Any, *, force: bool) -> None:
         (
             "dataset",
             f"{plan.images} images, {plan.reg_images} regularization, "
-            f"{plan.samples_per_epoch} samples per epoch (repeats included)",
+            f"{plan.samples_per_epoch} samples per epoch (repeats included)"
+            + (
+                f", {plan.validation_images} held out for validation"
+                if plan.validation_images
+                else ""
+            ),
         ),
         (
             "length",

@@ -126,7 +126,8 @@ def _jobs(
     masks: Mapping[str, MaskSource] | None,
 ) -> list[_Job]:
     jobs = []
-    for planned in plan.images:
+    held_out = {id(p) for p in plan.validation}
+    for planned in (*plan.images, *plan.validation):
         record, assignment = planned.record, planned.assignment
         mask = masks.get(record.key) if masks is not None else None
         depends = {
@@ -139,24 +140,36 @@ def _jobs(
             "noise": "per-key",  # each entry's posterior sample is seeded by its own key
             **({"mask": mask.identity()} if mask is not None else {}),
         }
-        for flipped in (False, True) if record.subset in flip_subsets else (False,):
+        flips = record.subset in flip_subsets and id(planned) not in held_out
+        for flipped in (False, True) if flips else (False,):
             name = record.key + FLIP_SUFFIX if flipped else record.key
             jobs.append(_Job(name, planned, flipped, {**depends, "flipped": str(flipped)}, mask))
     return jobs
 
 
+def centre_pixels(planned: PlannedImage, flipped: bool = False) -> torch.Tensor:
+    """An image at its bucket with the centre crop (optionally mirrored): ``(3, H, W)`` float32
+    in ``[-1, 1]``, what the cache encodes and the validation loss sees."""
+    rgb, _ = load_image_and_alpha(planned.record.path, alpha=False)
+    return _centred(rgb, planned.assignment, flipped)
+
+
+def _centred(rgb: Any, assignment: Any, flipped: bool) -> torch.Tensor:
+    pixels = np.array(resize_and_crop(rgb, assignment, assignment.center_crop()), dtype=np.uint8)
+    return to_tensor(flip_horizontal(pixels) if flipped else pixels)
+
+
 def _sample(job: _Job) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The entry's pixels ``(3, H, W)`` and, with a mask source, its mask ``(1, H, W)``."""
     record, assignment = job.planned.record, job.planned.assignment
-    origin = assignment.center_crop()
     wants_alpha = job.mask is not None and job.mask.kind == "alpha"
     rgb, alpha = load_image_and_alpha(record.path, alpha=wants_alpha)
-    pixels = np.array(resize_and_crop(rgb, assignment, origin), dtype=np.uint8)
     mask = None
     if job.mask is not None:
         loaded = load_mask(job.mask, record.size, alpha)
+        origin = assignment.center_crop()
         mask = torch.from_numpy(sample_mask(loaded, assignment, origin, job.flipped))[None]
-    return to_tensor(flip_horizontal(pixels) if job.flipped else pixels), mask
+    return _centred(rgb, assignment, job.flipped), mask
 
 
 def _decode_batch(jobs: list[_Job]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -188,7 +201,8 @@ def prepare_latent_cache(
     progress: Progress | None = None,
     masks: Mapping[str, MaskSource] | None = None,
 ) -> LatentCache:
-    """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once.
+    """Encode every planned image (and its mirror for subsets in ``flip_subsets``) once, and
+    every held-out validation image (never mirrored).
 
     Args:
         plan: the bucket plan (images with their buckets).

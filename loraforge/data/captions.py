@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from loraforge.recipe.types import SubsetConfig
 
@@ -83,6 +83,24 @@ class CaptionOptions:
             or self.caption_dropout_every_n_epochs > 0
             or self.enable_wildcard
         )
+
+
+def validation_caption(caption: str, options: CaptionOptions) -> str:
+    """The caption of a held-out validation image: the same every time it is used (no shuffle,
+    no dropout; with wildcards, a fixed choice), with prefix and suffix.
+
+    Args:
+        caption: the raw caption.
+        options: the subset's caption options (their random parts are turned off).
+    """
+    fixed = replace(
+        options,
+        shuffle_caption=False,
+        caption_dropout_rate=0.0,
+        caption_dropout_every_n_epochs=0,
+        caption_tag_dropout_rate=0.0,
+    )
+    return process_caption(caption, fixed, random.Random(0), 1)
 
 
 def process_caption(caption: str, options: CaptionOptions, rng: random.Random, epoch: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loraforge.data.buckets import BucketSettings
 from loraforge.data.discovery import Discovery, discover
+from loraforge.data.holdout import missing_held_out_error
 from loraforge.data.plan import plan_buckets
 from loraforge.data.subsets import ResolvedSubset, subset_path
 from loraforge.errors import DatasetError
@@ -100,7 +101,7 @@ def _check_contents(
     if masks:
         problems += _mask_findings(found, indices)
     if not plan:
-        return problems
+        return problems + _held_out_problems(present, len(found.validation))
     try:
         buckets = plan_buckets(found, BucketSettings.from_dataset(present))
     except DatasetError as e:
@@ -109,13 +110,24 @@ def _check_contents(
         Problem("warning", f"{issue.path}: {issue.reason}", path="dataset.bucket_no_upscale")
         for issue in buckets.skipped
     ]
-    return problems
+    return problems + _held_out_problems(present, len(buckets.validation))
+
+
+def _held_out_problems(present: DatasetConfig, num_held_out: int) -> list[Problem]:
+    """An error when the recipe asks for validation and no image is held out (train stops)."""
+    missing = missing_held_out_error(present, num_held_out)
+    if missing is None:
+        return []
+    field = "dataset.validation_split" if present.validation_split > 0 else "dataset.subsets"
+    message = missing.message.removeprefix("dataset: ") + ": train will stop"
+    return [Problem("error", message, path=field, hint=missing.hint)]
 
 
 def _empty_subsets(found: Discovery, present: DatasetConfig) -> list[int]:
     """Positions in ``present`` of the subsets that contribute no usable image (training
     ignores them)."""
     used = {found.subsets[image.subset].config_index for image in found.images}
+    used |= {found.subsets[image.subset].config_index for image in found.validation}
     unused_dirs = {path.parent for path in found.unused_reg_images}
     used |= {s.config_index for s in found.subsets if s.dir in unused_dirs}
     return [index for index in range(len(present.subsets)) if index not in used]

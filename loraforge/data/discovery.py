@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 
 from loraforge.data.caption_files import read_caption
 from loraforge.data.folders import list_folder
+from loraforge.data.holdout import split_subset
 from loraforge.data.images import BadImageError, read_image_size, verify_image
 from loraforge.data.subsets import ResolvedSubset, resolve_subsets
 from loraforge.errors import DatasetError
@@ -79,6 +80,8 @@ class Discovery:
         unused_reg_images: reg images beyond what the training images need.
         num_train_images: training images x repeats (one epoch's training samples).
         num_reg_images: reg images x their folder repeats, before balancing.
+        validation: held-out images (``dataset.validation_split``, ``is_validation`` subsets),
+            never trained on (see :mod:`loraforge.data.holdout`).
     """
 
     images: tuple[ImageRecord, ...]
@@ -90,6 +93,7 @@ class Discovery:
     unused_reg_images: tuple[Path, ...]
     num_train_images: int
     num_reg_images: int
+    validation: tuple[ImageRecord, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -120,6 +124,7 @@ def discover(
     skipped: list[FileIssue] = []
     caption_issues: list[FileIssue] = []
     records: list[ImageRecord] = []
+    held_out: list[ImageRecord] = []
     seen_dirs: set[Path] = set()
     count = _worker_count(workers)
     with ThreadPoolExecutor(max_workers=count) if count > 1 else _no_pool() as pool:
@@ -129,14 +134,23 @@ def discover(
                 continue
             seen_dirs.add(subset.dir)
             scanned = _scan_subset(subset, pool, verify)
-            records += scanned.records
+            split = split_subset(
+                len(scanned.records), subset, dataset.validation_split, dataset.validation_seed
+            )
+            records += [scanned.records[i] for i in split.train]
+            held_out += [scanned.records[i] for i in split.validation]
+            if split.validation and not split.train and not subset.config.is_validation:
+                warnings.append(
+                    f"{subset.dir}: all {len(split.validation)} image(s) are held out for "
+                    "validation (dataset.validation_split), none is trained on"
+                )
             skipped += scanned.skipped
             caption_issues += scanned.caption_issues
             warnings += scanned.warnings
     train = [r for r in records if not r.is_reg]
     reg = [r for r in records if r.is_reg]
     if not train:
-        raise _empty_dataset_error(resolution.searched, reg, skipped)
+        raise _empty_dataset_error(resolution.searched, reg, skipped, len(held_out))
     num_train = sum(r.repeats for r in train)
     num_reg = sum(r.repeats for r in reg)
     balanced = balance_reg_repeats(num_train, reg)
@@ -157,6 +171,7 @@ def discover(
         unused_reg_images=unused,
         num_train_images=num_train,
         num_reg_images=num_reg,
+        validation=tuple(held_out),
     )
 
 
@@ -293,11 +308,16 @@ def _worker_count(workers: int | None) -> int:
 
 
 def _empty_dataset_error(
-    searched: Sequence[Path], reg: Sequence[ImageRecord], skipped: Sequence[FileIssue]
+    searched: Sequence[Path],
+    reg: Sequence[ImageRecord],
+    skipped: Sequence[FileIssue],
+    held_out: int = 0,
 ) -> DatasetError:
     folders = ", ".join(str(p) for p in searched)
     detail = ""
-    if reg:
+    if held_out:
+        detail = f" ({held_out} image(s) found, all held out for validation)"
+    elif reg:
         detail = f" ({len(reg)} regularization image(s) found, but reg images need training images)"
     elif skipped:
         first = skipped[0]

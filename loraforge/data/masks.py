@@ -26,9 +26,9 @@ from PIL import Image
 
 from loraforge.data.buckets import BucketAssignment, Size
 from loraforge.data.discovery import ImageRecord
+from loraforge.data.folders import image_entries
 from loraforge.data.images import (
     BadImageError,
-    image_entries,
     load_image_and_alpha,
     load_image_rgb,
     read_image_size,

@@ -53,6 +53,8 @@ class BucketPlan:
         skipped: images that cannot be bucketed (too small for ``bucket_no_upscale``).
         mean_aspect_error: mean absolute aspect-ratio error over all images (sd-scripts'
             ``mean_img_ar_error``, without repeats).
+        validation: the held-out images (``Discovery.validation``) with their buckets; they
+            are in no bucket's samples.
     """
 
     settings: BucketSettings
@@ -60,6 +62,7 @@ class BucketPlan:
     buckets: tuple[Bucket, ...]
     skipped: tuple[FileIssue, ...]
     mean_aspect_error: float
+    validation: tuple[PlannedImage, ...] = ()
 
     @property
     def num_samples(self) -> int:
@@ -97,9 +100,30 @@ def plan_buckets(discovery: Discovery, settings: BucketSettings) -> BucketPlan:
         DatasetError: invalid bucket settings, or no image can be bucketed.
     """
     bucketer = Bucketer(settings)
-    planned: list[PlannedImage] = []
     skipped: list[FileIssue] = []
-    for record in discovery.images:
+    planned = _assign(bucketer, discovery.images, skipped)
+    validation = _assign(bucketer, discovery.validation, skipped)
+    if not any(not p.record.is_reg for p in planned):
+        raise DatasetError(
+            "no training image can be bucketed (all are smaller than one bucket step)",
+            hint="turn off bucket_no_upscale or lower bucket_reso_steps",
+        )
+    return BucketPlan(
+        settings=bucketer.settings,
+        images=tuple(planned),
+        buckets=_group(planned),
+        skipped=tuple(skipped),
+        mean_aspect_error=_mean([abs(p.assignment.aspect_error) for p in planned]),
+        validation=tuple(validation),
+    )
+
+
+def _assign(
+    bucketer: Bucketer, records: tuple[ImageRecord, ...], skipped: list[FileIssue]
+) -> list[PlannedImage]:
+    """Bucket ``records``; those too small for ``bucket_no_upscale`` go to ``skipped``."""
+    planned: list[PlannedImage] = []
+    for record in records:
         assignment = bucketer.assign(*record.size)
         if min(assignment.bucket) < 1:
             step = bucketer.settings.bucket_reso_steps
@@ -112,18 +136,7 @@ def plan_buckets(discovery: Discovery, settings: BucketSettings) -> BucketPlan:
             )
             continue
         planned.append(PlannedImage(record, assignment))
-    if not any(not p.record.is_reg for p in planned):
-        raise DatasetError(
-            "no training image can be bucketed (all are smaller than one bucket step)",
-            hint="turn off bucket_no_upscale or lower bucket_reso_steps",
-        )
-    return BucketPlan(
-        settings=bucketer.settings,
-        images=tuple(planned),
-        buckets=_group(planned),
-        skipped=tuple(skipped),
-        mean_aspect_error=_mean([abs(p.assignment.aspect_error) for p in planned]),
-    )
+    return planned
 
 
 def _group(planned: list[PlannedImage]) -> tuple[Bucket, ...]:

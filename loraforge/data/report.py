@@ -5,16 +5,19 @@ Shape (``--format json`` prints exactly this)::
     {"settings": {...bucket settings...},
      "totals": {"images", "train_images", "reg_images", "samples_per_epoch", "batch_size",
                 "gradient_accumulation_steps", "batches_per_epoch", "steps_per_epoch",
-                "mean_aspect_error", "skipped"},
+                "mean_aspect_error", "skipped", "validation_images"},
      "buckets": [{"width", "height", "images", "samples", "batches", "mean_aspect_error"}],
      "images": [{"path", "subset", "is_reg", "repeats", "width", "height", "bucket": [w, h],
                  "resized": [w, h], "crop": [left, top, right, bottom] | null,
                  "random_crop", "aspect_error", "caption_source"}],
+     "validation": [{...as images, without repeats...}],
      "skipped": [{"path", "reason"}], "caption_issues": [{"path", "reason"}],
      "unused_reg_images": [path], "warnings": [text], "searched": [folder]}
 
 ``crop`` is the centre crop box in the resized image; ``null`` for subsets with
-``random_crop`` (the box is drawn per step).
+``random_crop`` (the box is drawn per step). ``validation`` lists the held-out images
+(``dataset.validation_split``, ``is_validation`` subsets), which are in no bucket's samples and
+always use the centre crop.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ def bucket_report(
             "steps_per_epoch": plan.steps_per_epoch(batch_size, gradient_accumulation_steps),
             "mean_aspect_error": plan.mean_aspect_error,
             "skipped": len(skipped),
+            "validation_images": len(plan.validation),
         },
         "buckets": [
             {
@@ -73,6 +77,7 @@ def bucket_report(
             for bucket in plan.buckets
         ],
         "images": [_image_entry(p, discovery) for p in plan.images],
+        "validation": [_image_entry(p, discovery, validation=True) for p in plan.validation],
         "skipped": [{"path": str(i.path), "reason": i.reason} for i in skipped],
         "caption_issues": [
             {"path": str(i.path), "reason": i.reason} for i in discovery.caption_issues
@@ -83,14 +88,16 @@ def bucket_report(
     }
 
 
-def _image_entry(planned: PlannedImage, discovery: Discovery) -> dict[str, Any]:
+def _image_entry(
+    planned: PlannedImage, discovery: Discovery, *, validation: bool = False
+) -> dict[str, Any]:
     record, assignment = planned.record, planned.assignment
-    random_crop = discovery.subsets[record.subset].config.random_crop
+    random_crop = discovery.subsets[record.subset].config.random_crop and not validation
     crop = None
     if not random_crop:
         left, top = assignment.center_crop()
         crop = [left, top, left + assignment.bucket[0], top + assignment.bucket[1]]
-    return {
+    entry = {
         "path": str(record.path),
         "subset": record.subset,
         "is_reg": record.is_reg,
@@ -104,6 +111,9 @@ def _image_entry(planned: PlannedImage, discovery: Discovery) -> dict[str, Any]:
         "aspect_error": assignment.aspect_error,
         "caption_source": record.caption_source,
     }
+    if validation:
+        del entry["repeats"], entry["is_reg"]
+    return entry
 
 
 def skipped_summary(skipped: list[Any] | tuple[Any, ...], shown: int = 3) -> str | None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from loraforge.data.cache_store import EntryStore
-from loraforge.data.captions import CaptionOptions, process_caption
+from loraforge.data.captions import CaptionOptions, process_caption, validation_caption
 from loraforge.data.plan import BucketPlan
 from loraforge.data.subsets import ResolvedSubset
 from loraforge.errors import RecipeError
@@ -68,6 +68,10 @@ def fixed_captions(plan: BucketPlan, subsets: Sequence[ResolvedSubset]) -> list[
                 hint="set cache.text_encoder_outputs: none, or turn off shuffle/dropout/wildcards",
             )
         captions[process_caption(planned.record.caption, options, random.Random(0), 1)] = None
+    for planned in plan.validation:  # held-out images: their fixed captions
+        config = subsets[planned.record.subset].config
+        text = validation_caption(planned.record.caption, CaptionOptions.from_subset(config))
+        captions[text] = None
     return list(captions)
 
 

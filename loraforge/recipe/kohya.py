@@ -21,7 +21,7 @@ _SUBSET_KEYS = (
 )  # fmt: skip
 _SAME_NAME = {
     "dataset": ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
-                "bucket_no_upscale", "resolution"),
+                "bucket_no_upscale", "resolution", "validation_split", "validation_seed"),
     "model": ("clip_skip", "max_token_length", "vae"),
     "training": (
         "max_train_epochs", "max_train_steps", "gradient_accumulation_steps", "learning_rate",
@@ -34,7 +34,7 @@ _SAME_NAME = {
         "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule",
         "huber_c", "huber_scale", "prior_loss_weight", "max_grad_norm", "scale_weight_norms",
-        "masked_loss", "seed",
+        "masked_loss", "seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
     ),
     "output": ("save_every_n_epochs", "save_every_n_steps", "save_precision", "save_state"),
 }  # fmt: skip
@@ -168,11 +168,6 @@ for _name in [
     "skip_until_initial_step",
     "initial_epoch",
     "initial_step",
-    "validation_seed",
-    "validation_split",
-    "validate_every_n_steps",
-    "validate_every_n_epochs",
-    "max_validation_steps",
     "weighted_captions",
     "deepspeed",
     "zero_stage",

@@ -324,7 +324,8 @@ class _Converter:
                 "are joined and the first dataset's settings are used"
             )
         dataset_keys = ("resolution", "batch_size", "enable_bucket", "min_bucket_reso",
-                        "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")  # fmt: skip
+                        "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale",
+                        "validation_split", "validation_seed")  # fmt: skip
         for key in dataset_keys:
             for source in (datasets[0] if datasets else {}, general):
                 if key in source:

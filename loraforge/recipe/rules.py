@@ -18,6 +18,7 @@ from loraforge.recipe.capabilities import (
 )
 from loraforge.recipe.rules_masks_ema import ema_problems, masked_loss_problems
 from loraforge.recipe.types import Recipe
+from loraforge.recipe.validation_rules import validation_problems
 
 Finding = tuple[str, tuple[Any, ...], str, str | None]
 
@@ -36,14 +37,17 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
         _output,
         masked_loss_problems,
         ema_problems,
+        validation_problems,
     ):
         findings.extend(rule(recipe))
     return findings
 
 
 def _caching(r: Recipe) -> Iterator[Finding]:
+    # validation images are never augmented and their captions are fixed: no conflict there
+    trained = [(i, s) for i, s in enumerate(r.dataset.subsets) if not s.is_validation]
     if r.cache.latents != "none":
-        for i, s in enumerate(r.dataset.subsets):
+        for i, s in trained:
             for name in ("color_aug", "random_crop"):
                 if getattr(s, name):
                     yield (
@@ -60,7 +64,7 @@ def _caching(r: Recipe) -> Iterator[Finding]:
                 "text-encoder outputs cannot be cached while the text encoder is trained",
                 "set network.train_text_encoder: false, or cache.text_encoder_outputs: none",
             )
-        for i, s in enumerate(r.dataset.subsets):
+        for i, s in trained:
             varying = [n for n in ("shuffle_caption", "enable_wildcard") if getattr(s, n)]
             varying += [
                 n
@@ -307,11 +311,11 @@ def _prediction(r: Recipe) -> Iterator[Finding]:
 
 def _dataset(r: Recipe) -> Iterator[Finding]:
     d = r.dataset
-    if all(s.is_reg for s in d.subsets):
+    if all(s.is_reg or s.is_validation for s in d.subsets):
         yield (
             "error",
             ("dataset", "subsets"),
-            "every subset is a regularization subset; add training images",
+            "every subset is a regularization or validation subset; add training images",
             None,
         )
     if d.enable_bucket:

@@ -29,6 +29,7 @@ class SubsetConfig:
     repeats: int | None
     class_tokens: str | None
     is_reg: bool
+    is_validation: bool
     caption_extension: str
     shuffle_caption: bool
     keep_tokens: int
@@ -57,6 +58,8 @@ class DatasetConfig:
     bucket_reso_steps: int
     bucket_no_upscale: bool
     num_workers: int
+    validation_split: float
+    validation_seed: int
     subsets: tuple[SubsetConfig, ...]
 
 
@@ -129,6 +132,12 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: int
+    min_delta: float
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     max_train_epochs: int | None
     max_train_steps: int | None
@@ -174,6 +183,10 @@ class TrainingConfig:
     scale_weight_norms: float | None
     masked_loss: bool
     ema: EmaConfig | None
+    validate_every_n_steps: int | None
+    validate_every_n_epochs: int | None
+    max_validation_steps: int | None
+    early_stopping: EarlyStoppingConfig | None
     seed: int
 
 
@@ -196,6 +209,7 @@ class OutputConfig:
     save_last_n: int | None
     save_precision: Literal["fp16", "bf16", "fp32"]
     save_state: bool
+    keep_best: bool
     metadata: MetadataConfig
 
 

@@ -3,7 +3,8 @@
 The live display, laid out by priority for the terminal's width (:func:`status_lines`): step/total,
 ETA, loss (current and moving average over the last epoch's steps) and speed first, then the
 epoch and a progress bar when there is room; peak device memory, learning rates and max-norm
-figures (with ``scale_weight_norms``) on a second line, each shown whole or dropped when narrow.
+figures (with ``scale_weight_norms``) on a second line, each shown whole or dropped when narrow;
+the newest validation loss and the best so far (with held-out images) after the loss.
 The ETA comes from the run's own average step time and counts down between steps. On a terminal
 the display updates in place; otherwise (CI logs, files) a plain line is printed about every
 tenth of the run. Only the main process shows or logs anything.
@@ -45,6 +46,16 @@ class StepReport:
     average: float
     lrs: Mapping[str, float]
     max_norm: MaxNormResult | None = None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """One validation: its loss and the best so far (``best_step`` the step that had it)."""
+
+    step: int
+    loss: float
+    best: float | None
+    best_step: int | None
 
 
 class LossWindow:
@@ -114,6 +125,9 @@ class TensorBoardLog:
             w.add_scalar("max_norm/average_key_norm", report.max_norm.mean_norm, report.step)
             w.add_scalar("max_norm/max_key_norm", report.max_norm.max_norm, report.step)
 
+    def validation(self, report: ValidationReport) -> None:
+        self.writer.add_scalar("loss/validation", report.loss, report.step)
+
     def epoch(self, epoch: int, average: float) -> None:
         self.writer.add_scalar("loss/epoch", average, epoch)
 
@@ -140,6 +154,7 @@ class StatusFields:
         memory: peak device memory.
         lrs: the learning rate of every parameter group.
         norm: max-norm figures, ``""`` when off.
+        validation: the newest validation loss and the best, ``""`` before the first.
     """
 
     step: int
@@ -152,6 +167,7 @@ class StatusFields:
     memory: str = ""
     lrs: str = ""
     norm: str = ""
+    validation: str = ""
 
     def first_line(self) -> list[str]:
         """The figures a glance needs, in priority order."""
@@ -159,6 +175,7 @@ class StatusFields:
             f"step {self.step}/{self.total}",
             f"eta {self.eta or '…'}",
             f"loss {self.loss} (avg {self.average})",
+            self.validation,
             self.rate,
             f"epoch {self.epoch}",
         ]
@@ -303,6 +320,7 @@ class TrainingDisplay:
             self.tensorboard.step(report)
         self.last_step, self.last_step_at = report.step, self.clock()
         self.shown = StatusFields(
+            validation=self.shown.validation,
             step=report.step,
             total=self.total,
             loss=f"{report.loss:.4f}",
@@ -319,6 +337,21 @@ class TrainingDisplay:
             fields = self.fields()
             parts = [*fields.first_line(), *fields.second_line()]
             self.console.print(_GAP.join(p for p in parts if p), soft_wrap=True, markup=False)
+
+    def validation(self, report: ValidationReport) -> None:
+        """Show (and log) a validation loss."""
+        if not self.enabled:
+            return
+        if self.tensorboard is not None:
+            self.tensorboard.validation(report)
+        best = f" (best {report.best:.4f} @ {report.best_step})" if report.best is not None else ""
+        self.shown = replace(self.shown, validation=f"val {report.loss:.4f}{best}")
+        if self.live:
+            self._live.refresh()
+        else:
+            self.console.print(
+                f"step {report.step}: validation loss {report.loss:.6f}{best}", soft_wrap=True
+            )
 
     def epoch_done(self, epoch: int, average: float) -> None:
         if self.enabled and self.tensorboard is not None:

@@ -73,6 +73,7 @@ class TrainingPlan:
         existing: planned files that exist already (need ``--force``).
         resume_from, resume_step: the state a ``--resume`` would continue from.
         vram: the analytic VRAM estimate (:class:`loraforge.vram.VramEstimate`).
+        validation_images: held-out images the validation loss uses (never trained on).
     """
 
     recipe: str | None
@@ -101,6 +102,7 @@ class TrainingPlan:
     resume_from: Path | None = None
     resume_step: int = 0
     vram: Any = field(default=None)  # a loraforge.vram.VramEstimate
+    validation_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (paths as strings)."""
@@ -183,12 +185,16 @@ def _dataset_and_length(recipe: Recipe, processes: int) -> tuple[Any, Any, Train
     """Discovery, bucket plan and run length, computed as the run computes them."""
     from loraforge.data.buckets import BucketSettings
     from loraforge.data.discovery import discover
+    from loraforge.data.holdout import missing_held_out_error
     from loraforge.data.plan import plan_buckets
     from loraforge.data.sampler import BucketBatchSampler
 
     t = recipe.training
     discovery = discover(recipe.dataset, verify=True)  # as train: bad pixels are skipped
     buckets = plan_buckets(discovery, BucketSettings.from_dataset(recipe.dataset))
+    missing = missing_held_out_error(recipe.dataset, len(buckets.validation))
+    if missing is not None:
+        raise missing
     sampler = BucketBatchSampler(buckets.bucket_samples(), t.batch_size, num_replicas=processes)
     length = training_length(
         len(sampler), t.gradient_accumulation_steps, t.max_train_epochs, t.max_train_steps
@@ -262,4 +268,5 @@ def build_plan(
         resume_from=state_dir,
         resume_step=after,
         vram=estimate_vram(recipe),
+        validation_images=len(buckets.validation),
     )

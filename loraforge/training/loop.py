@@ -15,9 +15,11 @@ from typing import Any, Protocol
 
 import torch
 
-from loraforge.training.display import LossWindow, StepReport, TrainingDisplay
+from loraforge.training.display import LossWindow, StepReport, TrainingDisplay, ValidationReport
 from loraforge.training.distributed import synchronise_step
 from loraforge.training.divergence import divergence_error
+from loraforge.training.early_stopping import ValidationTracker
+from loraforge.training.metrics import VALIDATION
 from loraforge.training.optim import set_eval_mode, set_train_mode
 from loraforge.training.sample_grid import write_sample_grid
 from loraforge.training.sampling import SampleRequest, sample_during_training
@@ -58,6 +60,7 @@ class TrainResult:
         interrupted: stopped by Ctrl-C (a resumable state was saved).
         losses: the loss of every optimizer step of this session.
         main_process: this process is the one that writes files and reports.
+        stopped_early: early stopping ended the run (the final file and state are saved).
     """
 
     final_path: Path
@@ -65,6 +68,7 @@ class TrainResult:
     interrupted: bool
     losses: tuple[float, ...]
     main_process: bool = True
+    stopped_early: bool = False
 
 
 class StepProbe(Protocol):
@@ -83,7 +87,7 @@ def train(
     stop: StopFlag,
     probe: StepProbe | None = None,
 ) -> TrainResult:
-    """Train until ``max_train_steps``, Ctrl-C, or a non-finite loss.
+    """Train until ``max_train_steps``, Ctrl-C, early stopping, or a non-finite loss.
 
     Args:
         probe: told where each optimizer step starts and ends (memory measurement).
@@ -95,6 +99,11 @@ def train(
     length = s.length
     progress = run.start
     window = LossWindow(length.steps_per_epoch, run.loss_history)
+    tracker = ValidationTracker.restore(
+        run.validation_history, min_delta=s.validation.min_delta, patience=s.validation.patience
+    )
+    run.checkpointer.validation_metadata = tracker.metadata()
+    stopped_early = False
     losses: list[float] = []
     te_trains = text_encoder_trains(run.optimizer)
     position = None  # where the data stands when the run ends mid-epoch
@@ -158,33 +167,41 @@ def train(
                 stop_text_encoder(run.optimizer)
                 te_trains = False
                 display.message(f"step {progress.global_step}: the text encoder stops training")
-            after_step(run, progress, display, window)
-            run.metrics.restart_clock()  # a step's time leaves out saving and sampling
+            stopped_early = after_step(run, progress, display, window, tracker)
+            run.metrics.restart_clock()  # a step's time leaves out validation, saving, sampling
             if agreed.stop:
                 state = run.checkpointer.interrupted_state(
-                    run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+                    run.network,
+                    run.optimizer,
+                    run.scheduler,
+                    progress,
+                    state_extra(run, window, tracker),
                 )
                 return TrainResult(state, progress, True, tuple(losses), run.is_main)
-            if progress.global_step >= length.max_train_steps:
+            if stopped_early or progress.global_step >= length.max_train_steps:
                 break
         # the state keeps the true data position (mid-epoch when the steps ran out there), so
         # a run extended by raising its length continues with the next batch
         mid_epoch = progress.epoch == epoch and progress.step_in_epoch < length.batches_per_epoch
         position = progress if mid_epoch else None
         progress = TrainingProgress(progress.global_step, epoch + 1, 0)
-        after_epoch(run, progress, display, window)
-        run.metrics.restart_clock()
-        if progress.global_step >= length.max_train_steps:
+        if stopped_early:
             break
+        stopped_early = after_epoch(run, progress, display, window, tracker)
+        run.metrics.restart_clock()
+        if stopped_early or progress.global_step >= length.max_train_steps:
+            break
+    if stopped_early:
+        display.message(tracker.stop_message())
     final = run.checkpointer.final(
         run.network,
         run.optimizer,
         run.scheduler,
         progress,
-        state_extra(run, window),
+        state_extra(run, window, tracker),
         position=position,
     )
-    return TrainResult(final, progress, False, tuple(losses), run.is_main)
+    return TrainResult(final, progress, False, tuple(losses), run.is_main, stopped_early)
 
 
 def is_update_batch(index: int, accumulation: int, batches_per_epoch: int) -> bool:
@@ -210,12 +227,13 @@ def check_finite(loss: float, step: int, run: TrainingRun) -> None:
     )
 
 
-def state_extra(run: TrainingRun, window: LossWindow) -> dict[str, Any]:
-    """The loop's own data saved with a state: the loss window, the process count and the
-    fp16 grad scaler."""
+def state_extra(run: TrainingRun, window: LossWindow, tracker: ValidationTracker) -> dict[str, Any]:
+    """The loop's own data saved with a state: the loss window, the validation history, the
+    process count and the fp16 grad scaler."""
     extra: dict[str, Any] = {
         "loss_window": list(window.values),
         "num_processes": run.num_processes,  # the data position is per process
+        "validation": tracker.state(),
     }
     if run.scaler is not None:
         extra["scaler"] = run.scaler.state_dict()
@@ -223,26 +241,75 @@ def state_extra(run: TrainingRun, window: LossWindow) -> dict[str, Any]:
 
 
 def after_step(
-    run: TrainingRun, progress: TrainingProgress, display: TrainingDisplay, window: LossWindow
-) -> None:
-    """Step-based saves and samples (``save_every_n_steps``, ``sample.every_n_steps``)."""
+    run: TrainingRun,
+    progress: TrainingProgress,
+    display: TrainingDisplay,
+    window: LossWindow,
+    tracker: ValidationTracker,
+) -> bool:
+    """Step-based validation, saves and samples (``validate_every_n_steps``,
+    ``save_every_n_steps``, ``sample.every_n_steps``); returns whether to stop early (the final
+    save follows, so the step's own save is left out)."""
     s, step = run.settings, progress.global_step
+    if s.validation.at_step(step) and validate(run, progress, display, tracker):
+        return True
     if is_step_save(step, s.output, s.length):
-        save_checkpoint(run, "step", step, progress, display, window)
+        save_checkpoint(run, "step", step, progress, display, window, tracker)
     if is_step_sample(step, s.sample):
         take_samples(run, "step", step, step, display)
+    return False
 
 
 def after_epoch(
-    run: TrainingRun, progress: TrainingProgress, display: TrainingDisplay, window: LossWindow
-) -> None:
-    """Epoch-end logging, saves and samples (``save_every_n_epochs``, ``sample.every_n_epochs``)."""
+    run: TrainingRun,
+    progress: TrainingProgress,
+    display: TrainingDisplay,
+    window: LossWindow,
+    tracker: ValidationTracker,
+) -> bool:
+    """Epoch-end logging, validation, saves and samples (``validate_every_n_epochs``,
+    ``save_every_n_epochs``, ``sample.every_n_epochs``); returns whether to stop early."""
     s, done = run.settings, progress.epoch
     display.epoch_done(done, window.average)
+    if s.validation.at_epoch(done) and validate(run, progress, display, tracker):
+        return True
     if is_epoch_save(done, s.output, s.length):
-        save_checkpoint(run, "epoch", done, progress, display, window)
+        save_checkpoint(run, "epoch", done, progress, display, window, tracker)
     if is_epoch_sample(done, s.sample):
         take_samples(run, "epoch", done, progress.global_step, display)
+    return False
+
+
+def validate(
+    run: TrainingRun,
+    progress: TrainingProgress,
+    display: TrainingDisplay,
+    tracker: ValidationTracker,
+) -> bool:
+    """Compute the validation loss (of the EMA weights when the run averages them: the weights
+    the files hold), show it, keep the best file; returns whether early stopping ends the run. A step validated already (an epoch ending at a step validation) is not
+    validated twice."""
+    step = progress.global_step
+    if run.validator is None or tracker.last_step == step:
+        return False
+    # the weights the files hold: the average when the run keeps one
+    with run.ema.applied(run.network) if run.ema is not None else contextlib.nullcontext():
+        loss = run.validator.loss(run.network, run.optimizer, run.accelerator.autocast)
+    new_best = tracker.add(loss, step)
+    run.checkpointer.validation_metadata = tracker.metadata()
+    display.validation(ValidationReport(step, loss, tracker.best, tracker.best_step))
+    run.metrics.record(
+        VALIDATION,
+        step,
+        validation_loss=loss,
+        best_validation_loss=tracker.best,
+        best_step=tracker.best_step,
+        since_improvement=tracker.since_improvement,
+    )
+    if new_best and run.settings.output.keep_best:
+        path = run.checkpointer.best(run.network, run.optimizer, progress)
+        display.message(f"step {step}: new best validation loss {loss:.6f}, saved {path}")
+    return tracker.should_stop
 
 
 def save_checkpoint(
@@ -252,9 +319,11 @@ def save_checkpoint(
     progress: TrainingProgress,
     display: TrainingDisplay,
     window: LossWindow,
+    tracker: ValidationTracker,
 ) -> None:
+    extra = state_extra(run, window, tracker)
     path = run.checkpointer.checkpoint(
-        kind, number, run.network, run.optimizer, run.scheduler, progress, state_extra(run, window)
+        kind, number, run.network, run.optimizer, run.scheduler, progress, extra
     )
     display.message(f"saved {path}")
 

@@ -93,6 +93,7 @@ class RunFacts:
         tag_frequency: ``{folder name: {tag: count}}``.
         bucket_info: ``{"buckets": {...}, "mean_img_ar_error": x}`` or ``None`` without buckets.
         base_model_hashes, vae_hashes: from :func:`model_file_hashes` (``None``: not written).
+        num_validation_images: held-out validation images (``ss_num_validation_images``).
     """
 
     session_id: int
@@ -111,6 +112,7 @@ class RunFacts:
     bucket_info: Mapping[str, Any] | None = None
     base_model_hashes: ModelHashes | None = None
     vae_hashes: ModelHashes | None = None
+    num_validation_images: int = 0
 
 
 def new_session_id() -> int:
@@ -316,7 +318,22 @@ def _dataset_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     }
     if note is not None:
         keys["loraforge_tag_frequency"] = note
+    if facts.num_validation_images:
+        keys.update(_validation_keys(recipe, facts))
     return keys
+
+
+def _validation_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
+    """sd-scripts' validation keys (written when images are held out)."""
+    d, t = recipe.dataset, recipe.training
+    return {
+        "ss_num_validation_images": facts.num_validation_images,
+        "ss_validation_seed": d.validation_seed,
+        "ss_validation_split": d.validation_split,
+        "ss_max_validation_steps": t.max_validation_steps,
+        "ss_validate_every_n_epochs": t.validate_every_n_epochs,
+        "ss_validate_every_n_steps": t.validate_every_n_steps,
+    }
 
 
 def modelspec_metadata(recipe: Recipe, facts: RunFacts, saved_at: float) -> dict[str, str]:

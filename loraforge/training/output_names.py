@@ -41,6 +41,12 @@ def raw_ckpt_name(file_name: str) -> str:
     return file_name.removesuffix(EXT) + RAW_EXT
 
 
+def best_ckpt_name(name: str, ext: str = EXT) -> str:
+    """``lora-best.safetensors``: the weights with the lowest validation loss so far
+    (``output.keep_best``; rotation never removes it)."""
+    return f"{name}-best{ext}"
+
+
 def epoch_state_name(name: str, epoch: int) -> str:
     """``lora-000004-state``: the resumable state saved at the end of epoch 4."""
     return f"{name}-{epoch:06d}-state"
@@ -107,7 +113,8 @@ def rotate(
     """Delete all but the newest ``keep_last`` numbered checkpoints (or state folders).
 
     Epoch and step checkpoints are rotated separately, and the final ``name.safetensors`` /
-    ``name-state`` are never touched. ``keep_last=None`` keeps everything.
+    ``name-state`` and the best ``name-best.safetensors`` are never touched. ``keep_last=None``
+    keeps everything.
 
     Raises:
         ValueError: ``keep_last`` below 1.

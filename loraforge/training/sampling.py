@@ -174,23 +174,17 @@ def sample_during_training(
     Returns:
         ``(png path, PIL image)`` pairs.
     """
-    from loraforge.training.optim import set_eval_mode, set_train_mode
+    from loraforge.training.eval_mode import evaluation
     from loraforge.training.saving import sample_file_name
 
     modules = [network, models.unet, *models.conditioning.text_encoders]
-    modes = [m.training for m in modules]
     vae_device = models.vae.device
-    set_eval_mode(optimizer)
-    for module in modules:
-        module.eval()
-    models.vae.to(device)
-    try:
-        images = render_all(models, specs, sampler, device, autocast)
-    finally:
-        models.vae.to(vae_device)
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)
-        set_train_mode(optimizer)
+    with evaluation(optimizer, modules):
+        models.vae.to(device)
+        try:
+            images = render_all(models, specs, sampler, device, autocast)
+        finally:
+            models.vae.to(vae_device)
     written = []
     for spec, image in images:
         file_name = sample_file_name(

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from loraforge.errors import OutputExistsError
 from loraforge.training.output_names import (
     RAW_EXT,
+    best_ckpt_name,
     epoch_ckpt_name,
     epoch_state_name,
     last_ckpt_name,
@@ -142,6 +143,8 @@ def planned_outputs(
             files += _sample_files(output, sample, 0, kind, number)
         files.append(PlannedFile(step, output.sample_dir / grid_file_name(output.name), "sample"))
     final = length.max_train_steps
+    if output.keep_best:  # rewritten at any validation, the first of which may come at step 1
+        files += _save_files(output, 1, best_ckpt_name(output.name))
     files += _save_files(output, final, last_ckpt_name(output.name))
     if output.save_state:
         files.append(interrupt_state(output, length))
@@ -234,6 +237,8 @@ class Checkpointer:
     Attributes:
         kept: the newest LoRA file and state folder written so far, by kind (``lora``,
             ``state``), with the step each holds: what an aborted run keeps.
+        validation_metadata: metadata of the newest validation (``ss_validation_loss``,
+            ``ss_validation_step``), written into every file saved after it.
     """
 
     def __init__(
@@ -253,13 +258,24 @@ class Checkpointer:
         self.is_main = is_main
         self.ema = ema
         self.kept: dict[FileKind, tuple[int, Path]] = {}
+        self.validation_metadata: dict[str, str] = {}
 
     def write_lora(
-        self, file_name: str, network: Any, optimizer: Any, progress: TrainingProgress
+        self,
+        file_name: str,
+        network: Any,
+        optimizer: Any,
+        progress: TrainingProgress,
+        *,
+        keep: bool = True,
     ) -> Path:
         """Write the network as ``output.dir / file_name`` (schedule-free optimizers in eval):
         the EMA weights when the run keeps an average (and the raw ones next to them with
-        ``save_raw``)."""
+        ``save_raw``).
+
+        Args:
+            keep: record it as the run's newest save (:attr:`kept`).
+        """
         from loraforge.ops.lora_file import write_lora_file
         from loraforge.training.ema import ema_metadata
         from loraforge.training.optim import set_eval_mode, set_train_mode
@@ -280,7 +296,11 @@ class Checkpointer:
             set_train_mode(optimizer)
         if not self.is_main:
             return path
-        metadata = {**self.metadata_for(progress), **network.metadata()}
+        metadata = {
+            **self.metadata_for(progress),
+            **self.validation_metadata,
+            **network.metadata(),
+        }
         step = progress.global_step
         # conflicts with existing files were refused up front
         if averaged is None:
@@ -294,8 +314,15 @@ class Checkpointer:
                 write_lora_file(
                     self.output.dir / raw_ckpt_name(file_name), raw, raw_meta, force=True
                 )
-        self.kept["lora"] = (step, path)
+        if keep:
+            self.kept["lora"] = (step, path)
         return path
+
+    def best(self, network: Any, optimizer: Any, progress: TrainingProgress) -> Path:
+        """``name-best.safetensors``: the weights now, after a new lowest validation loss
+        (written atomically; its ``ss_steps`` and ``ss_validation_step`` give the step)."""
+        name = best_ckpt_name(self.output.name)
+        return self.write_lora(name, network, optimizer, progress, keep=False)
 
     def write_state(
         self,

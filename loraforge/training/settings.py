@@ -137,6 +137,49 @@ class EmaSettings:
 
 
 @dataclass(frozen=True)
+class ValidationSettings:
+    """When the validation loss is computed, and what it drives (best file, early stopping).
+
+    Attributes:
+        enabled: the dataset holds images out (``validation_split``, ``is_validation``).
+        every_n_steps: also validate every N optimizer steps.
+        every_n_epochs: validate every N epochs (sd-scripts: every epoch when unset).
+        max_batches: validation batches per validation (``max_validation_steps``).
+        patience, min_delta: early stopping; ``patience`` is ``None`` when it is off.
+    """
+
+    enabled: bool = False
+    every_n_steps: int | None = None
+    every_n_epochs: int | None = None
+    max_batches: int | None = None
+    patience: int | None = None
+    min_delta: float = 0.0
+
+    def at_step(self, step: int) -> bool:
+        n = self.every_n_steps
+        return self.enabled and bool(n) and step % n == 0
+
+    def at_epoch(self, epochs_done: int) -> bool:
+        return self.enabled and epochs_done % (self.every_n_epochs or 1) == 0
+
+
+def validation_settings(recipe: Recipe) -> ValidationSettings:
+    """The validation fields of ``dataset``, ``training`` (see :class:`ValidationSettings`)."""
+    from loraforge.data.holdout import validation_requested
+
+    t = recipe.training
+    stopping = t.early_stopping
+    return ValidationSettings(
+        enabled=validation_requested(recipe.dataset),
+        every_n_steps=t.validate_every_n_steps,
+        every_n_epochs=t.validate_every_n_epochs,
+        max_batches=t.max_validation_steps,
+        patience=stopping.patience if stopping is not None else None,
+        min_delta=stopping.min_delta if stopping is not None else 0.0,
+    )
+
+
+@dataclass(frozen=True)
 class OutputSettings:
     """Where and when files are written (``output`` section)."""
 
@@ -150,6 +193,7 @@ class OutputSettings:
     log_with: str
     log_dir: Path
     save_raw: bool = False  # EMA runs: also the raw weights, as <file>-raw.safetensors
+    keep_best: bool = False
 
     @property
     def sample_dir(self) -> Path:
@@ -180,6 +224,7 @@ class RunSettings:
     output: OutputSettings
     sample: SampleSettings
     ema: EmaSettings | None = None
+    validation: ValidationSettings = ValidationSettings()
 
 
 def resolve_v_prediction(recipe: Recipe, family_v_prediction: bool) -> bool:
@@ -231,6 +276,7 @@ def output_settings(recipe: Recipe) -> OutputSettings:
         log_with=recipe.logging.log_with,
         log_dir=log_dir,
         save_raw=recipe.training.ema is not None and recipe.training.ema.save_raw,
+        keep_best=o.keep_best,
     )
 
 
@@ -261,4 +307,5 @@ def run_settings(
         output=output_settings(recipe),
         sample=sample_settings(recipe),
         ema=EmaSettings.from_config(t.ema),
+        validation=validation_settings(recipe),
     )

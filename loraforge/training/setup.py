@@ -21,6 +21,7 @@ from loraforge.backends.base import Network
 from loraforge.console import info, warn
 from loraforge.data.dataset import TrainingData, build_training_data, collate_samples
 from loraforge.data.discovery import discover
+from loraforge.data.holdout import missing_held_out_error
 from loraforge.data.report import skipped_summary
 from loraforge.machine import choose_cpu_threads
 from loraforge.recipe import Recipe
@@ -58,6 +59,7 @@ from loraforge.training.settings import (
 )
 from loraforge.training.state import TrainingProgress
 from loraforge.training.step import LossSetup, stop_text_encoder
+from loraforge.training.validation import Validator, build_validator
 
 
 @dataclass
@@ -79,6 +81,8 @@ class TrainingRun:
     start: TrainingProgress
     loss_history: tuple[float, ...] = ()
     divergence_suspects: tuple[str, ...] = ()  # recipe values a NaN loss is blamed on
+    validator: Validator | None = None  # the held-out images' loss (None: nothing held out)
+    validation_history: dict[str, Any] | None = None  # a resumed run's ValidationTracker state
     metrics: MetricsLog = field(default_factory=lambda: MetricsLog(None))  # the metrics file
     ema: NetworkEma | None = None  # the weight average (training.ema)
 
@@ -161,6 +165,9 @@ def prepare_data(
         # decoded once here: a bad image is skipped now, never in the middle of the run
         discovery=discover(recipe.dataset, verify=True),
     )
+    missing = missing_held_out_error(recipe.dataset, len(data.plan.validation))
+    if missing is not None:
+        raise missing
     summary = skipped_summary([*data.discovery.skipped, *data.plan.skipped])
     if summary and accelerator.is_main_process:
         warn(summary)
@@ -325,6 +332,22 @@ def setup_run(
     restored = restore_and_sync(
         state_dir, recipe, network, optimizer, scheduler, settings, accelerator, ema
     )
+    losses = loss_setup(
+        t,
+        model.unet,
+        model.family,
+        conditioning,
+        v_prediction=settings.v_prediction,
+        weight_dtype=precision.weight_dtype,
+    )
+    validator = build_validator(
+        settings.validation,
+        data,
+        losses,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        frozen=[model.unet, *conditioning.text_encoders],
+    )
     return TrainingRun(
         settings=settings,
         precision=precision,
@@ -334,14 +357,7 @@ def setup_run(
         loader=loader,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_setup=loss_setup(
-            t,
-            model.unet,
-            model.family,
-            conditioning,
-            v_prediction=settings.v_prediction,
-            weight_dtype=precision.weight_dtype,
-        ),
+        loss_setup=losses,
         generator=torch.Generator("cpu"),
         checkpointer=make_checkpointer(
             recipe, data, network, settings, precision, accelerator, ema
@@ -350,6 +366,8 @@ def setup_run(
         start=restored.progress,
         loss_history=tuple(restored.extra.get("loss_window", ())),
         divergence_suspects=suspect_values(recipe),
+        validator=validator,
+        validation_history=restored.extra.get("validation"),
         metrics=open_metrics(
             recipe,
             data,

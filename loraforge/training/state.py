@@ -43,7 +43,9 @@ SCHEDULER_FILE = "scheduler.pt"
 EMA_FILE = "ema.safetensors"
 
 # Recipe fields that may change between an interruption and the resume without changing what
-# is trained: where and how often files are written, sampling, logging, tagging, loader workers.
+# is trained: where and how often files are written, sampling, logging, tagging, loader workers,
+# how often the validation loss is computed and what it decides (the held-out images and
+# max_validation_steps must match: they define the validation loss the state's best refers to).
 RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "sample",
     "logging",
@@ -55,6 +57,10 @@ RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "output.save_precision",
     "output.save_state",
     "output.metadata",
+    "output.keep_best",
+    "training.validate_every_n_steps",
+    "training.validate_every_n_epochs",
+    "training.early_stopping",
     "dataset.num_workers",
     "cache.dir",
     "cache.vae_batch_size",

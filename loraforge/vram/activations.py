@@ -201,3 +201,29 @@ def vae_encode_peak(vae_channels: int, width: int, height: int, dtype_bytes: int
     caller.
     """
     return 4 * vae_channels * width * height * dtype_bytes
+
+
+def unet_forward_peak(structure: UNetStructure, a: ActivationInputs) -> float:
+    """Per-sample bytes of a UNet forward without gradients (the validation pass).
+
+    Nothing is kept for backward, so what is alive is the down path's outputs, held for the
+    skip connections until the up path takes them, plus the working set of the block running:
+    a ResNet's input, float32 norm and activation outputs and its convolution output, or a
+    transformer's GEGLU projection (8C) and GELU output (4C) beside its input (and the
+    attention matrix with eager attention).
+    """
+    p = a.compute_bytes
+    skips = 0.0
+    working = 0.0
+    for b in structure.blocks:
+        if b.path.startswith("down_blocks"):
+            out_tokens = b.tokens // 4 if b.kind == "down" else b.tokens
+            skips += p * b.c_out * out_tokens
+        if b.kind == "resnet":
+            working = max(working, (2 * p + 2 * F32) * max(b.c_in, b.c_out) * b.tokens)
+        elif b.kind == "transformer":
+            attention = b.heads * b.tokens**2 * (F32 + p) if a.eager_attention else 0
+            working = max(working, 13 * p * b.c_in * b.tokens + attention)
+    first = structure.blocks[0] if structure.blocks else None
+    skips += p * first.c_in * first.tokens if first is not None else 0  # conv_in's output
+    return skips + working

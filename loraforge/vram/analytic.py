@@ -2,8 +2,9 @@
 
 Instant and torch-free. The peak is the resident memory (weights, network, optimizer state)
 plus the largest of the step's phases: the UNet forward/backward (text-encoder and UNet
-activations), the optimizer update (gradients and update buffers) and, when latents are not
-cached, the VAE encode that comes before them.
+activations), the optimizer update (gradients and update buffers), when latents are not
+cached, the VAE encode that comes before them and, with held-out images, the validation pass (a
+UNet forward without gradients after the update, when the step's gradients are freed).
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from loraforge.backends.kohya_config import conv_dim_of
+from loraforge.data.holdout import validation_requested
 from loraforge.recipe.types import Recipe
 from loraforge.training.optim import canonical_name, optimizer_state_bytes_per_param
 from loraforge.vram.activations import (
     ActivationInputs,
     text_activations,
     unet_activations,
+    unet_forward_peak,
     vae_encode_peak,
 )
 from loraforge.vram.arch import Architecture
@@ -203,6 +206,22 @@ def _step_rows(
     return rows
 
 
+def _validation_rows(recipe: Recipe, arch: Architecture, s: MemorySettings) -> list[VramRow]:
+    """The validation pass: a no-grad UNet forward of a batch (nothing kept for backward), its
+    inputs, and the live VAE encode of the held-out images before it."""
+    a = _activation_inputs(recipe, arch, s)
+    latent_w, latent_h = s.latent_size
+    forward = unet_forward_peak(unet_structure(arch.configs["unet"], (latent_w, latent_h)), a)
+    p = DTYPE_BYTES[s.compute_dtype]
+    inputs = s.batch_size * (
+        4 * latent_w * latent_h * (3 * p + 3 * 4) + a.context_tokens * a.context_width * p
+    )
+    forward = int(s.batch_size * forward + inputs)
+    encode = _vae_phase(arch, s) if s.vae_on_gpu else 0
+    note = "no-grad UNet forward of a held-out batch"
+    return [VramRow("validation pass (transient)", max(forward, encode), note, "step")]
+
+
 def _vae_phase(arch: Architecture, s: MemorySettings) -> int:
     """The encode's maps, and the batch's pixels (float32, and a copy in the VAE's dtype)."""
     channels = list(arch.configs["vae"].get("block_out_channels", (128,)))
@@ -251,6 +270,8 @@ def analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> 
             VramRow("VAE encode (transient)", _vae_phase(arch, s), note, "step"),
             *kept,
         ]
+    if validation_requested(recipe.dataset):
+        phases["the validation pass"] = _validation_rows(recipe, arch, s)
     rows = resident + _peak_phase(phases)
     notes = []
     if recipe.network.backend == "lycoris":

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from loraforge.data.holdout import validation_requested
 from loraforge.recipe.types import Recipe
 from loraforge.training.dtypes import torch_dtype
 from loraforge.vram.arch import Architecture
@@ -176,6 +177,25 @@ def _create_optimizer_state(models: StepModels) -> None:
     models.optimizer.zero_grad(set_to_none=True)
 
 
+def validation_pass(
+    setup: Any, s: MemorySettings, models: StepModels, accelerator: Any, generator: Any
+) -> None:
+    """The memory of the validation loss after an update: the loss of a batch at the largest
+    bucket, without gradients, the network in eval mode (what
+    :class:`loraforge.training.validation.Validator` runs per batch and timestep)."""
+    from loraforge.training.step import batch_loss
+
+    models.network.eval()
+    try:
+        with torch.no_grad():
+            batch = _batch(s, live_vae=models.vae is not None)
+            batch_loss(
+                setup, batch, generator, train_text_encoder=False, autocast=accelerator.autocast
+            )
+    finally:
+        models.network.train()
+
+
 def run_training_step(
     recipe: Recipe,
     arch: Architecture,
@@ -255,6 +275,9 @@ def run_training_step(
         )
         if ema is not None:
             ema.update(models.network, 1)
+        if validation_requested(recipe.dataset):
+            tracker.phase("validation")
+            validation_pass(setup, settings, models, accelerator, generator)
     return StepMeasurement(
         peak_bytes=tracker.peak,
         at_peak=tracker.live_at_peak(),

@@ -250,6 +250,9 @@ def test_every_sd_scripts_option_is_mapped_to_a_real_recipe_field_or_marked_abse
         ("learning_rate", "", "training.learning_rate"),
         ("train_batch_size", "training", "training.batch_size"),
         ("num_repeats", "dataset", "dataset.subsets[].repeats"),
+        ("validation_split", "", "dataset.validation_split"),
+        ("validate_every_n_epochs", "", "training.validate_every_n_epochs"),
+        ("max_validation_steps", "", "training.max_validation_steps"),
     ],
 )
 def test_sd_scripts_names_get_their_recipe_path_suggested(key: str, where: str, path: str) -> None:
@@ -423,3 +426,30 @@ def test_init_from_kohya_unreadable_config_is_a_user_error(tmp_path: Path) -> No
     bad = tmp_path / "bad.toml"
     bad.write_text("this is = = not toml")
     assert run(["init", "--from-kohya", str(bad), "-o", str(tmp_path / "r.yaml")]) == 2
+
+
+def test_sd_scripts_validation_options_are_converted(tmp_path: Path) -> None:
+    from loraforge.recipe.kohya_convert import convert_kohya
+
+    (tmp_path / "img").mkdir()
+    _write(
+        tmp_path,
+        "dataset.toml",
+        """\
+        [[datasets]]
+        resolution = 512
+        validation_split = 0.1
+        validation_seed = 5
+
+          [[datasets.subsets]]
+          image_dir = "img"
+        """,
+    )
+    config = {"validate_every_n_steps": 50, "max_validation_steps": 4, "learning_rate": 1e-4}
+    result = convert_kohya(config, tmp_path, tmp_path / "dataset.toml")
+    recipe = result.recipe
+    assert recipe["dataset"]["validation_split"] == 0.1
+    assert recipe["dataset"]["validation_seed"] == 5
+    assert recipe["training"]["validate_every_n_steps"] == 50
+    assert recipe["training"]["max_validation_steps"] == 4
+    assert not [u for u in result.unmapped if "valid" in u[0]]

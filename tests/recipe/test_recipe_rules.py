@@ -79,6 +79,21 @@ def findings(extra: str = "", *, family: str = "sd1", subset: str = "", dataset:
         ({"dataset": ", min_bucket_reso: 100"}, ("error", "dataset.min_bucket_reso")),
         ({"family": "sdxl", "dataset": ", resolution: 512"}, ("warning", "dataset.resolution")),
         ({"extra": "network: {block_dims: [4, 4]}\n"}, ("error", "network.block_dims")),
+        # validation options without a held-out image
+        (
+            {"extra": "training: {validate_every_n_steps: 10}\n"},
+            ("error", "training.validate_every_n_steps"),
+        ),
+        (
+            {"extra": "training: {early_stopping: {patience: 3}}\n"},
+            ("error", "training.early_stopping"),
+        ),
+        ({"extra": "output: {keep_best: true}\n"}, ("error", "output.keep_best")),
+        (
+            {"subset": ", is_validation: true, is_reg: true"},
+            ("error", "dataset.subsets[0].is_validation"),
+        ),
+        ({"subset": ", is_validation: true"}, ("error", "dataset.subsets")),
     ],
 )
 def test_rule(kwargs: dict, expected: tuple[str, str] | None) -> None:
@@ -101,3 +116,29 @@ def test_clean_recipe_has_no_findings() -> None:
 
 def test_prodigy_with_one_learning_rate_is_fine() -> None:
     assert findings("training: {optimizer: Prodigy, learning_rate: 1.0}\n") == set()
+
+
+def test_validation_options_with_held_out_images_are_fine() -> None:
+    extra = (
+        "training: {validate_every_n_steps: 10, max_validation_steps: 2, "
+        "early_stopping: {patience: 3, min_delta: 0.001}}\noutput: {keep_best: true}\n"
+    )
+    assert findings(extra, dataset=", validation_split: 0.1") == set()
+    two = (
+        "model: {base: org/model}\ndataset: {subsets: [{dir: a}, {dir: v, is_validation: true}]}\n"
+    )
+    assert validate_recipe_text(two + extra).problems == ()
+
+
+def test_validation_subsets_do_not_conflict_with_caches() -> None:
+    text = (
+        "model: {base: org/model}\ncache: {latents: disk, text_encoder_outputs: disk}\n"
+        "network: {train_text_encoder: false}\n"
+        "dataset: {subsets: [{dir: a}, {dir: v, is_validation: true, shuffle_caption: true, "
+        "random_crop: true}]}\n"
+    )
+    problems = validate_recipe_text(text).problems
+    # the augmentation is pointless there (a warning), not a cache conflict (an error)
+    assert [(p.severity, p.path) for p in problems] == [
+        ("warning", "dataset.subsets[1].is_validation")
+    ]

@@ -3,7 +3,10 @@
 The run crosses an epoch boundary, accumulates gradients over two batches, trains the text
 encoder, uses network and rank dropout, caption shuffling, flips and a data-loader worker, and
 keeps a weight average (EMA, saved files hold it): everything random must replay exactly after
-a resume, and the average must continue exactly. The interruption goes through the same path as Ctrl-C (the stop
+a resume, and the average must continue exactly. A third of the images are held out for a
+validation loss every two steps, with the best file and early stopping (patient enough not to
+stop): the validation history, the best file and the files' validation metadata must replay
+too. The interruption goes through the same path as Ctrl-C (the stop
 flag is raised and the loop saves ``<name>-state``); a real SIGINT is tested in the CLI tests.
 """
 
@@ -26,7 +29,11 @@ from loraforge.training.run import ctrl_c_stops, run_training
 from loraforge.training.setup import setup_run
 
 OVERRIDES = {
-    "dataset": {"num_workers": 1, "subsets": [{"shuffle_caption": True, "flip_aug": True}]},
+    "dataset": {
+        "num_workers": 1,
+        "validation_split": 0.34,
+        "subsets": [{"shuffle_caption": True, "flip_aug": True}],
+    },
     "network": {"dropout": 0.1, "rank_dropout": 0.1},
     "training": {
         "max_train_steps": 7,
@@ -35,8 +42,11 @@ OVERRIDES = {
         "learning_rate": 2e-3,
         "lr_scheduler": "cosine",
         "ema": {"decay": 0.9, "start_step": 2, "save_raw": True},
+        "validate_every_n_steps": 2,
+        "max_validation_steps": 1,
+        "early_stopping": {"patience": 50},
     },
-    "output": {"save_state": True, "save_every_n_steps": 5},
+    "output": {"save_state": True, "save_every_n_steps": 5, "keep_best": True},
 }
 
 
@@ -67,6 +77,20 @@ def _final_network(out: Path) -> dict[str, torch.Tensor]:
 
 def _final_ema(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "t-state" / "ema.safetensors"))
+
+
+def _validation_state(state: Path) -> dict:
+    import json
+
+    return json.loads((state / "state.json").read_text())["extra"]["validation"]
+
+
+def _validation_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    return {k: v for k, v in meta.items() if "validation" in k}
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -109,6 +133,15 @@ def test_stop_mid_epoch_then_resume_auto_equals_uninterrupted(
             load_file(str(reference / f"{name}.safetensors")),
             load_file(str(cut_out / f"{name}.safetensors")),
         )
+    # the validation history (best, early-stopping count) and the best file replay exactly
+    assert _validation_state(cut_out / "t-state") == _validation_state(reference / "t-state")
+    assert _validation_state(reference / "t-state")["last_step"] == 7
+    _assert_same(
+        load_file(str(reference / "t-best.safetensors")),
+        load_file(str(cut_out / "t-best.safetensors")),
+    )
+    for name in ("t-best.safetensors", "t.safetensors", "t-step00000005.safetensors"):
+        assert _validation_metadata(reference / name) == _validation_metadata(cut_out / name)
 
 
 def test_resume_from_a_numbered_state_in_the_second_epoch(

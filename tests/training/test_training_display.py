@@ -112,3 +112,34 @@ def test_before_the_first_step_there_is_nothing_to_guess() -> None:
     lines = [str(line) for line in status_lines(display.fields(), 80)]
     assert lines[0].startswith("step 0/160  eta …  loss - (avg -)")
     assert len(lines) == 1  # no empty memory or learning-rate labels
+
+
+def test_the_validation_loss_is_shown_after_the_loss_and_logged(tmp_path) -> None:
+    from loraforge.training.display import TensorBoardLog, ValidationReport
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    console = Console(file=io.StringIO(), width=120, force_terminal=False)
+    clock = FakeClock()
+    board = TensorBoardLog(tmp_path / "logs", "run")
+    display = TrainingDisplay(
+        console, total_steps=10, num_epochs=1, start_step=0, device=None, clock=clock,
+        tensorboard=board,
+    )  # fmt: skip
+    with display:
+        for step in range(1, 11):
+            clock.now += 0.25
+            display.step(StepReport(step, 1, 0.5, 0.5, {"unet": 1e-4}))
+            if step % 5 == 0:
+                display.validation(ValidationReport(step, 0.3 - step / 100, 0.25, 5))
+    lines = console.file.getvalue().splitlines()
+    assert "step 5: validation loss 0.250000 (best 0.2500 @ 5)" in lines
+    # the next step's line, and the live status, keep the newest validation loss
+    assert "loss 0.5000 (avg 0.5000)  val 0.2500 (best 0.2500 @ 5)" in lines[-2]
+    assert "loss 0.5000 (avg 0.5000)  val 0.2000 (best 0.2500 @ 5)" in rendered(display, 120)[0]
+    (run_dir,) = (tmp_path / "logs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [(e.step, round(e.value, 6)) for e in events.Scalars("loss/validation")]
+    assert logged == [(5, 0.25), (10, 0.2)]

@@ -120,3 +120,46 @@ def test_estimate_serialises(tmp_path):
     text = json.dumps(data)
     assert json.loads(text)["fits"] is False
     assert sum(r["bytes"] for r in data["rows"]) == data["total_bytes"]
+
+
+def test_the_validation_pass_is_counted():
+    """Held-out images add a phase: a no-grad UNet forward after the update. It is below the
+    training step (nothing is kept for backward), so it shows as a row off the peak."""
+    plain = estimate_vram(recipe_from({}))
+    held_out = estimate_vram(recipe_from({"dataset": {"validation_split": 0.1}}))
+    [row] = [r for r in held_out.rows if r.component.startswith("validation pass")]
+    assert row.kind == "info" and "during the validation pass" in row.note
+    assert not any(r.component.startswith("validation pass") for r in plain.rows)
+    assert held_out.total_bytes == plain.total_bytes
+
+
+def test_the_traced_validation_pass_runs_and_the_analytic_one_is_close():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from loraforge.vram.analytic import _validation_rows
+    from loraforge.vram.step import run_training_step
+    from loraforge.vram.tracker import LiveBytesTracker
+
+    class ValidationPeak(LiveBytesTracker):
+        """Its peak restarts when the validation pass starts."""
+
+        def phase(self, category: str) -> None:
+            super().phase(category)
+            if category == "validation":
+                self.reset_peak()
+
+    recipe = recipe_from({"dataset": {"resolution": 256, "validation_split": 0.1}})
+    arch = tiny_architecture("sd1")
+    settings = memory_settings(recipe, "sd1")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        step = run_training_step(recipe, arch, settings, LiveBytesTracker())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        validation = run_training_step(recipe, arch, settings, ValidationPeak())
+    resident = sum(v for k, v in validation.at_peak.items() if "weights" in k or "optimizer" in k)
+    transient = validation.peak_bytes - resident
+    # the pass ran (its batch is there) and peaked far below the training step
+    assert validation.at_peak.get("validation", 0) > 0
+    assert 0 < transient < 0.3 * (step.peak_bytes - resident)
+    # the analytic row is the same order of magnitude (the formulas aim at full-size models)
+    [row] = _validation_rows(recipe, arch, settings)
+    assert transient / 4 < row.bytes < transient * 4
