@@ -114,7 +114,7 @@ def test_flow_families_detected_from_diffusers_configs() -> None:
 
 def test_a_flux_file_is_not_an_sd3_recipe() -> None:
     detection = detect_family_from_keys(_keys("double_blocks.0.img_attn.qkv.weight"))
-    with pytest.raises(ModelError, match="model.family sd3"):
+    with pytest.raises(ModelError, match=r"model\.family sd3"):
         resolve_family("sd3", detection, source="flux1-dev.safetensors")
 
 
