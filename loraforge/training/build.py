@@ -224,7 +224,8 @@ def sample_models(
     from loraforge.training.sampling import SampleModels, make_scheduler
 
     config = model.noise_scheduler.config
-    if settings.sample.enabled:
+    flow = model.family in ("sd3", "flux")  # always the flow-matching Euler sampler
+    if settings.sample.enabled and not flow:
         make_scheduler(settings.sample.sampler, config, settings.v_prediction)
     return SampleModels(
         unet=model.unet,
@@ -234,4 +235,5 @@ def sample_models(
         v_prediction=settings.v_prediction,
         weight_dtype=precision.weight_dtype,
         is_sdxl=model.family == "sdxl",
+        family=model.family,
     )
