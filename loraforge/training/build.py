@@ -40,7 +40,13 @@ def load_base_model(recipe: Recipe) -> Any:
 
     m = recipe.model
     with err.status(f"loading {m.base}…"):
-        return load_model(m.base, family=m.family, vae=m.vae, allow_pickle=m.allow_pickle)
+        return load_model(
+            m.base,
+            family=m.family,
+            vae=m.vae,
+            allow_pickle=m.allow_pickle,
+            encoder_files={"clip_l": m.clip_l, "clip_g": m.clip_g, "t5xxl": m.t5xxl},
+        )
 
 
 def prepare_conditioning(
@@ -70,12 +76,17 @@ def prepare_conditioning(
     if caches.text is not None:
         for encoder in model.text_encoders:
             move_module(encoder, "cpu", torch.float32)
+    from loraforge.models.flow_prompts import caption_token_length
+
     m = recipe.model
+    tokens = caption_token_length(
+        model.family, model.variant, m.max_token_length, m.t5xxl_max_token_length
+    )
     return Conditioning(
         model.vae,
         model.text_encoders,
         model.tokenizers,
-        TextEncoding(model.family, m.clip_skip, m.max_token_length),
+        TextEncoding(model.family, m.clip_skip, tokens),
         device,
         latent_cache=caches.latents,
         text_cache=caches.text,
@@ -181,9 +192,17 @@ def loss_setup(
     v_prediction: bool,
     weight_dtype: torch.dtype,
 ) -> LossSetup:
-    """The fixed inputs of every batch's loss (noise schedule, noise and loss options)."""
+    """The fixed inputs of every batch's loss (noise schedule, noise and loss options; the
+    flow-matching options for SD3 / FLUX, whose ``unet`` is the transformer)."""
+    from loraforge.models.families import family_spec
+    from loraforge.training.flow import FlowOptions
+
     schedule = build_noise_schedule(zero_terminal_snr=training.zero_terminal_snr)
     check_timestep_range(training.min_timestep, training.max_timestep, schedule.num_train_timesteps)
+    flow = None
+    if family_spec(family).flow_matching:
+        guided = bool(getattr(unet.config, "guidance_embeds", False))
+        flow = FlowOptions.from_training(training, family, guided=guided)
     return LossSetup(
         unet=unet,
         conditioning=conditioning,
@@ -192,6 +211,8 @@ def loss_setup(
         loss=LossOptions.from_training(training, v_prediction),
         weight_dtype=weight_dtype,
         is_sdxl=family == "sdxl",
+        family=family,
+        flow=flow,
     )
 
 
@@ -203,7 +224,8 @@ def sample_models(
     from loraforge.training.sampling import SampleModels, make_scheduler
 
     config = model.noise_scheduler.config
-    if settings.sample.enabled:
+    flow = model.family in ("sd3", "flux")  # always the flow-matching Euler sampler
+    if settings.sample.enabled and not flow:
         make_scheduler(settings.sample.sampler, config, settings.v_prediction)
     return SampleModels(
         unet=model.unet,
@@ -213,4 +235,5 @@ def sample_models(
         v_prediction=settings.v_prediction,
         weight_dtype=precision.weight_dtype,
         is_sdxl=model.family == "sdxl",
+        family=model.family,
     )

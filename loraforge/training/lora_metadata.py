@@ -28,6 +28,7 @@ from loraforge import __version__
 from loraforge.data.dataset_facts import capped_tag_frequency
 from loraforge.ops.derived_metadata import BASE_MODEL_VERSION
 from loraforge.recipe import shareable_dict
+from loraforge.training.flow_metadata import flow_model_keys, flow_modelspec, is_flow
 
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe, SubsetConfig
@@ -111,6 +112,7 @@ class RunFacts:
     bucket_info: Mapping[str, Any] | None = None
     base_model_hashes: ModelHashes | None = None
     vae_hashes: ModelHashes | None = None
+    variant: str | None = None
 
 
 def new_session_id() -> int:
@@ -209,6 +211,8 @@ def _model_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     if facts.network_args:
         args = {k: str(v) for k, v in facts.network_args.items() if v is not None}
         keys["ss_network_args"] = json.dumps(args)
+    if is_flow(facts.family):
+        keys.update(flow_model_keys(recipe, facts.family, facts.variant))
     keys["ss_sd_model_name"] = _model_name(model.base)
     if facts.base_model_hashes is not None:
         keys["ss_sd_model_hash"] = facts.base_model_hashes.legacy
@@ -340,6 +344,8 @@ def modelspec_metadata(recipe: Recipe, facts: RunFacts, saved_at: float) -> dict
         "encoder_layer": None if (skip := _clip_skip(recipe, facts)) is None else str(skip),
         "implementation_version": f"loraforge/{__version__}",
     }
+    if is_flow(facts.family):
+        spec.update(flow_modelspec(facts.family, facts.variant))
     return {f"modelspec.{key}": value for key, value in spec.items() if value is not None}
 
 

@@ -82,6 +82,7 @@ def run_facts(
         vae_hashes=(
             model_file_hashes(recipe.model.vae) if hash_model_files and recipe.model.vae else None
         ),
+        variant=settings.variant,
     )
 
 

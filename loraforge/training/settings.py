@@ -142,6 +142,7 @@ class RunSettings:
     seed: int
     output: OutputSettings
     sample: SampleSettings
+    variant: str | None = None  # sd3 / flux variant (metadata)
 
 
 def resolve_v_prediction(recipe: Recipe, family_v_prediction: bool) -> bool:
@@ -196,7 +197,12 @@ def output_settings(recipe: Recipe) -> OutputSettings:
 
 
 def run_settings(
-    recipe: Recipe, *, family: str, family_v_prediction: bool, length: TrainingLength
+    recipe: Recipe,
+    *,
+    family: str,
+    family_v_prediction: bool,
+    length: TrainingLength,
+    variant: str | None = None,
 ) -> RunSettings:
     """Read everything the loop needs from ``recipe``.
 
@@ -221,4 +227,5 @@ def run_settings(
         seed=t.seed,
         output=output_settings(recipe),
         sample=sample_settings(recipe),
+        variant=variant,
     )
