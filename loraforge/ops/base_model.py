@@ -106,6 +106,13 @@ def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
     embedded = embedded_configs(metadata)
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     detection_family = detection.family
+    if detection_family in ("flux", "sd3"):
+        from loraforge.ops.flow_targets import flow_single_file_targets
+
+        targets = flow_single_file_targets(detection_family, state, source=str(path))
+        return BaseWeights(
+            path, "single_file", detection_family, False, state, targets, dict(metadata)
+        )
     family = "sd2" if detection_family == "sd2-v" else detection_family
     v_pred = (detection_family == "sd2-v") if detection.prediction_known else None
     if embedded is not None:
