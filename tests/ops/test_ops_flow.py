@@ -169,3 +169,46 @@ def test_resize_and_merge_between_flux_loras(cli, tmp_path, synth) -> None:
     out = load_file(str(merged))
     want = synth.delta(big, name) + synth.delta(small, name)
     torch.testing.assert_close(synth.delta(out, name), want, atol=2e-2, rtol=2e-2)
+
+
+def _write_folder(model, family: str, folder: Path) -> Path:
+    """A diffusers folder holding only the transformer (enough for merge and extract)."""
+    model.save_pretrained(folder / "transformer")
+    pipeline = "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_merge_into_and_extract_from_diffusers_folders(cli, tmp_path, family, synth) -> None:
+    from safetensors.torch import load_file
+
+    model = tiny_flux() if family == "flux" else tiny_sd3()
+    base = _write_folder(model, family, tmp_path / "base")
+    network = _network(family, model, [])
+    tensors = network.state_dict_for_save(torch.float32)
+    lora = _save(tmp_path / "l.safetensors", tensors)
+    network.apply_to()
+    network.merge_into_base()
+    want = model.state_dict()
+    merged = tmp_path / "merged"
+    result = cli("merge", "--base", base, "--lora", lora, "-o", merged)
+    assert result.code == 0, result.err
+    got = load_file(str(merged / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-4, msg=key)
+    extracted = tmp_path / "x.safetensors"
+    args = ("--extract", "--base", base, "--tuned", merged, "--rank", "4", "-o", extracted)
+    assert cli("merge", *args).code == 0
+    out = load_file(str(extracted))
+    names = {k.split(".")[0] for k in out}
+    assert names == {k.split(".")[0] for k in tensors}
+    for name in (
+        "lora_unet_single_blocks_0_linear1",
+        "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1",
+    ):
+        if name in names:  # fused / swapped: the original layer's delta comes back
+            torch.testing.assert_close(
+                synth.delta(out, name), synth.delta(tensors, name), atol=1e-4, rtol=1e-3
+            )
