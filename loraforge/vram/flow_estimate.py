@@ -116,10 +116,9 @@ def _activation_row(
     blocks = len(structure.block_params)
     kinds = ["double"] * structure.double_blocks + ["single"] * (blocks - structure.double_blocks)
     per_block = [SAVED_PER_TOKEN[k] * n * d * p for k in kinds]
-    if s.gradient_checkpointing:
-        saved = blocks * n * d * p + max(per_block)
-    else:
-        saved = sum(per_block)
+    # with checkpointing: each block's input, and one block's maps rebuilt at a time
+    checkpointed = blocks * n * d * p + max(per_block)
+    saved = checkpointed if s.gradient_checkpointing else sum(per_block)
     working = WORKING_PER_TOKEN * n * d * p
     gc = "on" if s.gradient_checkpointing else "off"
     return VramRow(
