@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from loraforge.models.families import flow_base_model_version, flow_modelspec_architecture
-
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe
 
@@ -31,7 +29,6 @@ def flow_model_keys(recipe: Recipe, family: str, variant: str | None) -> dict[st
     t = recipe.training
     options = FlowOptions.from_training(t, family, guided=variant == "dev")
     keys: dict[str, Any] = {
-        "ss_base_model_version": flow_base_model_version(family, variant),
         "ss_clip_skip": None,
         "ss_apply_t5_attn_mask": False,
         "ss_weighting_scheme": t.weighting_scheme,
@@ -58,7 +55,6 @@ def flow_model_keys(recipe: Recipe, family: str, variant: str | None) -> dict[st
 def flow_modelspec(family: str, variant: str | None) -> dict[str, str | None]:
     """``modelspec.*`` fields replacing the UNet families' (``None`` removes a field)."""
     return {
-        "architecture": f"{flow_modelspec_architecture(family, variant)}/lora",
         "implementation": IMPL_FLUX if family == "flux" else IMPL_STABILITY_AI,
         "prediction_type": None if family == "flux" else "epsilon",
         "encoder_layer": None,
