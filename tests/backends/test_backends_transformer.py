@@ -156,3 +156,34 @@ def test_wrong_flow_args_are_recipe_errors(family, args, make_config, hand_model
 def test_per_block_fields_are_refused_for_transformers(make_config) -> None:
     with pytest.raises(RecipeError, match="train_double_block_indices"):
         KohyaBackend().create(make_config(block_dims=[4] * 25), "flux", _full("flux-dev"), [])
+
+
+def _tiny_t5() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config)
+
+
+def test_t5_modules_only_with_train_t5xxl_and_named_like_sd_scripts(make_config) -> None:
+    t5 = _tiny_t5()
+    model = _full("flux-dev")
+    plain = KohyaBackend().create(make_config(train_unet=False), "flux", model, [None, t5])
+    assert not list(plain.adapters())
+    config = make_config(train_unet=False, args={"train_t5xxl": True})
+    names = {
+        m.lora_name for m in KohyaBackend().create(config, "flux", model, [None, t5]).adapters()
+    }
+    per_block = ["layer_0_SelfAttention_" + p for p in "qkvo"]
+    per_block += ["layer_1_DenseReluDense_" + p for p in ("wi_0", "wi_1", "wo")]
+    assert names == {f"lora_te3_encoder_block_{i}_{p}" for i in range(2) for p in per_block}
+
+
+def test_lycoris_refuses_flow_families_with_a_recipe_error(make_config) -> None:
+    from loraforge.backends.lycoris import LycorisBackend
+
+    config = make_config(backend="lycoris", algorithm="loha")
+    with pytest.raises(RecipeError, match="backend: kohya"):
+        LycorisBackend().create(config, "flux", _full("flux-dev"), [])
