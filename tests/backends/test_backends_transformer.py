@@ -187,3 +187,26 @@ def test_lycoris_refuses_flow_families_with_a_recipe_error(make_config) -> None:
     config = make_config(backend="lycoris", algorithm="loha")
     with pytest.raises(RecipeError, match="backend: kohya"):
         LycorisBackend().create(config, "flux", _full("flux-dev"), [])
+
+
+def test_per_kind_dims_like_sd_scripts_type_dims(make_config) -> None:
+    args = {"img_attn_dim": 8, "single_mod_dim": 0, "txt_mlp_dim": 2}
+    network = KohyaBackend().create(make_config(dim=4, args=args), "flux", _full("flux-dev"), [])
+    got = {m.lora_name: m.dim for m in network.adapters()}
+    n = "lora_unet_double_blocks_3_"
+    assert got[n + "img_attn_qkv"] == got[n + "img_attn_proj"] == 8
+    assert got[n + "txt_mlp_0"] == 2 and got[n + "txt_attn_qkv"] == 4
+    assert got["lora_unet_single_blocks_5_linear1"] == 4
+    assert not any(name.endswith("modulation_lin") for name in got)
+    sd3 = KohyaBackend().create(
+        make_config(dim=4, args={"x_attn_dim": 6, "context_mod_dim": 0}),
+        "sd3",
+        _full("sd35-medium"),
+        [],
+    )
+    dims = {m.lora_name: m.dim for m in sd3.adapters()}
+    assert dims["lora_unet_joint_blocks_0_x_block_attn2_qkv"] == 6
+    assert dims["lora_unet_joint_blocks_0_x_block_mlp_fc1"] == 4
+    assert not any("context_block_adaLN" in name for name in dims)
+    with pytest.raises(RecipeError, match="x_attn_dim"):
+        KohyaBackend().create(make_config(args={"x_attn_dim": 2}), "flux", _full("flux-dev"), [])
