@@ -281,3 +281,23 @@ def test_flux_clip_l_lora_loads_in_diffusers() -> None:
         name = "lora_te1_" + path.replace(".", "_")
         want = clip_base[key] + _hand_delta(tensors, name) if name in te_names else clip_base[key]
         torch.testing.assert_close(tensor, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("algorithm", "args"), [("dylora", {"unit": 2}), ("lora-fa", {})])
+def test_fused_targets_with_dylora_and_lora_fa(algorithm: str, args: dict) -> None:
+    model = tiny_flux()
+    config = replace(
+        section_defaults("network"), backend="kohya", algorithm=algorithm, dim=4, args=args
+    )
+    network = KohyaBackend().create(config, "flux", model, []).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    inputs = _flux_inputs(model)
+    network.apply_to()
+    hooked = _run(model, inputs)
+    network.merge_into_base()
+    torch.testing.assert_close(hooked, _run(model, inputs), atol=1e-5, rtol=1e-4)
+    saved = network.state_dict_for_save(torch.float32)
+    assert saved["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (7 * 16, 4)
