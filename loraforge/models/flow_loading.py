@@ -319,3 +319,22 @@ def default_tokenizer(slot: str) -> Any:
             hint="run once online to cache it (a few MB, as sd-scripts does), or use a diffusers "
             "folder that has tokenizer_2/ (FLUX) or tokenizer_3/ (SD3)",
         ) from e
+
+
+def models_from_configs(family: str, configs: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """The transformer and text encoders built from component configs (random or, under
+    ``torch.device("meta")``, no weights): for dry runs and estimates."""
+    from transformers import AutoConfig
+
+    def kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    transformer = _transformer_class(family).from_config(kwargs(configs["transformer"]))
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if name in configs:
+            config = dict(configs[name])
+            model_type = config.pop("model_type")
+            encoder_config = AutoConfig.for_model(model_type, **kwargs(config))
+            encoders.append(_class_for_config(encoder_config)(encoder_config))
+    return transformer, encoders

@@ -16,6 +16,7 @@ from loraforge.recipe.capabilities import (
     SINGLE_LR_OPTIMIZERS,
     algorithms_of,
 )
+from loraforge.recipe.flow_rules import flow_problems
 from loraforge.recipe.types import Recipe
 
 Finding = tuple[str, tuple[Any, ...], str, str | None]
@@ -33,6 +34,7 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
         _prediction,
         _dataset,
         _output,
+        flow_problems,
     ):
         findings.extend(rule(recipe))
     return findings

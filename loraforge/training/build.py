@@ -104,7 +104,15 @@ def place_frozen_models(
     activation checkpointing as the recipe asks."""
     t, n = recipe.training, recipe.network
     live_encoders = list(model.text_encoders) if conditioning.text_cache is None else []
-    cast_frozen_models([model.unet, *live_encoders], precision, device)
+    if t.blocks_to_swap and model.family in ("sd3", "flux"):
+        from loraforge.training.block_swap import enable_block_swap
+
+        cast_frozen_models([model.unet], precision, torch.device("cpu"))
+        swapped = enable_block_swap(model.unet, model.family, t.blocks_to_swap, device)
+        info(f"block swap: {len(swapped)} transformer blocks wait in CPU memory")
+        cast_frozen_models(live_encoders, precision, device)
+    else:
+        cast_frozen_models([model.unet, *live_encoders], precision, device)
     configure_attention(model.unet, live_encoders, t.attention)
     if t.gradient_checkpointing:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate

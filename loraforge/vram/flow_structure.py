@@ -179,12 +179,20 @@ def swapped_blocks(structure: FlowStructure, blocks_to_swap: int) -> tuple[int, 
     """Indices (into ``block_params``) of the blocks kept on the CPU, as sd-scripts swaps them:
     FLUX swaps ``n // 2`` double blocks and ``(n - n // 2) * 2`` single blocks, SD3 ``n`` joint
     blocks, each from the end of its stack."""
+    return swap_indices(
+        structure.family, structure.double_blocks, len(structure.block_params), blocks_to_swap
+    )
+
+
+def swap_indices(
+    family: str, double_blocks: int, total: int, blocks_to_swap: int
+) -> tuple[int, ...]:
+    """:func:`swapped_blocks` from block counts (``total`` blocks, the first ``double_blocks``
+    of them FLUX's double-stream ones)."""
     if blocks_to_swap <= 0:
         return ()
-    total = len(structure.block_params)
-    if structure.family == "sd3":
+    if family == "sd3":
         return tuple(range(total - min(blocks_to_swap, total), total))
-    doubles = min(blocks_to_swap // 2, structure.double_blocks)
-    singles = min((blocks_to_swap - blocks_to_swap // 2) * 2, total - structure.double_blocks)
-    double_part = range(structure.double_blocks - doubles, structure.double_blocks)
-    return (*double_part, *range(total - singles, total))
+    doubles = min(blocks_to_swap // 2, double_blocks)
+    singles = min((blocks_to_swap - blocks_to_swap // 2) * 2, total - double_blocks)
+    return (*range(double_blocks - doubles, double_blocks), *range(total - singles, total))
