@@ -114,9 +114,11 @@ def load_flow_file(
     files: Mapping[str, str | None],
     *,
     allow_pickle: bool = False,
+    config_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The parts of a single-file SD3 / FLUX checkpoint (transformer only, or with VAE and text
     encoders), with the separate files named in ``files`` (``clip_l``, ``clip_g``, ``t5xxl``).
+    ``config_dir`` replaces the shipped configs (a file loraforge wrote carries its own).
 
     The VAE comes from the file when it has one; otherwise ``model.vae`` must name it (the
     caller loads that override onto the shipped config's VAE).
@@ -128,7 +130,7 @@ def load_flow_file(
     from diffusers import AutoencoderKL
 
     family = resolve_family(requested, detection, source=str(path))
-    config_dir = flow_config_dir(family, detection.variant)
+    config_dir = config_dir or flow_config_dir(family, detection.variant)
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
     try:
         transformer = _transformer_class(family).from_single_file(
@@ -136,8 +138,14 @@ def load_flow_file(
         )
         if any(k.startswith(("first_stage_model.", "vae.")) for k in state):
             vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-        else:  # a transformer-only file: the shipped config, weights from model.vae
+        elif files.get("vae"):  # a transformer-only file: model.vae's weights replace these
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        else:
+            raise ModelError(
+                f"{path} holds no VAE",
+                hint="set model.vae to the autoencoder file (FLUX: ae.safetensors), as "
+                "sd-scripts' --ae",
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(
             f"{path}: cannot convert the checkpoint as a {family} transformer ({e})",
@@ -153,7 +161,7 @@ def load_flow_file(
         else:
             encoder = _encoder_from_checkpoint(state, slot, config_dir / sub, dtype, path)
         encoders.append(encoder)
-        tokenizers.append(default_tokenizer(slot))
+        tokenizers.append(_folder_tokenizer(config_dir, index, family, slot))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, path)
 
 

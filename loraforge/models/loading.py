@@ -123,7 +123,7 @@ def load_model(
             hint="set model.base to a diffusers folder, a .safetensors checkpoint or a hub id",
         )
     with no_hf_progress_bars():
-        files = encoder_files or {}
+        files = {**(encoder_files or {}), "vae": vae}
         if path.is_dir() and is_flow_folder(path):
             parts = load_flow_folder(
                 path, family, dtype, files, source=base, allow_pickle=allow_pickle
@@ -233,10 +233,21 @@ def _load_single_file(
     files: dict[str, str | None],
 ) -> dict[str, Any]:
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    embedded = embedded_configs(metadata)
     flow = detect_flow_family_from_keys(state)
     if flow is not None:
-        return load_flow_file(path, state, flow, requested, dtype, files, allow_pickle=allow_pickle)
-    embedded = embedded_configs(metadata)
+        with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
+            own = materialise_config_dir(embedded, Path(tmp)) if embedded else None
+            return load_flow_file(
+                path,
+                state,
+                flow,
+                requested,
+                dtype,
+                files,
+                allow_pickle=allow_pickle,
+                config_dir=own,
+            )
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     family = resolve_family(requested, detection, source=str(path))
     with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
