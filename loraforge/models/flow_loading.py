@@ -82,7 +82,7 @@ def load_flow_folder(
     )
     family = resolve_family(requested, detection, source=source)
     try:
-        transformer = _transformer_class(family).from_pretrained(
+        transformer = transformer_class(family).from_pretrained(
             folder, subfolder="transformer", torch_dtype=dtype
         )
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
@@ -133,7 +133,7 @@ def load_flow_file(
     config_dir = config_dir or flow_config_dir(family, detection.variant)
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
     try:
-        transformer = _transformer_class(family).from_single_file(
+        transformer = transformer_class(family).from_single_file(
             state, subfolder="transformer", **common
         )
         if any(k.startswith(("first_stage_model.", "vae.")) for k in state):
@@ -184,7 +184,7 @@ def _parts(family, detection, transformer, vae, encoders, tokenizers, origin) ->
     }
 
 
-def _transformer_class(family: str) -> Any:
+def transformer_class(family: str) -> Any:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     return FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
@@ -235,7 +235,7 @@ def _build_encoder(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(config_folder))
-    cls = _class_for_config(config)
+    cls = class_for_config(config)
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
@@ -259,7 +259,7 @@ def _build_encoder(
     return model.eval()
 
 
-def _class_for_config(config: Any) -> Any:
+def class_for_config(config: Any) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -337,12 +337,12 @@ def models_from_configs(family: str, configs: Mapping[str, Any]) -> tuple[Any, l
     def kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in config.items() if not k.startswith("_")}
 
-    transformer = _transformer_class(family).from_config(kwargs(configs["transformer"]))
+    transformer = transformer_class(family).from_config(kwargs(configs["transformer"]))
     encoders = []
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if name in configs:
             config = dict(configs[name])
             model_type = config.pop("model_type")
             encoder_config = AutoConfig.for_model(model_type, **kwargs(config))
-            encoders.append(_class_for_config(encoder_config)(encoder_config))
+            encoders.append(class_for_config(encoder_config)(encoder_config))
     return transformer, encoders

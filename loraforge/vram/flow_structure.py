@@ -37,6 +37,7 @@ class FlowStructure:
     double_blocks: int
     width: int
     patch_tokens: int = 4
+    buffer_elements: int = 0  # SD3's position-embedding table (a buffer, cast with the model)
 
     @property
     def layer_params(self) -> int:
@@ -145,7 +146,8 @@ def _sd3(config: Mapping[str, Any]) -> FlowStructure:
         _linear("proj_out", d, patch * patch * out_channels),
     ]
     params = sum(blocks) + sum(x.params for x in outer)
-    return FlowStructure("sd3", tuple(layers), params, tuple(blocks), depth, d)
+    positions = int(config.get("pos_embed_max_size") or 0) ** 2
+    return FlowStructure("sd3", tuple(layers), params, tuple(blocks), depth, d, 4, positions * d)
 
 
 def flow_structure(config: Mapping[str, Any]) -> FlowStructure:

@@ -103,3 +103,27 @@ def test_suggestions_name_fp8_and_block_swap() -> None:
     estimate = estimate_vram(_flux("gradient_checkpointing: true"), budget_bytes=parse_size("12GB"))
     settings = {key for s in estimate.suggestions for key in s.settings}
     assert {"training.fp8_base", "training.blocks_to_swap"} <= settings
+
+
+@pytest.mark.slow
+def test_traced_flow_step_agrees_with_the_analytic_estimate() -> None:
+    text = (
+        "model: {base: sd3.5_medium.safetensors, family: sd3}\n"
+        "dataset: {resolution: 512, subsets: [{dir: d}]}\n"
+        "cache: {latents: disk, text_encoder_outputs: disk}\n"
+        "network: {dim: 8, train_text_encoder: false}\n"
+        "training: {mixed_precision: bf16, fp8_base: true, gradient_checkpointing: true, "
+        "blocks_to_swap: 4}\n"
+    )
+    recipe = parse_recipe_text(text, base_dir=Path("/nonexistent"))
+    analytic = estimate_vram(recipe)
+    traced = estimate_vram(recipe, method="traced")
+    assert traced.family == "sd3" and traced.method == "traced"
+    # the same weights on the GPU: fp8 Linear weights, 3 of the 4 swapped blocks in CPU memory
+    assert _row(traced, "transformer weights") == pytest.approx(
+        _row(analytic, "transformer weights"), rel=0.02
+    )
+    assert _row(traced, "network weights") == pytest.approx(
+        _row(analytic, "network weights"), rel=0.02
+    )
+    assert traced.total_bytes == pytest.approx(analytic.total_bytes, rel=0.15)
