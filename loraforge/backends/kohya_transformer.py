@@ -5,6 +5,10 @@ sd-scripts' ``networks/lora_flux.py`` / ``lora_sd3.py`` options arrive as ``netw
 * ``train_blocks``: FLUX ``all`` (default) | ``double`` | ``single``.
 * ``train_double_block_indices`` / ``train_single_block_indices`` (FLUX) and
   ``train_block_indices`` (SD3): ``"0-4,10"``, ``all`` or ``none`` (a list of ints works too).
+* per-kind ranks (0 = none): FLUX ``img_attn_dim``, ``txt_attn_dim``, ``img_mlp_dim``,
+  ``txt_mlp_dim``, ``img_mod_dim``, ``txt_mod_dim``, ``single_dim``, ``single_mod_dim``; SD3
+  ``context_attn_dim``, ``context_mlp_dim``, ``context_mod_dim``, ``x_attn_dim``, ``x_mlp_dim``,
+  ``x_mod_dim``.
 * ``train_t5xxl``: also train T5-XXL (``lora_te3_``) when text encoders are trained.
 * ``in_dims`` (FLUX, 5 ranks: img, time, vector, guidance, txt) / ``emb_dims`` (SD3, 6 ranks:
   context, t, x, y, final_mod, final_linear): LoRA on the embedders / final layer, 0 = none.
@@ -29,9 +33,22 @@ if TYPE_CHECKING:
 
     from loraforge.recipe.types import NetworkConfig
 
+# sd-scripts' per-kind rank args (``type_dims``), in its order; the kind is the name minus _dim
+_FLUX_KINDS = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod", "single")
+_SD3_KINDS = ("context_attn", "context_mlp", "context_mod", "x_attn", "x_mlp", "x_mod")
+_KIND_DIMS = {
+    "flux": tuple(f"{k}_dim" for k in (*_FLUX_KINDS, "single_mod")),
+    "sd3": tuple(f"{k}_dim" for k in _SD3_KINDS),
+}
 _FAMILY_ARGS = {
-    "flux": {"train_blocks", "train_double_block_indices", "train_single_block_indices", "in_dims"},
-    "sd3": {"train_block_indices", "emb_dims"},
+    "flux": {
+        "train_blocks",
+        "train_double_block_indices",
+        "train_single_block_indices",
+        "in_dims",
+        *_KIND_DIMS["flux"],
+    },
+    "sd3": {"train_block_indices", "emb_dims", *_KIND_DIMS["sd3"]},
 }
 
 
@@ -147,10 +164,13 @@ def transformer_network_targets(
     ranks: dict[str, RankSpec] = {}
     for target in tn.transformer_targets(family, transformer.config, options):
         if options.extra_dims is not None and target.kind == "embed":
-            dim = tn.extra_dim_of(family, target, options.extra_dims)
-            if dim == 0:
+            dim: int | None = tn.extra_dim_of(family, target, options.extra_dims)
+        else:
+            dim = config.args.get(f"{target.kind}_dim")
+        if dim is not None:
+            if int(dim) == 0:
                 continue
-            ranks[target.name] = RankSpec(dim, config.alpha)
+            ranks[target.name] = RankSpec(int(dim), config.alpha)
         targets[target.name] = fused_layer(transformer, target)
     train_t5 = str(config.args.get("train_t5xxl", False)).lower() in ("true", "1")
     targets.update(tn.text_encoder_targets(family, text_encoders, train_t5xxl=train_t5))

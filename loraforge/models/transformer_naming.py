@@ -191,10 +191,10 @@ def text_encoder_prefix(family: str, encoder_index: int) -> str:
 
 
 def text_encoder_lora_name(family: str, encoder_index: int, module_path: str) -> str:
-    """kohya name of a text-encoder layer (CLIP paths in their ``text_model.`` spelling)."""
-    return text_encoder_prefix(family, encoder_index) + canonical_clip_path(module_path).replace(
-        ".", "_"
-    )
+    """kohya name of a text-encoder layer: CLIP paths in their ``text_model.`` spelling, T5
+    paths as they are (``lora_te3_encoder_block_0_layer_0_SelfAttention_q``)."""
+    path = module_path if is_t5_index(family, encoder_index) else canonical_clip_path(module_path)
+    return text_encoder_prefix(family, encoder_index) + path.replace(".", "_")
 
 
 def is_t5_index(family: str, encoder_index: int) -> bool:

@@ -25,6 +25,10 @@ TRANSFORMER_NETWORK_ARGS = frozenset(
         "train_t5xxl",
         "in_dims",
         "emb_dims",
+        # per-kind ranks (0 = no module), sd-scripts' img_attn_dim … / context_attn_dim …
+        *(f"{kind}_dim" for kind in ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod")),
+        *(f"{kind}_dim" for kind in ("txt_mod", "single", "single_mod", "context_attn")),
+        *(f"{kind}_dim" for kind in ("context_mlp", "context_mod", "x_attn", "x_mlp", "x_mod")),
     }
 )
 ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {

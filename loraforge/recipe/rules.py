@@ -16,6 +16,7 @@ from loraforge.recipe.capabilities import (
     SINGLE_LR_OPTIMIZERS,
     algorithms_of,
 )
+from loraforge.recipe.flow_network_rules import flow_network_problems
 from loraforge.recipe.flow_rules import flow_problems
 from loraforge.recipe.types import Recipe
 
@@ -28,6 +29,7 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
     for rule in (
         _caching,
         _network,
+        flow_network_problems,
         _blocks,
         _training,
         _precision,

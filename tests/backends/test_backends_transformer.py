@@ -156,3 +156,57 @@ def test_wrong_flow_args_are_recipe_errors(family, args, make_config, hand_model
 def test_per_block_fields_are_refused_for_transformers(make_config) -> None:
     with pytest.raises(RecipeError, match="train_double_block_indices"):
         KohyaBackend().create(make_config(block_dims=[4] * 25), "flux", _full("flux-dev"), [])
+
+
+def _tiny_t5() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    )  # fmt: skip
+    return transformers.T5EncoderModel(config)
+
+
+def test_t5_modules_only_with_train_t5xxl_and_named_like_sd_scripts(make_config) -> None:
+    t5 = _tiny_t5()
+    model = _full("flux-dev")
+    plain = KohyaBackend().create(make_config(train_unet=False), "flux", model, [None, t5])
+    assert not list(plain.adapters())
+    config = make_config(train_unet=False, args={"train_t5xxl": True})
+    names = {
+        m.lora_name for m in KohyaBackend().create(config, "flux", model, [None, t5]).adapters()
+    }
+    per_block = ["layer_0_SelfAttention_" + p for p in "qkvo"]
+    per_block += ["layer_1_DenseReluDense_" + p for p in ("wi_0", "wi_1", "wo")]
+    assert names == {f"lora_te3_encoder_block_{i}_{p}" for i in range(2) for p in per_block}
+
+
+def test_lycoris_refuses_flow_families_with_a_recipe_error(make_config) -> None:
+    from loraforge.backends.lycoris import LycorisBackend
+
+    config = make_config(backend="lycoris", algorithm="loha")
+    with pytest.raises(RecipeError, match="backend: kohya"):
+        LycorisBackend().create(config, "flux", _full("flux-dev"), [])
+
+
+def test_per_kind_dims_like_sd_scripts_type_dims(make_config) -> None:
+    args = {"img_attn_dim": 8, "single_mod_dim": 0, "txt_mlp_dim": 2}
+    network = KohyaBackend().create(make_config(dim=4, args=args), "flux", _full("flux-dev"), [])
+    got = {m.lora_name: m.dim for m in network.adapters()}
+    n = "lora_unet_double_blocks_3_"
+    assert got[n + "img_attn_qkv"] == got[n + "img_attn_proj"] == 8
+    assert got[n + "txt_mlp_0"] == 2 and got[n + "txt_attn_qkv"] == 4
+    assert got["lora_unet_single_blocks_5_linear1"] == 4
+    assert not any(name.endswith("modulation_lin") for name in got)
+    sd3 = KohyaBackend().create(
+        make_config(dim=4, args={"x_attn_dim": 6, "context_mod_dim": 0}),
+        "sd3",
+        _full("sd35-medium"),
+        [],
+    )
+    dims = {m.lora_name: m.dim for m in sd3.adapters()}
+    assert dims["lora_unet_joint_blocks_0_x_block_attn2_qkv"] == 6
+    assert dims["lora_unet_joint_blocks_0_x_block_mlp_fc1"] == 4
+    assert not any("context_block_adaLN" in name for name in dims)
+    with pytest.raises(RecipeError, match="x_attn_dim"):
+        KohyaBackend().create(make_config(args={"x_attn_dim": 2}), "flux", _full("flux-dev"), [])

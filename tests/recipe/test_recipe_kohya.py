@@ -423,3 +423,28 @@ def test_init_from_kohya_unreadable_config_is_a_user_error(tmp_path: Path) -> No
     bad = tmp_path / "bad.toml"
     bad.write_text("this is = = not toml")
     assert run(["init", "--from-kohya", str(bad), "-o", str(tmp_path / "r.yaml")]) == 2
+
+
+def test_flux_network_args_convert_to_network_args(tmp_path: Path) -> None:
+    from loraforge.recipe.kohya_convert import convert_kohya
+
+    options = {
+        "network_module": "networks.lora_flux",
+        "network_dim": 16,
+        "network_args": [
+            "train_blocks=single",
+            "train_single_block_indices=0-9,20",
+            "in_dims=[4,0,0,0,4]",
+            "img_attn_dim=8",
+            "train_t5xxl=True",
+        ],
+    }
+    network = convert_kohya(options, tmp_path).recipe["network"]
+    assert network["algorithm"] == "lora"
+    assert network["args"] == {
+        "train_blocks": "single",
+        "train_single_block_indices": "0-9,20",
+        "in_dims": [4, 0, 0, 0, 4],
+        "img_attn_dim": 8,
+        "train_t5xxl": True,
+    }
