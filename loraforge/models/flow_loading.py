@@ -105,6 +105,29 @@ def load_flow_folder(
     return _parts(family, detection, transformer, vae, encoders, tokenizers, folder)
 
 
+def load_flow_checkpoint(
+    path: Path,
+    state: dict[str, Any],
+    metadata: Mapping[str, str],
+    detection: Detection,
+    requested: str,
+    dtype: torch.dtype,
+    files: Mapping[str, str | None],
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    """:func:`load_flow_file` on the configs a loraforge-written file carries, else the
+    shipped ones."""
+    from loraforge.models.single_file import embedded_configs, materialise_config_dir
+
+    embedded = embedded_configs(metadata)
+    with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
+        own = materialise_config_dir(embedded, Path(tmp)) if embedded else None
+        return load_flow_file(
+            path, state, detection, requested, dtype, files,
+            allow_pickle=allow_pickle, config_dir=own,
+        )  # fmt: skip
+
+
 def load_flow_file(
     path: Path,
     state: dict[str, Any],

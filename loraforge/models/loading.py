@@ -21,7 +21,7 @@ from loraforge.models.families import (
     family_spec,
     resolve_family,
 )
-from loraforge.models.flow_loading import is_flow_folder, load_flow_file, load_flow_folder
+from loraforge.models.flow_loading import is_flow_folder, load_flow_checkpoint, load_flow_folder
 from loraforge.models.pickles import refuse_pickles
 from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.single_file import (
@@ -233,21 +233,12 @@ def _load_single_file(
     files: dict[str, str | None],
 ) -> dict[str, Any]:
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
-    embedded = embedded_configs(metadata)
     flow = detect_flow_family_from_keys(state)
     if flow is not None:
-        with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
-            own = materialise_config_dir(embedded, Path(tmp)) if embedded else None
-            return load_flow_file(
-                path,
-                state,
-                flow,
-                requested,
-                dtype,
-                files,
-                allow_pickle=allow_pickle,
-                config_dir=own,
-            )
+        return load_flow_checkpoint(
+            path, state, metadata, flow, requested, dtype, files, allow_pickle
+        )
+    embedded = embedded_configs(metadata)
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     family = resolve_family(requested, detection, source=str(path))
     with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
