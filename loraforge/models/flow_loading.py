@@ -184,7 +184,8 @@ def load_flow_file(
         else:
             encoder = _encoder_from_checkpoint(state, slot, config_dir / sub, dtype, path)
         encoders.append(encoder)
-        tokenizers.append(_folder_tokenizer(config_dir, index, family, slot))
+        beside = Path(str(files[slot])).expanduser().parent if files.get(slot) else None
+        tokenizers.append(_folder_tokenizer(config_dir, index, family, slot, beside))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, path)
 
 
@@ -306,13 +307,23 @@ def _match_keys(state: Mapping[str, Any], expected: Any) -> dict[str, Any]:
     return out
 
 
-def _folder_tokenizer(folder: Path, index: int, family: str, slot: str) -> Any:
+def _has_t5_vocabulary(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file()
+
+
+def _folder_tokenizer(
+    folder: Path, index: int, family: str, slot: str, beside: Path | None = None
+) -> Any:
+    """The model folder's tokenizer; for T5 also one in the T5 file's folder (or its
+    ``t5_tokenizer/``, as ComfyUI keeps it), else :func:`default_tokenizer`."""
     sub = folder / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}")
     if slot == "t5xxl":
-        if (sub / "tokenizer.json").is_file() or (sub / "spiece.model").is_file():
+        places = [sub] + ([beside, beside / "t5_tokenizer"] if beside is not None else [])
+        found = next((place for place in places if _has_t5_vocabulary(place)), None)
+        if found is not None:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(sub))
+            return AutoTokenizer.from_pretrained(str(found))
         return default_tokenizer(slot)
     if (sub / "vocab.json").is_file():
         from transformers import CLIPTokenizer
@@ -347,8 +358,9 @@ def default_tokenizer(slot: str) -> Any:
     except Exception as e:  # hub errors have no common base class below Exception
         raise ModelError(
             f"the T5-XXL tokenizer ({T5_TOKENIZER_ID}) is not in the Hugging Face cache",
-            hint="run once online to cache it (a few MB, as sd-scripts does), or use a diffusers "
-            "folder that has tokenizer_2/ (FLUX) or tokenizer_3/ (SD3)",
+            hint="run once online to cache it (a few MB, as sd-scripts does), put its "
+            "tokenizer.json (or spiece.model) beside the t5xxl file or in a t5_tokenizer/ folder "
+            "there, or use a diffusers folder that has tokenizer_2/ (FLUX) or tokenizer_3/ (SD3)",
         ) from e
 
 

@@ -32,11 +32,13 @@ def flux_files(tmp_path_factory: pytest.TempPathFactory, flux_parts) -> dict[str
 
     root = tmp_path_factory.mktemp("flux-files")
     configs = tiny_flow_configs("flux")
-    tok = write_tiny_t5_tokenizer(root / "tok")
+    tok = write_tiny_t5_tokenizer(root / "t5_tokenizer")  # where ComfyUI keeps it
     tokenizers = {"tokenizer_2": {p.name: p.read_text("utf-8") for p in tok.iterdir()}}
     meta = {EMBEDDED_CONFIG_KEY: json.dumps({"configs": configs, "tokenizers": tokenizers})}
     state = {k: v.to(torch.bfloat16) for k, v in flux_parts["transformer"].state_dict().items()}
     save_file(state, str(root / "flux1-tiny.safetensors"), metadata=meta)
+    bare = {EMBEDDED_CONFIG_KEY: json.dumps({"configs": configs})}  # no tokenizer inside
+    save_file(state, str(root / "flux1-bare.safetensors"), metadata=bare)
     clip = flux_parts["text_encoder"].state_dict()
     save_file(
         {f"text_model.{k}": v.half() for k, v in clip.items()}, str(root / "clip_l.safetensors")
@@ -115,3 +117,11 @@ def test_diffusers_folders(family, variant, encoders, tmp_path) -> None:
     assert len(model.text_encoders) == len(model.tokenizers) == encoders
     with pytest.raises(ModelError, match=r"model\.family sdxl"):
         load_model(str(folder), family="sdxl")
+
+
+def test_t5_tokenizer_beside_the_t5_file(flux_files) -> None:
+    files = {"clip_l": str(flux_files["clip_l"]), "t5xxl": str(flux_files["t5xxl_fp8_e4m3fn"])}
+    model = load_model(
+        str(flux_files["flux1-bare"]), vae=str(flux_files["ae"]), encoder_files=files
+    )
+    assert model.tokenizers[1]("red lfdemo").input_ids[-1] == 1
