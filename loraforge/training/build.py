@@ -35,10 +35,14 @@ if TYPE_CHECKING:
 
 
 def load_base_model(recipe: Recipe) -> Any:
-    """Load the base model in float32 (cast per the precision rules after caching)."""
+    """Load the base model in float32 (cast per the precision rules after caching); SD3 / FLUX
+    load straight in the training's weight dtype (FLUX and T5-XXL in float32 would take 66 GB
+    of RAM)."""
     from loraforge.models.loading import load_model
+    from loraforge.training.precision import resolve_precision
 
     m = recipe.model
+    precision = resolve_precision(recipe.training, recipe.output.save_precision)
     with err.status(f"loading {m.base}…"):
         return load_model(
             m.base,
@@ -46,6 +50,7 @@ def load_base_model(recipe: Recipe) -> Any:
             vae=m.vae,
             allow_pickle=m.allow_pickle,
             encoder_files={"clip_l": m.clip_l, "clip_g": m.clip_g, "t5xxl": m.t5xxl},
+            flow_dtype=precision.weight_dtype,
         )
 
 
