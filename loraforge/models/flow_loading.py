@@ -155,10 +155,17 @@ def load_flow_file(
     family = resolve_family(requested, detection, source=str(path))
     config_dir = config_dir or flow_config_dir(family, detection.variant)
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    others = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
+    own = {k: v for k, v in state.items() if not k.startswith(others)}  # the transformer's keys
     try:
-        transformer = transformer_class(family).from_single_file(
-            state, subfolder="transformer", **common
-        )
+        if any(
+            k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.")) for k in own
+        ):
+            transformer = transformer_class(family).from_single_file(
+                own, subfolder="transformer", **common
+            )
+        else:  # already diffusers' layout (a saved diffusers transformer)
+            transformer = _diffusers_transformer(family, config_dir, own, dtype)
         if any(k.startswith(("first_stage_model.", "vae.")) for k in state):
             vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
         elif files.get("vae"):  # a transformer-only file: model.vae's weights replace these
@@ -187,6 +194,19 @@ def load_flow_file(
         beside = Path(str(files[slot])).expanduser().parent if files.get(slot) else None
         tokenizers.append(_folder_tokenizer(config_dir, index, family, slot, beside))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, path)
+
+
+def _diffusers_transformer(
+    family: str, config_dir: Path, state: Mapping[str, Any], dtype: torch.dtype
+) -> Any:
+    """A transformer from a state dict in diffusers' own layout (strict: every key must fit)."""
+    import torch
+
+    cls = transformer_class(family)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(str(config_dir / "transformer")))
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.to(dtype)
 
 
 def _parts(family, detection, transformer, vae, encoders, tokenizers, origin) -> dict[str, Any]:

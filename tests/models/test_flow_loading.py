@@ -125,3 +125,45 @@ def test_t5_tokenizer_beside_the_t5_file(flux_files) -> None:
         str(flux_files["flux1-bare"]), vae=str(flux_files["ae"]), encoder_files=files
     )
     assert model.tokenizers[1]("red lfdemo").input_ids[-1] == 1
+
+
+def test_sd3_one_file_with_its_encoders_and_vae(tmp_path) -> None:
+    """An SD3.5 checkpoint that carries its text encoders (``text_encoders.clip_l.transformer.…``,
+    SAI's layout) and VAE (``first_stage_model.…``) needs no other file."""
+    from loraforge.models.single_file import EMBEDDED_CONFIG_KEY, _vae_ldm_item
+    from loraforge.models.tiny_flow import (
+        build_tiny_flow_components,
+        tiny_flow_configs,
+        write_tiny_t5_tokenizer,
+    )
+
+    parts = build_tiny_flow_components("sd3", seed=5)
+    configs = tiny_flow_configs("sd3")
+    tok = write_tiny_t5_tokenizer(tmp_path / "tok")
+    tokenizers = {"tokenizer_3": {p.name: p.read_text("utf-8") for p in tok.iterdir()}}
+    state = dict(parts["transformer"].state_dict())
+    for slot, name in (
+        ("clip_l", "text_encoder"),
+        ("clip_g", "text_encoder_2"),
+        ("t5xxl", "text_encoder_3"),
+    ):
+        for key, value in parts[name].state_dict().items():
+            state[f"text_encoders.{slot}.transformer.{key}"] = value
+    levels = len(parts["vae"].config.block_out_channels)
+    for key, value in parts["vae"].state_dict().items():
+        ldm_key, ldm_value = _vae_ldm_item(key, value, levels)
+        state["first_stage_model." + ldm_key.removeprefix("first_stage_model.")] = ldm_value
+    meta = {EMBEDDED_CONFIG_KEY: json.dumps({"configs": configs, "tokenizers": tokenizers})}
+    path = tmp_path / "sd3.5-tiny.safetensors"
+    save_file({k: v.contiguous().clone() for k, v in state.items()}, str(path), metadata=meta)
+    model = load_model(str(path))
+    assert (model.family, model.variant) == ("sd3", "5-large") and len(model.text_encoders) == 3
+    for loaded, original in zip(
+        (model.unet, model.vae, *model.text_encoders),
+        (parts["transformer"], parts["vae"], parts["text_encoder"], parts["text_encoder_2"],
+         parts["text_encoder_3"]),
+        strict=True,
+    ):  # fmt: skip
+        want = original.state_dict()
+        got = loaded.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), type(original).__name__
