@@ -88,3 +88,28 @@ def test_flow_rules() -> None:
     assert elsewhere == {("warning", "training.timestep_sampling"), ("warning", "model.t5xxl")}
     sd3 = _codes("sd3", {"guidance_scale": 3.5})
     assert sd3 == {("warning", "training.guidance_scale")}
+
+
+def test_sd_scripts_flux_and_sd3_options_convert(tmp_path) -> None:
+    from loraforge.recipe.kohya_convert import convert_kohya
+
+    flux = {
+        "pretrained_model_name_or_path": "/m/flux1-dev.safetensors",
+        "clip_l": "/m/clip_l.safetensors",
+        "t5xxl": "/m/t5xxl_fp16.safetensors",
+        "ae": "/m/ae.safetensors",
+        "t5xxl_max_token_length": 256,
+        "timestep_sampling": "shift",
+        "discrete_flow_shift": 3.1582,
+        "model_prediction_type": "raw",
+        "guidance_scale": 1.0,
+        "blocks_to_swap": 8,
+    }
+    recipe = convert_kohya(flux, tmp_path).recipe
+    assert recipe["model"]["vae"] == "/m/ae.safetensors"
+    assert recipe["model"]["t5xxl_max_token_length"] == 256
+    assert recipe["training"]["blocks_to_swap"] == 8
+    assert recipe["training"]["timestep_sampling"] == "shift"
+    sd3 = convert_kohya({"training_shift": 3.0, "weighting_scheme": "logit_normal"}, tmp_path)
+    assert sd3.recipe["training"]["discrete_flow_shift"] == 3.0
+    assert sd3.recipe["training"]["weighting_scheme"] == "logit_normal"
