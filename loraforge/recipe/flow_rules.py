@@ -46,6 +46,13 @@ def flow_problems(r: Recipe) -> Iterator[Finding]:
             f"{family} can swap at most {MAX_BLOCKS_TO_SWAP[family]} blocks",
             f"use blocks_to_swap <= {MAX_BLOCKS_TO_SWAP[family]}",
         )
+    if t.mixed_precision == "fp16" or t.full_fp16:
+        yield (
+            "warning",
+            ("training", "mixed_precision"),
+            f"{family}'s transformer overflows in fp16 (the loss turns NaN); it is trained in bf16",
+            "use mixed_precision: bf16 (RTX 30xx and newer)",
+        )
     if t.v_parameterization is not None:
         yield (
             "error",

@@ -86,6 +86,12 @@ def test_flow_rules() -> None:
     assert _codes("flux", {"blocks_to_swap": 8, "gradient_checkpointing": True}) == set()
     elsewhere = _codes("sdxl", {"timestep_sampling": "shift"}, {"t5xxl": "t5.safetensors"})
     assert elsewhere == {("warning", "training.timestep_sampling"), ("warning", "model.t5xxl")}
+    from loraforge.recipe import validate_recipe_text
+
+    text = "model: {base: m, family: flux}\ndataset: {subsets: [{dir: d}]}\n"
+    text += "training: {mixed_precision: fp16}\n"
+    messages = [p.message for p in validate_recipe_text(text).problems]
+    assert any("overflows in fp16" in m for m in messages)
     sd3 = _codes("sd3", {"guidance_scale": 3.5})
     assert sd3 == {("warning", "training.guidance_scale")}
 
