@@ -25,12 +25,12 @@ from loraforge.models.families import (
     detect_transformer_family,
     resolve_family,
 )
+from loraforge.models.flow_tokenizers import folder_tokenizer
 from loraforge.models.single_file import read_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-T5_TOKENIZER_ID = "google/t5-v1_1-xxl"
 _CONFIG_FOLDERS = {
     ("flux", "dev"): "flux-dev",
     ("flux", "schnell"): "flux-schnell",
@@ -82,7 +82,7 @@ def load_flow_folder(
     )
     family = resolve_family(requested, detection, source=source)
     try:
-        transformer = _transformer_class(family).from_pretrained(
+        transformer = transformer_class(family).from_pretrained(
             folder, subfolder="transformer", torch_dtype=dtype
         )
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
@@ -101,8 +101,31 @@ def load_flow_folder(
                     folder, subfolder=sub, torch_dtype=dtype
                 )
             )
-        tokenizers.append(_folder_tokenizer(folder, index, family, slot))
+        tokenizers.append(folder_tokenizer(folder, index, family, slot))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, folder)
+
+
+def load_flow_checkpoint(
+    path: Path,
+    state: dict[str, Any],
+    metadata: Mapping[str, str],
+    detection: Detection,
+    requested: str,
+    dtype: torch.dtype,
+    files: Mapping[str, str | None],
+    allow_pickle: bool,
+) -> dict[str, Any]:
+    """:func:`load_flow_file` on the configs a loraforge-written file carries, else the
+    shipped ones."""
+    from loraforge.models.single_file import embedded_configs, materialise_config_dir
+
+    embedded = embedded_configs(metadata)
+    with tempfile.TemporaryDirectory(prefix="loraforge-config-") as tmp:
+        own = materialise_config_dir(embedded, Path(tmp)) if embedded else None
+        return load_flow_file(
+            path, state, detection, requested, dtype, files,
+            allow_pickle=allow_pickle, config_dir=own,
+        )  # fmt: skip
 
 
 def load_flow_file(
@@ -114,9 +137,11 @@ def load_flow_file(
     files: Mapping[str, str | None],
     *,
     allow_pickle: bool = False,
+    config_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The parts of a single-file SD3 / FLUX checkpoint (transformer only, or with VAE and text
     encoders), with the separate files named in ``files`` (``clip_l``, ``clip_g``, ``t5xxl``).
+    ``config_dir`` replaces the shipped configs (a file loraforge wrote carries its own).
 
     The VAE comes from the file when it has one; otherwise ``model.vae`` must name it (the
     caller loads that override onto the shipped config's VAE).
@@ -128,16 +153,29 @@ def load_flow_file(
     from diffusers import AutoencoderKL
 
     family = resolve_family(requested, detection, source=str(path))
-    config_dir = flow_config_dir(family, detection.variant)
+    config_dir = config_dir or flow_config_dir(family, detection.variant)
     common = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    others = ("text_encoders.", "first_stage_model.", "vae.", "cond_stage_model.", "conditioner.")
+    own = {k: v for k, v in state.items() if not k.startswith(others)}  # the transformer's keys
     try:
-        transformer = _transformer_class(family).from_single_file(
-            state, subfolder="transformer", **common
-        )
+        if any(
+            k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.")) for k in own
+        ):
+            transformer = transformer_class(family).from_single_file(
+                own, subfolder="transformer", **common
+            )
+        else:  # already diffusers' layout (a saved diffusers transformer)
+            transformer = _diffusers_transformer(family, config_dir, own, dtype)
         if any(k.startswith(("first_stage_model.", "vae.")) for k in state):
             vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-        else:  # a transformer-only file: the shipped config, weights from model.vae
+        elif files.get("vae"):  # a transformer-only file: model.vae's weights replace these
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+        else:
+            raise ModelError(
+                f"{path} holds no VAE",
+                hint="set model.vae to the autoencoder file (FLUX: ae.safetensors), as "
+                "sd-scripts' --ae",
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(
             f"{path}: cannot convert the checkpoint as a {family} transformer ({e})",
@@ -153,8 +191,22 @@ def load_flow_file(
         else:
             encoder = _encoder_from_checkpoint(state, slot, config_dir / sub, dtype, path)
         encoders.append(encoder)
-        tokenizers.append(default_tokenizer(slot))
+        beside = Path(str(files[slot])).expanduser().parent if files.get(slot) else None
+        tokenizers.append(folder_tokenizer(config_dir, index, family, slot, beside))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, path)
+
+
+def _diffusers_transformer(
+    family: str, config_dir: Path, state: Mapping[str, Any], dtype: torch.dtype
+) -> Any:
+    """A transformer from a state dict in diffusers' own layout (strict: every key must fit)."""
+    import torch
+
+    cls = transformer_class(family)
+    with torch.device("meta"):
+        model = cls.from_config(cls.load_config(str(config_dir / "transformer")))
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model.to(dtype)
 
 
 def _parts(family, detection, transformer, vae, encoders, tokenizers, origin) -> dict[str, Any]:
@@ -176,7 +228,7 @@ def _parts(family, detection, transformer, vae, encoders, tokenizers, origin) ->
     }
 
 
-def _transformer_class(family: str) -> Any:
+def transformer_class(family: str) -> Any:
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     return FluxTransformer2DModel if family == "flux" else SD3Transformer2DModel
@@ -227,7 +279,7 @@ def _build_encoder(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(config_folder))
-    cls = _class_for_config(config)
+    cls = class_for_config(config)
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()
@@ -251,7 +303,7 @@ def _build_encoder(
     return model.eval()
 
 
-def _class_for_config(config: Any) -> Any:
+def class_for_config(config: Any) -> Any:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -275,47 +327,20 @@ def _match_keys(state: Mapping[str, Any], expected: Any) -> dict[str, Any]:
     return out
 
 
-def _folder_tokenizer(folder: Path, index: int, family: str, slot: str) -> Any:
-    sub = folder / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}")
-    if slot == "t5xxl":
-        if (sub / "tokenizer.json").is_file() or (sub / "spiece.model").is_file():
-            from transformers import AutoTokenizer
+def models_from_configs(family: str, configs: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+    """The transformer and text encoders built from component configs (random or, under
+    ``torch.device("meta")``, no weights): for dry runs and estimates."""
+    from transformers import AutoConfig
 
-            return AutoTokenizer.from_pretrained(str(sub))
-        return default_tokenizer(slot)
-    if (sub / "vocab.json").is_file():
-        from transformers import CLIPTokenizer
+    def kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
 
-        return CLIPTokenizer.from_pretrained(str(sub))
-    return default_tokenizer(slot)
-
-
-def default_tokenizer(slot: str) -> Any:
-    """The tokenizer of an encoder given as a file: OpenAI CLIP's (shipped; CLIP-G pads with
-    ``!``), or T5-XXL's from the Hugging Face cache.
-
-    Raises:
-        ModelError: the T5 tokenizer is not cached and the hub cannot be reached.
-    """
-    if slot != "t5xxl":
-        from transformers import CLIPTokenizer
-
-        from loraforge.models.clip_tokenizer import clip_merges, write_clip_tokenizer
-
-        pad = "!" if slot == "clip_g" else "<|endoftext|>"
-        with tempfile.TemporaryDirectory(prefix="loraforge-tokenizer-") as tmp:
-            return CLIPTokenizer.from_pretrained(
-                write_clip_tokenizer(Path(tmp), clip_merges(), pad_token=pad)
-            )
-    from transformers import AutoTokenizer
-
-    from loraforge.models.hub import hub_reachable
-
-    try:
-        return AutoTokenizer.from_pretrained(T5_TOKENIZER_ID, local_files_only=not hub_reachable())
-    except Exception as e:  # hub errors have no common base class below Exception
-        raise ModelError(
-            f"the T5-XXL tokenizer ({T5_TOKENIZER_ID}) is not in the Hugging Face cache",
-            hint="run once online to cache it (a few MB, as sd-scripts does), or use a diffusers "
-            "folder that has tokenizer_2/ (FLUX) or tokenizer_3/ (SD3)",
-        ) from e
+    transformer = transformer_class(family).from_config(kwargs(configs["transformer"]))
+    encoders = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if name in configs:
+            config = dict(configs[name])
+            model_type = config.pop("model_type")
+            encoder_config = AutoConfig.for_model(model_type, **kwargs(config))
+            encoders.append(class_for_config(encoder_config)(encoder_config))
+    return transformer, encoders

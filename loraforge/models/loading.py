@@ -21,7 +21,7 @@ from loraforge.models.families import (
     family_spec,
     resolve_family,
 )
-from loraforge.models.flow_loading import is_flow_folder, load_flow_file, load_flow_folder
+from loraforge.models.flow_loading import is_flow_folder, load_flow_checkpoint, load_flow_folder
 from loraforge.models.pickles import refuse_pickles
 from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.single_file import (
@@ -89,6 +89,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
     encoder_files: dict[str, str | None] | None = None,
+    flow_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a base model.
 
@@ -101,6 +102,7 @@ def load_model(
         allow_pickle: allow pickled checkpoints (read with ``weights_only=True``).
         encoder_files: SD3 / FLUX text encoders as separate files, by recipe option
             (``clip_l``, ``clip_g``, ``t5xxl``); they replace the model's own.
+        flow_dtype: weight dtype of SD3 / FLUX models (default ``dtype``).
 
     Raises:
         ModelError: missing/unreadable model, unknown or mismatched family, pickle refused,
@@ -123,15 +125,15 @@ def load_model(
             hint="set model.base to a diffusers folder, a .safetensors checkpoint or a hub id",
         )
     with no_hf_progress_bars():
-        files = encoder_files or {}
+        files = {**(encoder_files or {}), "vae": vae}
         if path.is_dir() and is_flow_folder(path):
             parts = load_flow_folder(
-                path, family, dtype, files, source=base, allow_pickle=allow_pickle
+                path, family, flow_dtype or dtype, files, source=base, allow_pickle=allow_pickle
             )
         elif path.is_dir():
             parts = _load_folder(path, family, dtype, source=base)
         else:
-            parts = _load_single_file(path, family, dtype, allow_pickle, files)
+            parts = _load_single_file(path, family, dtype, allow_pickle, files, flow_dtype)
         vae_identity = parts["identity"]
         if vae is not None:
             parts["vae"], vae_identity = load_vae(
@@ -231,11 +233,15 @@ def _load_single_file(
     dtype: torch.dtype,
     allow_pickle: bool,
     files: dict[str, str | None],
+    flow_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
     flow = detect_flow_family_from_keys(state)
     if flow is not None:
-        return load_flow_file(path, state, flow, requested, dtype, files, allow_pickle=allow_pickle)
+        flow_dtype = flow_dtype or dtype
+        return load_flow_checkpoint(
+            path, state, metadata, flow, requested, flow_dtype, files, allow_pickle
+        )
     embedded = embedded_configs(metadata)
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     family = resolve_family(requested, detection, source=str(path))

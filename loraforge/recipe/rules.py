@@ -17,6 +17,7 @@ from loraforge.recipe.capabilities import (
     algorithms_of,
 )
 from loraforge.recipe.flow_network_rules import flow_network_problems
+from loraforge.recipe.flow_rules import flow_problems
 from loraforge.recipe.types import Recipe
 
 Finding = tuple[str, tuple[Any, ...], str, str | None]
@@ -35,6 +36,7 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
         _prediction,
         _dataset,
         _output,
+        flow_problems,
     ):
         findings.extend(rule(recipe))
     return findings

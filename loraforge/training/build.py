@@ -35,10 +35,14 @@ if TYPE_CHECKING:
 
 
 def load_base_model(recipe: Recipe) -> Any:
-    """Load the base model in float32 (cast per the precision rules after caching)."""
+    """Load the base model in float32 (cast per the precision rules after caching); SD3 / FLUX
+    load straight in the training's weight dtype (FLUX and T5-XXL in float32 would take 66 GB
+    of RAM)."""
     from loraforge.models.loading import load_model
+    from loraforge.training.precision import resolve_precision
 
     m = recipe.model
+    precision = resolve_precision(recipe.training, recipe.output.save_precision)
     with err.status(f"loading {m.base}…"):
         return load_model(
             m.base,
@@ -46,6 +50,7 @@ def load_base_model(recipe: Recipe) -> Any:
             vae=m.vae,
             allow_pickle=m.allow_pickle,
             encoder_files={"clip_l": m.clip_l, "clip_g": m.clip_g, "t5xxl": m.t5xxl},
+            flow_dtype=precision.weight_dtype,
         )
 
 
@@ -104,7 +109,15 @@ def place_frozen_models(
     activation checkpointing as the recipe asks."""
     t, n = recipe.training, recipe.network
     live_encoders = list(model.text_encoders) if conditioning.text_cache is None else []
-    cast_frozen_models([model.unet, *live_encoders], precision, device)
+    if t.blocks_to_swap and model.family in ("sd3", "flux"):
+        from loraforge.training.block_swap import enable_block_swap
+
+        cast_frozen_models([model.unet], precision, torch.device("cpu"))
+        swapped = enable_block_swap(model.unet, model.family, t.blocks_to_swap, device)
+        info(f"block swap: {len(swapped)} transformer blocks wait in CPU memory")
+        cast_frozen_models(live_encoders, precision, device)
+    else:
+        cast_frozen_models([model.unet, *live_encoders], precision, device)
     configure_attention(model.unet, live_encoders, t.attention)
     if t.gradient_checkpointing:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate

@@ -46,6 +46,9 @@ class FlowOptions:
         guidance: FLUX dev's guidance input, ``None`` for models without one.
         min_timestep, max_timestep: range of ``1000 * sigma`` for the ``sigma`` sampling.
         ip_noise_gamma, ip_noise_gamma_random_strength: input perturbation noise.
+        descending_density: ``sigma`` sampling reads the density's ``u`` as ``1 - sigma``, as
+            sd-scripts' FLUX trainer does (it indexes the scheduler's descending timesteps with
+            ``u``; its SD3 trainer uses ``u`` as the noise level).
     """
 
     timestep_sampling: str = "sigma"
@@ -61,6 +64,7 @@ class FlowOptions:
     max_timestep: int = NUM_TRAIN_TIMESTEPS
     ip_noise_gamma: float = 0.0
     ip_noise_gamma_random_strength: bool = False
+    descending_density: bool = False
 
     @classmethod
     def from_training(
@@ -95,6 +99,7 @@ class FlowOptions:
             max_timestep=training.max_timestep,
             ip_noise_gamma=training.ip_noise_gamma,
             ip_noise_gamma_random_strength=training.ip_noise_gamma_random_strength,
+            descending_density=flux,
         )
 
 
@@ -185,6 +190,8 @@ def sample_sigmas(
         logit_std=options.logit_std,
         mode_scale=options.mode_scale,
     )
+    if options.descending_density:
+        u = 1 - u
     u = shift_sigmas(u, options.discrete_flow_shift)
     span = options.max_timestep - options.min_timestep
     steps = (u * span + options.min_timestep).long().float()

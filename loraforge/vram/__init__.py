@@ -99,10 +99,9 @@ def estimate_vram(
 
 def _estimate(recipe: Recipe, arch: Architecture, method: str) -> VramEstimate:
     settings = memory_settings(recipe, arch.family)
-    if arch.family in ("sd3", "flux"):
+    if arch.family in ("sd3", "flux") and method != "traced":
         from loraforge.vram.flow_estimate import flow_analytic_estimate
 
-        # the traced method builds UNet families only; SD3 / FLUX are estimated analytically
         return flow_analytic_estimate(recipe, arch, settings)
     if method == "traced":
         from loraforge.vram.traced import traced_estimate

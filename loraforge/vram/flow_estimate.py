@@ -37,16 +37,19 @@ def _stored(params: int, linear: int, dtype: str, compute: str) -> int:
     return linear + (params - linear) * DTYPE_BYTES[compute]
 
 
-def flow_network_size(recipe: Recipe, structure: FlowStructure) -> NetworkSize:
-    """A kohya LoRA on every Linear of the blocks: ``rank * (in + out)`` each, plus alpha."""
+def flow_network_size(recipe: Recipe, arch: Architecture) -> NetworkSize:
+    """sd-scripts' LoRA targets of the transformer (a fused layer such as ``qkv`` is one LoRA,
+    :func:`loraforge.models.transformer_naming.transformer_targets`; block selections in
+    ``network.args`` are not applied): ``rank * (in + out)`` each, plus alpha."""
+    from loraforge.models.transformer_naming import transformer_targets
+
     rank = recipe.network.dim
+    targets = transformer_targets(arch.family, arch.configs["transformer"])
     sizes: list[int] = []
-    for layer in structure.layers:
-        sizes += [rank * layer.in_features, layer.out_features * rank]
+    for target in targets:
+        sizes += [rank * target.in_features, target.out_features * rank]
     total = sum(sizes)
-    return NetworkSize(
-        total, total, len(structure.layers), 0, 0, tuple(sizes), len(structure.layers)
-    )
+    return NetworkSize(total, total, len(targets), 0, 0, tuple(sizes), len(targets))
 
 
 def _transformer_rows(recipe: Recipe, structure: FlowStructure, s: MemorySettings) -> list[VramRow]:
@@ -56,6 +59,7 @@ def _transformer_rows(recipe: Recipe, structure: FlowStructure, s: MemorySetting
     share = structure.layer_params / max(1, sum(structure.block_params))
     on_gpu = structure.params - off_gpu
     stored = _stored(on_gpu, int(on_gpu * share), s.unet_dtype, s.compute_dtype)
+    stored += structure.buffer_elements * DTYPE_BYTES[s.compute_dtype]
     what = _millions(structure.params)
     if swap:
         # one swapped block is on its way in while another runs (sd-scripts' offloader)
@@ -135,7 +139,7 @@ def flow_analytic_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings
     from loraforge.vram.analytic import _network_rows, _optimizer_phase, _peak_phase, _vae_phase
 
     structure = flow_structure(arch.configs["transformer"])
-    size = flow_network_size(recipe, structure)
+    size = flow_network_size(recipe, arch)
     resident = (
         _transformer_rows(recipe, structure, s)
         + _encoder_rows(arch, s)

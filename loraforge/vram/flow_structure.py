@@ -37,6 +37,7 @@ class FlowStructure:
     double_blocks: int
     width: int
     patch_tokens: int = 4
+    buffer_elements: int = 0  # SD3's position-embedding table (a buffer, cast with the model)
 
     @property
     def layer_params(self) -> int:
@@ -145,7 +146,8 @@ def _sd3(config: Mapping[str, Any]) -> FlowStructure:
         _linear("proj_out", d, patch * patch * out_channels),
     ]
     params = sum(blocks) + sum(x.params for x in outer)
-    return FlowStructure("sd3", tuple(layers), params, tuple(blocks), depth, d)
+    positions = int(config.get("pos_embed_max_size") or 0) ** 2
+    return FlowStructure("sd3", tuple(layers), params, tuple(blocks), depth, d, 4, positions * d)
 
 
 def flow_structure(config: Mapping[str, Any]) -> FlowStructure:
@@ -179,12 +181,20 @@ def swapped_blocks(structure: FlowStructure, blocks_to_swap: int) -> tuple[int, 
     """Indices (into ``block_params``) of the blocks kept on the CPU, as sd-scripts swaps them:
     FLUX swaps ``n // 2`` double blocks and ``(n - n // 2) * 2`` single blocks, SD3 ``n`` joint
     blocks, each from the end of its stack."""
+    return swap_indices(
+        structure.family, structure.double_blocks, len(structure.block_params), blocks_to_swap
+    )
+
+
+def swap_indices(
+    family: str, double_blocks: int, total: int, blocks_to_swap: int
+) -> tuple[int, ...]:
+    """:func:`swapped_blocks` from block counts (``total`` blocks, the first ``double_blocks``
+    of them FLUX's double-stream ones)."""
     if blocks_to_swap <= 0:
         return ()
-    total = len(structure.block_params)
-    if structure.family == "sd3":
+    if family == "sd3":
         return tuple(range(total - min(blocks_to_swap, total), total))
-    doubles = min(blocks_to_swap // 2, structure.double_blocks)
-    singles = min((blocks_to_swap - blocks_to_swap // 2) * 2, total - structure.double_blocks)
-    double_part = range(structure.double_blocks - doubles, structure.double_blocks)
-    return (*double_part, *range(total - singles, total))
+    doubles = min(blocks_to_swap // 2, double_blocks)
+    singles = min((blocks_to_swap - blocks_to_swap // 2) * 2, total - double_blocks)
+    return (*range(double_blocks - doubles, double_blocks), *range(total - singles, total))

@@ -4,6 +4,7 @@ zero-lr control, the saved file's names and metadata, resume equals uninterrupte
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from statistics import mean
 
@@ -125,3 +126,43 @@ def test_flux_stop_then_resume_equals_uninterrupted(tiny_flow, make_recipe, tmp_
     assert resumed.progress.global_step == 5
     a, b = load_file(str(ref.final_path)), load_file(str(resumed.final_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_flux_block_swap_and_fp8_train(tiny_flow, make_recipe, tmp_path) -> None:
+    checkpointed = {"max_train_steps": 3, "gradient_checkpointing": True}
+    plain = _run(make_recipe, tmp_path, tiny_flow["flux"], {"training": checkpointed}, "plain")
+    swapped = _run(
+        make_recipe,
+        tmp_path,
+        tiny_flow["flux"],
+        {"training": {**checkpointed, "blocks_to_swap": 2}},
+        "swapped",
+    )
+    assert swapped.losses == pytest.approx(plain.losses, rel=1e-6)  # swapping changes no number
+    fp8 = {**checkpointed, "mixed_precision": "bf16", "fp8_base": True, "blocks_to_swap": 2}
+    result = _run(make_recipe, tmp_path, tiny_flow["flux"], {"training": fp8}, "fp8")
+    assert all(math.isfinite(x) for x in result.losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "family"), [("demo-flux", "flux"), ("demo-sd3", "sd3")])
+def test_flow_demo_projects_plan_and_train(preset, family, tmp_path, capsys) -> None:
+    from loraforge.cli import run
+
+    folder = tmp_path / preset
+    assert run(["init", "--preset", preset, "--dir", str(folder)]) == 0
+    recipe = folder / "recipe.yaml"
+    assert run(["check", str(recipe), "--strict"]) == 0
+    capsys.readouterr()
+    assert run(["train", str(recipe), "--dry-run", "-f", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["family"] == family and plan["length"]["max_train_steps"] == 120
+    assert set(plan["network"]["groups"]) == {"unet"}
+    short = recipe.with_name("short.yaml")  # shortened to keep the suite fast
+    text = recipe.read_text().replace("max_train_steps: 120", "max_train_steps: 4")
+    short.write_text(text.replace("every_n_steps: 60", "every_n_steps: 2"))
+    assert run(["train", str(short)]) == 0
+    out = folder / "output"
+    assert (out / "lfdemo.safetensors").is_file()
+    assert len(list((out / "sample").glob("lfdemo_00000[024]_0[012]_[123].png"))) == 9

@@ -111,3 +111,11 @@ def test_draws_replay_from_the_same_seed() -> None:
     first = noisy_flow_input(latents, options, torch.Generator().manual_seed(9))
     again = noisy_flow_input(latents, options, torch.Generator().manual_seed(9))
     assert torch.equal(first.noisy, again.noisy) and torch.equal(first.sigmas, again.sigmas)
+
+
+def test_flux_reads_the_density_descending_like_sd_scripts() -> None:
+    # a logit-normal centred at +2 puts SD3's noise levels high and FLUX's low (sd-scripts' FLUX
+    # trainer indexes the scheduler's descending timesteps with u)
+    common = {"timestep_sampling": "sigma", "weighting_scheme": "logit_normal", "logit_mean": 2.0}
+    assert _median(FlowOptions(**common)) > 0.8
+    assert _median(FlowOptions(**common, descending_density=True)) < 0.2
