@@ -1,4 +1,5 @@
-"""The ``demo`` and ``demo-sdxl`` projects: a built-in tiny model, generated images and a recipe.
+"""The ``demo``, ``demo-sdxl``, ``demo-flux`` and ``demo-sd3`` projects: a built-in tiny model,
+generated images and a recipe.
 
 ``loraforge init --preset demo --dir demo`` writes::
 
@@ -14,7 +15,8 @@ background``) but has never seen a cross. The dataset shows crosses captioned ``
 white background``, so the LoRA teaches the trigger word ``lfdemo`` to mean a cross: the samples
 (step 0, the middle and the end, also side by side in ``output/sample/lfdemo_grid.png``) show
 the shape appear. ``demo-sdxl`` trains the same dataset on the tiny SDXL model, whose weights are
-random (a check that SDXL training runs, not a picture).
+random (a check that SDXL training runs, not a picture); ``demo-flux`` and ``demo-sd3`` do the same
+with tiny FLUX.1 and SD3.5 transformers (a LoRA on the transformer, text encoders cached).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from loraforge.errors import OutputExistsError, RecipeError
 from loraforge.fileio import atomic_path, write_text_atomic
 
-DEMO_FAMILIES = {"demo": "sd1", "demo-sdxl": "sdxl"}
+DEMO_FAMILIES = {"demo": "sd1", "demo-sdxl": "sdxl", "demo-flux": "flux", "demo-sd3": "sd3"}
 #: the demo's trigger word: the LoRA teaches it to mean :data:`DEMO_SHAPE`
 TRIGGER = "lfdemo"
 FOLDER = f"5_{TRIGGER}"
@@ -73,8 +75,7 @@ network:
   max_train_steps: {steps}
   batch_size: 2
   learning_rate: 5.0e-3
-  text_encoder_lr: 1.0e-3
-  optimizer: AdamW
+{text_encoder_lr}  optimizer: AdamW
   lr_scheduler: constant
   mixed_precision: "no"
   seed: 42
@@ -103,11 +104,11 @@ sample:
 
 # Tuned for about a minute on two CPU cores. A new shape is drawn by the UNet's convolutions
 # more than by its attention layers, so both demos train LoCon (conv 3x3 too).
-_STEPS = {"sd1": 160, "sdxl": 150}
-_NETWORK = {
-    "sd1": "  algorithm: locon\n  dim: 8\n  alpha: 8\n  conv_dim: 8\n  conv_alpha: 8\n",
-    "sdxl": "  algorithm: locon\n  dim: 8\n  alpha: 8\n  conv_dim: 8\n  conv_alpha: 8\n",
-}
+_STEPS = {"sd1": 160, "sdxl": 150, "flux": 120, "sd3": 120}
+_LOCON = "  algorithm: locon\n  dim: 8\n  alpha: 8\n  conv_dim: 8\n  conv_alpha: 8\n"
+# the transformers have no convolutions to adapt; their text encoders stay frozen (cached)
+_FLOW = "  algorithm: lora\n  dim: 8\n  alpha: 8\n  train_text_encoder: false\n"
+_NETWORK = {"sd1": _LOCON, "sdxl": _LOCON, "flux": _FLOW, "sd3": _FLOW}
 
 
 def draw_shape(
@@ -201,6 +202,7 @@ def demo_recipe_text(preset: str, recipe_path: Path) -> str:
         preset=preset,
         family=family,
         network=_NETWORK[family],
+        text_encoder_lr="" if family in ("flux", "sd3") else "  text_encoder_lr: 1.0e-3\n",
         recipe=recipe_path,
         steps=steps,
         save_every=steps // 2,
@@ -212,7 +214,8 @@ def write_demo_project(preset: str, directory: Path, *, force: bool) -> Path:
     """Write a runnable demo project into ``directory``.
 
     Args:
-        preset: ``demo`` (tiny SD1) or ``demo-sdxl`` (tiny SDXL).
+        preset: ``demo`` (tiny SD1), ``demo-sdxl``, ``demo-flux`` or ``demo-sd3`` (tiny SDXL,
+            FLUX.1 and SD3.5 models with random weights).
         directory: the project folder (created).
         force: replace an existing project there.
 
@@ -242,7 +245,12 @@ def write_demo_project(preset: str, directory: Path, *, force: bool) -> Path:
         if part.exists():
             shutil.rmtree(part)
     family = DEMO_FAMILIES[preset]
-    write_tiny_model(family, directory / "model", seed=0, pretrained=family == "sd1")  # type: ignore[arg-type]
+    if family in ("flux", "sd3"):
+        from loraforge.models.tiny_flow import write_tiny_flow_model
+
+        write_tiny_flow_model(family, directory / "model", seed=0)
+    else:
+        write_tiny_model(family, directory / "model", seed=0, pretrained=family == "sd1")  # type: ignore[arg-type]
     write_demo_images(directory / "dataset" / FOLDER)
     write_text_atomic(recipe_path, demo_recipe_text(preset, recipe_path), force=True)
     return recipe_path

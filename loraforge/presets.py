@@ -18,7 +18,7 @@ from loraforge.resources import data_path
 
 _HEADER = re.compile(r"^#\s*(purpose|vram|family):\s*(.+?)\s*$")
 # Presets that write a whole project (tiny model + images + recipe) instead of one file.
-PROJECT_PRESETS = ("demo", "demo-sdxl")
+PROJECT_PRESETS = ("demo", "demo-sdxl", "demo-flux", "demo-sd3")
 
 
 @dataclass(frozen=True)

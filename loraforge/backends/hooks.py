@@ -5,25 +5,64 @@ Like sd-scripts' ``org_forward`` trick: the base module stays where it is (so it
 ``forward`` on it that calls the original forward and adds the adapter's output.
 :meth:`HookedAdapter.restore` puts the original back, so hooks can be removed and re-applied
 (and stack, last in first out, with another network hooked onto the same layer).
+
+A :class:`FusedLinear` target is several Linears that read the same input and together are one
+layer of another layout (FLUX's fused ``qkv``, ``linear1``; a layer whose output halves the two
+layouts order differently): the adapter's output rows are split among them, as if the LoRA sat
+on the fused layer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 
-def target_shapes(target: nn.Module) -> tuple[int, int, tuple[int, ...]]:
-    """``(in_features, out_features, kernel_size)`` of a Linear (kernel ``()``) or Conv2d.
+class FusedLinear:
+    """Linears reading one input, seen as one Linear of ``out_features`` rows.
+
+    Args:
+        layers: ``(linear, rows)`` per diffusers layer: ``rows[k]`` is the fused row that feeds
+            the layer's output row ``k`` (every row of every layer is fed exactly once).
+        out_features: rows of the fused layer.
+    """
+
+    def __init__(self, layers: Sequence[tuple[nn.Linear, Sequence[int]]], out_features: int):
+        widths = {layer.in_features for layer, _ in layers}
+        if len(widths) != 1:
+            raise ValueError(f"fused layers must share their input width, got {sorted(widths)}")
+        self.in_features = widths.pop()
+        self.out_features = out_features
+        self.layers = [(layer, _row_selector(rows, layer.out_features)) for layer, rows in layers]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The first layer's weight (for device and dtype)."""
+        return self.layers[0][0].weight
+
+
+def _row_selector(rows: Sequence[int], out_features: int) -> slice | torch.Tensor:
+    if len(rows) != out_features:
+        raise ValueError(f"a fused part must feed all {out_features} rows, got {len(rows)}")
+    start = rows[0]
+    if list(rows) == list(range(start, start + len(rows))):
+        return slice(start, start + len(rows))
+    return torch.tensor(list(rows), dtype=torch.long)
+
+
+def target_shapes(target: Any) -> tuple[int, int, tuple[int, ...]]:
+    """``(in_features, out_features, kernel_size)`` of a Linear or :class:`FusedLinear`
+    (kernel ``()``) or Conv2d.
 
     Raises:
         TypeError: for anything else, or a grouped convolution (no SD model has one as a target).
     """
-    if isinstance(target, nn.Linear):
+    if isinstance(target, nn.Linear | FusedLinear):
         return target.in_features, target.out_features, ()
     if isinstance(target, nn.Conv2d):
         if target.groups != 1:
@@ -51,8 +90,9 @@ class HookedAdapter(nn.Module, ABC):
 
     Args:
         lora_name: the kohya module name (``lora_unet_…``, ``lora_te1_…``).
-        target: the base ``nn.Linear``/``nn.Conv2d``; kept by reference, not as a submodule, so it
-            is neither saved with the network nor moved by ``network.to()``.
+        target: the base ``nn.Linear``/``nn.Conv2d`` or a :class:`FusedLinear`; kept by reference,
+            not as a submodule, so it is neither saved with the network nor moved by
+            ``network.to()``.
         dim: rank.
         alpha: scale numerator; ``None`` or 0 means ``dim`` (scale 1), as in sd-scripts.
         multiplier: strength applied in ``forward``.
@@ -83,26 +123,68 @@ class HookedAdapter(nn.Module, ABC):
         self.multiplier = multiplier
         self.module_dropout = module_dropout
         self._org_forward: Callable[..., torch.Tensor] | None = None
-        self._target_had_own_forward = False
+        # per hooked layer: (layer, its forward before us, whether that was an instance attribute)
+        self._hooked: list[tuple[nn.Module, Callable[..., torch.Tensor], bool]] = []
+        # fused target: [input, adapter output (None = module dropout), layers still to read it]
+        self._shared: list[Any] | None = None
 
     # ---- hooking -------------------------------------------------------------------------
     def apply_to(self) -> None:
-        """Route the target's forward through this module (idempotent)."""
-        if self._org_forward is not None:
+        """Route the target's forward (each fused layer's) through this module (idempotent)."""
+        if self._hooked:
             return
-        self._target_had_own_forward = "forward" in self.target.__dict__
-        self._org_forward = self.target.forward
-        self.target.forward = self.forward
+        if isinstance(self.target, FusedLinear):
+            layers = [(layer, rows) for layer, rows in self.target.layers]
+        else:
+            layers = [(self.target, None)]
+        for layer, rows in layers:
+            org = layer.forward
+            self._hooked.append((layer, org, "forward" in layer.__dict__))
+            layer.forward = (
+                self.forward if rows is None else partial(self._fused_forward, org, rows)
+            )
+        self._org_forward = self._hooked[0][1]
 
     def restore(self) -> None:
-        """Give the target its own forward back (idempotent)."""
-        if self._org_forward is None:
-            return
-        if self._target_had_own_forward:
-            self.target.forward = self._org_forward
-        else:
-            del self.target.__dict__["forward"]
+        """Give the target(s) their own forward back (idempotent)."""
+        for layer, org, had_own in reversed(self._hooked):
+            if had_own:
+                layer.forward = org
+            else:
+                del layer.__dict__["forward"]
+        self._hooked = []
         self._org_forward = None
+        self._shared = None
+
+    def _fused_forward(
+        self,
+        org: Callable[..., torch.Tensor],
+        rows: slice | torch.Tensor,
+        x: torch.Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """One fused layer: its base output plus its rows of the adapter output.
+
+        The layers of one fused target read the same tensor; the adapter output (with its
+        dropout draws) is computed once for it and shared, as on the fused original layer, and
+        let go when the last layer has read it (it must not outlive the step).
+        """
+        base = org(x, *args, **kwargs)
+        shared = self._shared
+        if shared is None or shared[0] is not x:
+            drop = (
+                self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout
+            )
+            shared = [x, None if drop else self.adapter_output(x), len(self._hooked)]
+            self._shared = shared
+        out = shared[1]
+        shared[2] -= 1
+        if shared[2] <= 0:
+            self._shared = None
+        if out is None:
+            return base
+        return base + out[..., rows].to(base.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the adapter's.
@@ -165,10 +247,17 @@ class HookedAdapter(nn.Module, ABC):
 
     @torch.no_grad()
     def merge_into_target(self, multiplier: float | None = None) -> None:
-        """Add :meth:`delta_weight` to the target's weight (float32 sum, its own dtype)."""
-        weight = self.target.weight
-        delta = self.delta_weight(multiplier).to(weight.device)
-        weight.copy_((weight.float() + delta).to(weight.dtype))
+        """Add :meth:`delta_weight` to the target's weight (float32 sum, its own dtype); a fused
+        target's layers each get their rows."""
+        delta = self.delta_weight(multiplier)
+        if isinstance(self.target, FusedLinear):
+            layers = self.target.layers
+        else:
+            layers = [(self.target, slice(None))]
+        for layer, rows in layers:
+            weight = layer.weight
+            part = delta[rows].to(weight.device)
+            weight.copy_((weight.float() + part).to(weight.dtype))
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         """The three tensors sd-scripts saves for this module, keyed by suffix."""

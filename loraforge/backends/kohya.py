@@ -21,9 +21,12 @@ from loraforge.backends.dylora import DyLoRAModule
 from loraforge.backends.hooks import HookedAdapter
 from loraforge.backends.kohya_blocks import RankPlan, RankSpec, rank_plan
 from loraforge.backends.kohya_config import check_config, dylora_unit, network_metadata
+from loraforge.backends.kohya_transformer import transformer_network_targets
 from loraforge.backends.lora_modules import LoRAModule
-from loraforge.errors import LoraFileError
+from loraforge.errors import LoraFileError, RecipeError
 from loraforge.models.naming import UNET_PREFIX, block_index, lora_targets
+from loraforge.models.transformer_naming import TRANSFORMER_FAMILIES
+from loraforge.recipe.capabilities import TRANSFORMER_NETWORK_ARGS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -46,6 +49,16 @@ class KohyaBackend:
         """See :meth:`loraforge.backends.base.NetworkBackend.create`."""
         check_config(config)
         plan = rank_plan(config, family)
+        if family in TRANSFORMER_FAMILIES:
+            # `unet` is the FLUX/SD3 transformer; text encoders in the family's order
+            targets, ranks = transformer_network_targets(config, family, unet, text_encoders)
+            return KohyaNetwork(config, plan, targets, lambda name: None, ranks)
+        flow_args = sorted(TRANSFORMER_NETWORK_ARGS & set(config.args))
+        if flow_args:
+            raise RecipeError(
+                f"network.args.{flow_args[0]}: an option of the FLUX/SD3 families, not {family}",
+                hint="remove it (per-block settings of UNet families are block_dims & co.)",
+            )
         targets = lora_targets(family, unet, list(text_encoders), conv=plan.uses_conv)
         return KohyaNetwork(config, plan, targets, partial(block_index, family))
 
@@ -81,8 +94,9 @@ class KohyaNetwork(Network):
     Args:
         config: the recipe's network section (already accepted by ``check_config``).
         plan: ranks per module kind / block, from :func:`rank_plan`.
-        targets: kohya LoRA name -> base ``nn.Linear``/``nn.Conv2d``.
+        targets: kohya LoRA name -> base ``nn.Linear``/``nn.Conv2d`` (or a ``FusedLinear``).
         block_of: the kohya block index of a UNet module name (``None`` when it has none).
+        ranks: rank/alpha of named modules that do not follow the plan (FLUX ``in_dims``).
     """
 
     def __init__(
@@ -91,6 +105,7 @@ class KohyaNetwork(Network):
         plan: RankPlan,
         targets: Mapping[str, nn.Module],
         block_of: Callable[[str], int | None],
+        ranks: Mapping[str, RankSpec] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -103,6 +118,8 @@ class KohyaNetwork(Network):
             is_kxk = isinstance(target, nn.Conv2d) and tuple(target.kernel_size) != (1, 1)
             block = block_of(name) if is_unet else None
             spec = plan.spec_for(is_unet=is_unet, is_kxk_conv=is_kxk, block=block)
+            if ranks and name in ranks:
+                spec = ranks[name]
             if spec is None:
                 continue
             # Registered under the kohya name, so nn.Module.state_dict() already has kohya keys.

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from loraforge.backends.kohya_config import conv_dim_of
 from loraforge.errors import RecipeError
 from loraforge.models import naming
+from loraforge.models.transformer_naming import TRANSFORMER_FAMILIES
+from loraforge.recipe.capabilities import PER_BLOCK_FIELDS
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -151,8 +153,10 @@ def rank_plan(config: NetworkConfig, family: str) -> RankPlan:
     Raises:
         RecipeError: per-block lists of the wrong length.
     """
-    layout = layout_for(family)
     linear = RankSpec(config.dim, config.alpha)
+    if family in TRANSFORMER_FAMILIES:
+        return _transformer_plan(config, family, linear)
+    layout = layout_for(family)
     conv_dim = conv_dim_of(config)
     conv_alpha = config.alpha if config.algorithm == "dylora" else config.conv_alpha
     conv = RankSpec(conv_dim, conv_alpha) if conv_dim is not None else None
@@ -169,6 +173,18 @@ def rank_plan(config: NetworkConfig, family: str) -> RankPlan:
         return RankPlan(linear, conv, None, None)
     blocks = _block_specs(config, family, layout, linear, conv, lr_weights)
     return RankPlan(linear, conv, blocks, lr_weights)
+
+
+def _transformer_plan(config: NetworkConfig, family: str, linear: RankSpec) -> RankPlan:
+    """FLUX/SD3: one rank for every Linear; blocks are chosen with network.args instead."""
+    given = [f for f in PER_BLOCK_FIELDS if getattr(config, f) is not None]
+    if given:
+        raise RecipeError(
+            f"network.{given[0]}: {family} has no UNet blocks",
+            hint="choose blocks with network.args (FLUX: train_blocks, "
+            "train_double_block_indices, train_single_block_indices; SD3: train_block_indices)",
+        )
+    return RankPlan(linear, None, None, None)
 
 
 def _block_specs(

@@ -6,7 +6,11 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from loraforge.errors import RecipeError
-from loraforge.recipe.capabilities import ALGORITHM_ARGS, PER_BLOCK_FIELDS
+from loraforge.recipe.capabilities import (
+    ALGORITHM_ARGS,
+    PER_BLOCK_FIELDS,
+    TRANSFORMER_NETWORK_ARGS,
+)
 
 if TYPE_CHECKING:
     from loraforge.recipe.types import NetworkConfig
@@ -113,6 +117,9 @@ def network_args(config: NetworkConfig) -> dict[str, Any]:
         args["conv_alpha"] = _text(_effective_alpha(conv_alpha, conv_dim))
     if config.algorithm == "dylora":
         args["unit"] = _text(dylora_unit(config))
+    for name, value in config.args.items():
+        if name in TRANSFORMER_NETWORK_ARGS:
+            args[name] = _text(value)
     for name in ("rank_dropout", "module_dropout", *PER_BLOCK_FIELDS, "loraplus_lr_ratio"):
         value = getattr(config, name)
         if value is not None:

@@ -31,6 +31,7 @@ from loraforge.backends.lycoris_config import (
 )
 from loraforge.console import warn
 from loraforge.errors import DependencyError, LoraFileError, RecipeError
+from loraforge.models.transformer_naming import TRANSFORMER_FAMILIES
 
 if TYPE_CHECKING:
     from loraforge.backends.lycoris_targets import Target
@@ -84,6 +85,14 @@ class LycorisBackend:
     ) -> LycorisAdapterNetwork:
         """See :meth:`loraforge.backends.base.NetworkBackend.create`."""
         check_config(config)
+        if family in TRANSFORMER_FAMILIES:
+            # sd-scripts' FLUX/SD3 names sit on fused original layers (qkv, linear1) that
+            # lycoris-lora's modules cannot span on diffusers' split layers
+            raise RecipeError(
+                f"network.backend: LyCORIS algorithms are not available for {family} yet",
+                hint="use `network.backend: kohya` (lora, lora-fa or dylora), which writes "
+                "sd-scripts' FLUX/SD3 names",
+            )
         require_lycoris()
         if dora_on_output(config):
             from loraforge.ops.ui_support import DORA_OUTPUT_AXIS_WARNING

@@ -53,7 +53,6 @@ def command(
         from loraforge.data.discovery import discover
         from loraforge.data.plan import plan_buckets
         from loraforge.data.report import skipped_summary
-        from loraforge.models.loading import load_model
         from loraforge.training.precision import move_module
 
         if device == CacheDevice.auto:
@@ -65,13 +64,10 @@ def command(
     summary = skipped_summary([*discovery.skipped, *plan.skipped])
     if summary:
         warn(summary)
-    with err.status("loading the model…"):
-        model = load_model(
-            recipe.model.base,
-            family=recipe.model.family,
-            vae=recipe.model.vae,
-            allow_pickle=recipe.model.allow_pickle,
-        )
+    from loraforge.training.build import load_base_model
+
+    model = load_base_model(recipe)
+    with err.status("moving the encoders…"):
         move_module(model.vae, target, vae_dtype(recipe, model.family, target))
         for encoder in model.text_encoders:
             move_module(encoder, target)

@@ -90,7 +90,12 @@ def _print_presets() -> None:
     for p in list_presets():
         table.add_row(p.name, p.family, p.purpose, p.vram)
     table.add_row("demo", "sd1", "runnable project: built-in tiny model + generated images", "CPU")
-    table.add_row(
-        "demo-sdxl", "sdxl", "runnable project: tiny SDXL model + generated images", "CPU"
-    )
+    for name, family, what in (
+        ("demo-sdxl", "sdxl", "SDXL"),
+        ("demo-flux", "flux", "FLUX.1"),
+        ("demo-sd3", "sd3", "SD3.5"),
+    ):
+        table.add_row(
+            name, family, f"runnable project: tiny {what} model + generated images", "CPU"
+        )
     out.print(table)

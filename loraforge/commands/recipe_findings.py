@@ -119,6 +119,9 @@ def model_file_problems(recipe: Recipe) -> list[Problem]:
     files = {
         "model.base": recipe.model.base,
         "model.vae": recipe.model.vae,
+        "model.clip_l": recipe.model.clip_l,
+        "model.clip_g": recipe.model.clip_g,
+        "model.t5xxl": recipe.model.t5xxl,
         "network.weights": recipe.network.weights,
     }
     problems = [
@@ -127,7 +130,7 @@ def model_file_problems(recipe: Recipe) -> list[Problem]:
         for field, value in files.items()
         if value and Path(value).is_absolute() and not Path(value).exists()
     ]
-    for field in ("model.base", "model.vae"):
+    for field in ("model.base", "model.vae", "model.clip_l", "model.clip_g", "model.t5xxl"):
         value = files[field]
         pickles = pickled_weights(Path(value)) if value and Path(value).is_absolute() else []
         if pickles and not recipe.model.allow_pickle:

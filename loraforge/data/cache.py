@@ -49,13 +49,15 @@ def encode_pixels(
     """VAE-encode ``(B, 3, H, W)`` pixels in ``[-1, 1]``; ``generator`` may be one per image.
 
     Returns ``(B, C, H/8, W/8)`` latents sampled from the posterior and multiplied by the VAE's
-    scaling factor (sd-scripts' convention).
+    scaling factor (sd-scripts' convention); the 16-channel SD3 / FLUX VAEs first subtract their
+    shift factor: ``(latents - shift_factor) * scaling_factor``.
     """
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.sample(generator=generator)
-    return latents * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
 
 
 @dataclass

@@ -16,6 +16,7 @@ from loraforge.data.masks import require_masks
 from loraforge.data.plan import BucketPlan
 from loraforge.data.subsets import ResolvedSubset
 from loraforge.data.text_cache import TextCache, fixed_captions, prepare_text_cache
+from loraforge.models.flow_prompts import caption_token_length
 from loraforge.recipe import Recipe
 
 ProgressFactory = Callable[[str], AbstractContextManager[Callable[[int, int], None]]]
@@ -93,7 +94,12 @@ def prepare_caches(
                 cache_dir=root / "text",
                 model_identity=model.model_identity,
                 clip_skip=recipe.model.clip_skip,
-                max_token_length=recipe.model.max_token_length,
+                max_token_length=caption_token_length(
+                    model.family,
+                    getattr(model, "variant", None),
+                    recipe.model.max_token_length,
+                    recipe.model.t5xxl_max_token_length,
+                ),
                 progress=update,
             )
     return Caches(latents, text)

@@ -17,9 +17,11 @@ from loraforge.models.families import (
     FAMILIES,
     architecture_config_dir,
     detect_family_from_configs,
+    detect_flow_family_from_keys,
     family_spec,
     resolve_family,
 )
+from loraforge.models.flow_loading import is_flow_folder, load_flow_checkpoint, load_flow_folder
 from loraforge.models.pickles import refuse_pickles
 from loraforge.models.quiet import no_hf_progress_bars
 from loraforge.models.single_file import (
@@ -76,6 +78,7 @@ class LoadedModel:
     source: str
     model_identity: str
     vae_identity: str
+    variant: str | None = None
 
 
 def load_model(
@@ -85,6 +88,8 @@ def load_model(
     vae: str | None = None,
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
+    encoder_files: dict[str, str | None] | None = None,
+    flow_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load a base model.
 
@@ -95,6 +100,9 @@ def load_model(
         vae: optional VAE override: a diffusers VAE folder or a single VAE file.
         dtype: weight dtype (default ``torch.float32``).
         allow_pickle: allow pickled checkpoints (read with ``weights_only=True``).
+        encoder_files: SD3 / FLUX text encoders as separate files, by recipe option
+            (``clip_l``, ``clip_g``, ``t5xxl``); they replace the model's own.
+        flow_dtype: weight dtype of SD3 / FLUX models (default ``dtype``).
 
     Raises:
         ModelError: missing/unreadable model, unknown or mismatched family, pickle refused,
@@ -117,10 +125,15 @@ def load_model(
             hint="set model.base to a diffusers folder, a .safetensors checkpoint or a hub id",
         )
     with no_hf_progress_bars():
-        if path.is_dir():
+        files = {**(encoder_files or {}), "vae": vae}
+        if path.is_dir() and is_flow_folder(path):
+            parts = load_flow_folder(
+                path, family, flow_dtype or dtype, files, source=base, allow_pickle=allow_pickle
+            )
+        elif path.is_dir():
             parts = _load_folder(path, family, dtype, source=base)
         else:
-            parts = _load_single_file(path, family, dtype, allow_pickle)
+            parts = _load_single_file(path, family, dtype, allow_pickle, files, flow_dtype)
         vae_identity = parts["identity"]
         if vae is not None:
             parts["vae"], vae_identity = load_vae(
@@ -136,6 +149,7 @@ def load_model(
         text_encoders=tuple(parts["text_encoders"]),
         tokenizers=tuple(parts["tokenizers"]),
         noise_scheduler=make_noise_scheduler(parts["family"], parts.get("scheduler_config")),
+        variant=parts.get("variant"),
         v_prediction=family_spec(parts["family"]).v_prediction,
         prediction_known=parts["prediction_known"] or family != "auto",
         source=str(base),
@@ -147,10 +161,14 @@ def load_model(
 def make_noise_scheduler(family: str, scheduler_config: dict[str, Any] | None = None) -> Any:
     """The training ``DDPMScheduler``: sd-scripts' settings (scaled-linear betas 0.00085–0.012,
     1000 steps, no sample clipping), betas taken from the model's scheduler config when it has one.
+    SD3 / FLUX: the model's ``FlowMatchEulerDiscreteScheduler`` (sampling reads its config).
     """
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     config = scheduler_config or {}
+    if family_spec(family).flow_matching:
+        settings = {k: v for k, v in config.items() if not k.startswith("_")}
+        return FlowMatchEulerDiscreteScheduler.from_config(settings)
     return DDPMScheduler(
         num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
         beta_start=float(config.get("beta_start", 0.00085)),
@@ -210,9 +228,20 @@ def _load_text_parts(folder: Path, family: str, dtype: torch.dtype) -> tuple[lis
 
 
 def _load_single_file(
-    path: Path, requested: str, dtype: torch.dtype, allow_pickle: bool
+    path: Path,
+    requested: str,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+    files: dict[str, str | None],
+    flow_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     state, metadata = read_checkpoint(path, allow_pickle=allow_pickle)
+    flow = detect_flow_family_from_keys(state)
+    if flow is not None:
+        flow_dtype = flow_dtype or dtype
+        return load_flow_checkpoint(
+            path, state, metadata, flow, requested, flow_dtype, files, allow_pickle
+        )
     embedded = embedded_configs(metadata)
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     family = resolve_family(requested, detection, source=str(path))

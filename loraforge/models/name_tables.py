@@ -63,6 +63,12 @@ def _cache_file(family: str) -> Path | None:
 
 
 def _build_name_tables(family: str) -> dict[str, frozenset[str]]:
+    from loraforge.models.transformer_naming import TRANSFORMER_FAMILIES
+
+    if family in TRANSFORMER_FAMILIES:
+        from loraforge.models.transformer_tables import build_flow_name_tables
+
+        return build_flow_name_tables(family)
     import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel

@@ -180,7 +180,17 @@ def encode_prompts(
     clip_skip: int = 1,
     max_token_length: int = 75,
 ) -> PromptEmbeds:
-    """Tokenize and encode captions (see :func:`tokenize` and :func:`encode_tokens`)."""
+    """Tokenize and encode captions (see :func:`tokenize` and :func:`encode_tokens`).
+
+    For ``sd3`` / ``flux`` ``max_token_length`` is the T5 token count (``clip_skip`` does not
+    apply); see :mod:`loraforge.models.flow_prompts`.
+    """
+    if family in ("sd3", "flux"):
+        from loraforge.models.flow_prompts import encode_flow_prompts
+
+        return encode_flow_prompts(
+            text_encoders, tokenizers, family, captions, t5_tokens=max_token_length
+        )
     tokens = tokenize(tokenizers, captions, max_token_length=max_token_length)
     return encode_tokens(text_encoders, tokenizers, family, tokens, clip_skip=clip_skip)
 

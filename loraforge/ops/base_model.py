@@ -37,11 +37,14 @@ class BaseWeights:
     Attributes:
         path: the folder or file it came from.
         layout: ``diffusers`` or ``single_file``.
-        family: ``sd1``, ``sd2`` or ``sdxl``.
+        family: ``sd1``, ``sd2``, ``sdxl``, ``sd3`` or ``flux``.
         v_prediction: the model predicts v (SD 2.x 768-v), when known.
         state: the weights (diffusers: keys ``"<component>/<key>"``).
         targets: ``{kohya module name: Target}``.
         metadata: the single file's safetensors metadata (empty for folders).
+        views: FLUX/SD3 diffusers folders: ``{view key: [(key, rows, dest)]}``, state entries
+            that stand for an original fused layer (see :mod:`loraforge.ops.flow_targets`);
+            :func:`write_base` writes them back into their layers.
     """
 
     path: Path
@@ -51,6 +54,7 @@ class BaseWeights:
     state: dict[str, torch.Tensor]
     targets: dict[str, Target]
     metadata: dict[str, str] = field(default_factory=dict)
+    views: dict[str, list[tuple[str, tuple[int, int], int]]] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -82,6 +86,10 @@ def _load_diffusers(path: Path) -> BaseWeights:
     from loraforge.models.families import detect_family_from_configs
 
     components = read_diffusers_components(path)
+    if "transformer" in components:
+        from loraforge.ops.flow_targets import flow_diffusers_base
+
+        return flow_diffusers_base(path, {n: (c.state, c.config) for n, c in components.items()})
     unet_config = components["unet"].config
     scheduler = _read_json_if_present(path / "scheduler" / "scheduler_config.json")
     detection = detect_family_from_configs(
@@ -106,6 +114,13 @@ def _load_single_file(path: Path, allow_pickle: bool) -> BaseWeights:
     embedded = embedded_configs(metadata)
     detection = detect_checkpoint_family(state, embedded, source=str(path))
     detection_family = detection.family
+    if detection_family in ("flux", "sd3"):
+        from loraforge.ops.flow_targets import flow_single_file_targets
+
+        targets = flow_single_file_targets(detection_family, state, source=str(path))
+        return BaseWeights(
+            path, "single_file", detection_family, False, state, targets, dict(metadata)
+        )
     family = "sd2" if detection_family == "sd2-v" else detection_family
     v_pred = (detection_family == "sd2-v") if detection.prediction_known else None
     if embedded is not None:
@@ -184,5 +199,10 @@ def write_base(
             f"{out}: the base is a diffusers folder, so the merged model is written as a folder",
             hint="pass a folder name as --output",
         )
-    states = split_components(base.state)
+    state = dict(base.state)
+    if base.views:
+        from loraforge.ops.flow_targets import scatter_views
+
+        scatter_views(state, base.views)
+    states = split_components(state)
     write_diffusers_folder(base.path, out, states, dtype=dtype, force=force)

@@ -17,6 +17,11 @@ BASE_MODEL_VERSION = {
     ("sdxl", True): "sdxl_base_v1-0",
 }
 
+_FLOW = {
+    "flux": ("flux-1", "https://github.com/black-forest-labs/flux", "flux1"),
+    "sd3": ("stable-diffusion-3", "https://github.com/Stability-AI/generative-models", None),
+}
+
 
 def base_model_metadata(
     family: str | None, v_prediction: bool | None, title: str
@@ -24,13 +29,23 @@ def base_model_metadata(
     """``ss_v2``/``ss_base_model_version`` and the modelspec 1.0.1 "must" fields for a LoRA.
 
     Args:
-        family: ``sd1``, ``sd2``, ``sdxl`` or ``None`` (then only the title is written).
+        family: ``sd1``, ``sd2``, ``sdxl``, ``sd3``, ``flux`` or ``None`` (then only the title
+            is written).
         v_prediction: a v-prediction base.
         title: ``modelspec.title`` (usually the output file's stem).
     """
     meta: dict[str, str] = {"modelspec.sai_model_spec": "1.0.1", "modelspec.title": title}
     meta["modelspec.date"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     if family is None:
+        return meta
+    if family in _FLOW:
+        # the variant (dev/schnell, SD3 Medium/3.5 Large) is not in the LoRA: sd-scripts' generic
+        # architecture names; ss_base_model_version only where it does not depend on it
+        arch, impl, version = _FLOW[family]
+        meta |= {"ss_v2": "False", "modelspec.architecture": f"{arch}/lora"}
+        meta |= {"modelspec.implementation": impl, "modelspec.resolution": "1024x1024"}
+        if version:
+            meta["ss_base_model_version"] = version
         return meta
     v = bool(v_prediction)
     meta["ss_v2"] = str(family == "sd2")

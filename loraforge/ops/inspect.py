@@ -103,11 +103,12 @@ class LoraReport:
 
 
 def component(name: str) -> str:
-    """``unet``, ``te``, ``te1``, ``te2`` or ``other`` from a kohya module name."""
+    """``unet``, ``te``, ``te1``, ``te2``, ``te3`` (T5-XXL) or ``other`` from a kohya module name."""
     for prefix, label in (
         ("lora_unet_", "unet"),
         ("lora_te1_", "te1"),
         ("lora_te2_", "te2"),
+        ("lora_te3_", "te3"),
         ("lora_te_", "te"),
     ):
         if name.startswith(prefix):

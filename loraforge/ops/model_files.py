@@ -19,12 +19,15 @@ import torch
 from loraforge.errors import ModelError, OutputExistsError
 from loraforge.fileio import atomic_folder, atomic_path, read_json
 
-#: the components whose weights LoRAs change, in text-encoder index order after the UNet.
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: the components whose weights LoRAs change, in text-encoder index order after the UNet or
+#: (FLUX.1, SD3) the transformer.
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
     "text_encoder": "model",
     "text_encoder_2": "model",
+    "text_encoder_3": "model",
 }
 
 
@@ -48,10 +51,10 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def read_diffusers_components(folder: Path) -> dict[str, DiffusersComponent]:
-    """Read the UNet and text-encoder weights of a diffusers folder.
+    """Read the UNet (or transformer) and text-encoder weights of a diffusers folder.
 
     Raises:
-        ModelError: no UNet, or a component with only pickled (``.bin``) weights.
+        ModelError: no UNet/transformer, or a component with only pickled (``.bin``) weights.
     """
     from safetensors.torch import load_file
 
@@ -69,9 +72,9 @@ def read_diffusers_components(folder: Path) -> dict[str, DiffusersComponent]:
                 raise ModelError(f"{file}: not a readable safetensors file ({e})") from e
         config = read_json(sub / "config.json")
         components[name] = DiffusersComponent(state, config, tuple(files))
-    if "unet" not in components:
+    if "unet" not in components and "transformer" not in components:
         raise ModelError(
-            f"{folder}: has no unet/ folder",
+            f"{folder}: has no unet/ (or transformer/) folder",
             hint="pass a diffusers model folder or a .safetensors checkpoint",
         )
     return components

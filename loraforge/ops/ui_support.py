@@ -17,6 +17,11 @@ Read from the loaders themselves, not from their documentation:
 - **Forge** ``backend/patcher/lora.py``: ComfyUI's key reading without IA3 or OFT/BOFT (its
   patch types are lora, loha, lokr, glora, diff, set), and ComfyUI's DoRA formula.
 
+FLUX.1 and SD3 files (sd-scripts' ``lora_unet_`` names on the BFL/SAI layouts, ``lora_te1_`` CLIP-L,
+``lora_te2_`` CLIP-G, ``lora_te3_`` T5-XXL): ComfyUI and Forge run those layouts and map
+``lora_unet_`` + the module path onto ``diffusion_model.…`` for every weight (ComfyUI also the
+T5 names); A1111 v1.10 has no FLUX.1 model, so it loads no FLUX file (its SD3 support runs SAI's
+MMDiT, onto which its ``lora_unet`` -> ``diffusion_model`` fallback maps the SD3 names).
 So the input-axis DoRA layout (``dora_scale`` ``(1, in)``, lycoris-lora's ``wd_on_output=False``)
 is the one all three apply as training computed it.
 
@@ -66,6 +71,8 @@ DORA_OUTPUT_AXIS_WARNING = (
 )
 # recipe algorithm (lycoris backend) -> the file-level algorithm names above
 _RECIPE_ALGORITHMS = {"ia3": "ia3", "diag-oft": "oft", "boft": "boft", "glora": "glora"}
+#: per family: the UIs that cannot run the model at all
+_FAMILY_GAPS = {"flux": {"A1111": (NOT_LOADED, "A1111 (v1.10) has no FLUX.1 model")}}
 #: families whose text encoder A1111 runs as OpenCLIP (fused q/k/v): LoRA name prefix
 OPEN_CLIP_TEXT_ENCODERS = {"sd2": "lora_te_", "sd2-v": "lora_te_", "sdxl": "lora_te2_"}
 _ATTENTION = re.compile(
@@ -164,7 +171,8 @@ def file_support(modules: Sequence[ModuleFacts], family: str | None) -> tuple[Ui
 
     Args:
         modules: the file's modules.
-        family: ``sd1``, ``sd2`` or ``sdxl`` (``None``: unknown, family rules are skipped).
+        family: ``sd1``, ``sd2``, ``sdxl``, ``sd3`` or ``flux`` (``None``: unknown, family rules
+            are skipped).
     """
     gaps: dict[str, list[Gap]] = {ui: [] for ui in UIS}
     by_algorithm: dict[str, list[str]] = {}
@@ -175,6 +183,8 @@ def file_support(modules: Sequence[ModuleFacts], family: str | None) -> tuple[Ui
     for algorithm, names in by_algorithm.items():
         for ui, (effect, reason) in _ALGORITHM_GAPS.get(algorithm, {}).items():
             gaps[ui].append(Gap(ui, effect, tuple(names), reason))
+    for ui, (effect, reason) in _FAMILY_GAPS.get(family or "", {}).items():
+        gaps[ui].append(Gap(ui, effect, tuple(m.name for m in modules), reason))
     partial = _partial_open_clip_attention([m.name for m in modules], family)
     if partial:
         gaps["A1111"].append(

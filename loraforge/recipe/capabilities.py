@@ -14,11 +14,28 @@ _LYCORIS_LORA = frozenset(
 # Which network.args each algorithm takes: what lycoris-lora 4.x's module classes actually use
 # (arguments a class accepts but ignores are left out, so a recipe cannot set something inert).
 # The backends read their accepted sets from here too.
+# sd-scripts' lora_flux.py / lora_sd3.py network_args choosing the FLUX/SD3 targets (the native
+# backend reads them; loraforge.backends.kohya_transformer checks them per family)
+TRANSFORMER_NETWORK_ARGS = frozenset(
+    {
+        "train_blocks",
+        "train_double_block_indices",
+        "train_single_block_indices",
+        "train_block_indices",
+        "train_t5xxl",
+        "in_dims",
+        "emb_dims",
+        # per-kind ranks (0 = no module), sd-scripts' img_attn_dim … / context_attn_dim …
+        *(f"{kind}_dim" for kind in ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod")),
+        *(f"{kind}_dim" for kind in ("txt_mod", "single", "single_mod", "context_attn")),
+        *(f"{kind}_dim" for kind in ("context_mlp", "context_mod", "x_attn", "x_mlp", "x_mod")),
+    }
+)
 ALGORITHM_ARGS: dict[tuple[str, str], frozenset[str]] = {
-    ("kohya", "lora"): frozenset(),
-    ("kohya", "locon"): frozenset(),
-    ("kohya", "lora-fa"): frozenset(),
-    ("kohya", "dylora"): frozenset({"unit", "block_size"}),
+    ("kohya", "lora"): TRANSFORMER_NETWORK_ARGS,
+    ("kohya", "locon"): TRANSFORMER_NETWORK_ARGS,
+    ("kohya", "lora-fa"): TRANSFORMER_NETWORK_ARGS,
+    ("kohya", "dylora"): frozenset({"unit", "block_size"}) | TRANSFORMER_NETWORK_ARGS,
     ("lycoris", "lora"): _LYCORIS_COMMON | _LYCORIS_LORA,
     ("lycoris", "locon"): _LYCORIS_COMMON | _LYCORIS_LORA,
     ("lycoris", "loha"): _LYCORIS_COMMON | _LYCORIS_LORA,

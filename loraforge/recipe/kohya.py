@@ -22,7 +22,8 @@ _SUBSET_KEYS = (
 _SAME_NAME = {
     "dataset": ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                 "bucket_no_upscale", "resolution", "validation_split", "validation_seed"),
-    "model": ("clip_skip", "max_token_length", "vae"),
+    "model": ("clip_skip", "max_token_length", "vae", "clip_l", "clip_g", "t5xxl",
+              "t5xxl_max_token_length"),
     "training": (
         "max_train_epochs", "max_train_steps", "gradient_accumulation_steps", "learning_rate",
         "unet_lr", "text_encoder_lr", "stop_text_encoder_training", "optimizer_args",
@@ -34,7 +35,10 @@ _SAME_NAME = {
         "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule",
         "huber_c", "huber_scale", "prior_loss_weight", "max_grad_norm", "scale_weight_norms",
-        "masked_loss", "seed", "validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps",
+        "masked_loss", "seed", "validate_every_n_steps", "validate_every_n_epochs",
+        "max_validation_steps", "blocks_to_swap", "timestep_sampling", "discrete_flow_shift",
+        "sigmoid_scale", "model_prediction_type", "weighting_scheme", "logit_mean", "logit_std",
+        "mode_scale", "guidance_scale",
     ),
     "output": ("save_every_n_epochs", "save_every_n_steps", "save_precision", "save_state"),
 }  # fmt: skip
@@ -44,6 +48,8 @@ KOHYA_OPTIONS: dict[str, str | None] = {
     **{key: f"{section}.{key}" for section, keys in _SAME_NAME.items() for key in keys},
     **{key: _SUBSET.format(key) for key in _SUBSET_KEYS},
     "pretrained_model_name_or_path": "model.base",
+    "ae": "model.vae",  # flux_train_network's autoencoder
+    "training_shift": "training.discrete_flow_shift",  # sd3_train_network's name
     "v2": "model.family",
     "sdxl": "model.family",
     "max_resolution": "dataset.resolution",

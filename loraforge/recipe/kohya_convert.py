@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraforge.recipe.capabilities import TRANSFORMER_NETWORK_ARGS
 from loraforge.recipe.kohya import KOHYA_OPTIONS
 
-_NETWORK_MODULES = {"networks.lora": "lora", "networks.dylora": "dylora", "lycoris.kohya": None}
+_NETWORK_MODULES = {
+    "networks.lora": "lora",
+    "networks.lora_flux": "lora",
+    "networks.lora_sd3": "lora",
+    "networks.dylora": "dylora",
+    "lycoris.kohya": None,
+}
 _GUI_LORA_TYPES = {
     "standard": "lora",
     "kohya locon": "locon",
@@ -95,6 +102,17 @@ def _resolution(value: Any) -> Any:
     if isinstance(value, list | tuple) and len(value) == 2 and value[0] == value[1]:
         return int(value[0])
     return list(value) if isinstance(value, list | tuple) else int(value)
+
+
+def _flow_arg(name: str, text: str) -> Any:
+    """A FLUX/SD3 network arg as the recipe types it (``in_dims`` a list, indices a string)."""
+    if name == "train_t5xxl":
+        return _flag(text)
+    if name in ("in_dims", "emb_dims"):
+        return [int(v) for v in re.findall(r"\d+", text)]
+    if name.endswith("_dim"):
+        return int(text)
+    return text
 
 
 def _split_args(value: Any) -> list[str]:
@@ -250,6 +268,8 @@ class _Converter:
                 self.set("network.dropout", _number(text))
             elif name in _LYCORIS_ARGS:
                 args[name] = _flag(text) if text.lower() in ("true", "false") else _number(text)
+            elif name in TRANSFORMER_NETWORK_ARGS:
+                args[name] = _flow_arg(name, text)
             else:
                 self.skip(f"network_args {name}", text)
         if args:

@@ -223,6 +223,9 @@ def _duplicate_key_problems(parsed: ParsedYaml, source: str) -> list[Problem]:
 
 _PATH_FIELDS = (
     ("model", "vae"),
+    ("model", "clip_l"),
+    ("model", "clip_g"),
+    ("model", "t5xxl"),
     ("cache", "dir"),
     ("network", "weights"),
     ("output", "dir"),

@@ -16,6 +16,8 @@ from loraforge.recipe.capabilities import (
     SINGLE_LR_OPTIMIZERS,
     algorithms_of,
 )
+from loraforge.recipe.flow_network_rules import flow_network_problems
+from loraforge.recipe.flow_rules import flow_problems
 from loraforge.recipe.rules_masks_ema import ema_problems, masked_loss_problems
 from loraforge.recipe.types import Recipe
 from loraforge.recipe.validation_rules import validation_problems
@@ -29,6 +31,7 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
     for rule in (
         _caching,
         _network,
+        flow_network_problems,
         _blocks,
         _training,
         _precision,
@@ -38,6 +41,7 @@ def cross_field_problems(recipe: Recipe) -> list[Finding]:
         masked_loss_problems,
         ema_problems,
         validation_problems,
+        flow_problems,
     ):
         findings.extend(rule(recipe))
     return findings

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl"]
+Family = Literal["auto", "sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux"]
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,12 @@ class ModelConfig:
     base: str
     family: Family
     vae: str | None
+    clip_l: str | None
+    clip_g: str | None
+    t5xxl: str | None
     clip_skip: int
     max_token_length: int
+    t5xxl_max_token_length: int | None
     allow_pickle: bool
 
 
@@ -157,6 +161,7 @@ class TrainingConfig:
     full_fp16: bool
     full_bf16: bool
     fp8_base: bool
+    blocks_to_swap: int
     gradient_checkpointing: bool
     attention: Literal["sdpa", "xformers", "eager"]
     noise_offset: float
@@ -168,6 +173,15 @@ class TrainingConfig:
     ip_noise_gamma_random_strength: bool
     min_timestep: int
     max_timestep: int
+    timestep_sampling: str | None
+    discrete_flow_shift: float | None
+    sigmoid_scale: float
+    model_prediction_type: str | None
+    weighting_scheme: str
+    logit_mean: float
+    logit_std: float
+    mode_scale: float
+    guidance_scale: float
     min_snr_gamma: float | None
     v_parameterization: bool | None
     zero_terminal_snr: bool

@@ -35,12 +35,23 @@ if TYPE_CHECKING:
 
 
 def load_base_model(recipe: Recipe) -> Any:
-    """Load the base model in float32 (cast per the precision rules after caching)."""
+    """Load the base model in float32 (cast per the precision rules after caching); SD3 / FLUX
+    load straight in the training's weight dtype (FLUX and T5-XXL in float32 would take 66 GB
+    of RAM)."""
     from loraforge.models.loading import load_model
+    from loraforge.training.precision import resolve_precision
 
     m = recipe.model
+    precision = resolve_precision(recipe.training, recipe.output.save_precision)
     with err.status(f"loading {m.base}…"):
-        return load_model(m.base, family=m.family, vae=m.vae, allow_pickle=m.allow_pickle)
+        return load_model(
+            m.base,
+            family=m.family,
+            vae=m.vae,
+            allow_pickle=m.allow_pickle,
+            encoder_files={"clip_l": m.clip_l, "clip_g": m.clip_g, "t5xxl": m.t5xxl},
+            flow_dtype=precision.weight_dtype,
+        )
 
 
 def prepare_conditioning(
@@ -70,12 +81,17 @@ def prepare_conditioning(
     if caches.text is not None:
         for encoder in model.text_encoders:
             move_module(encoder, "cpu", torch.float32)
+    from loraforge.models.flow_prompts import caption_token_length
+
     m = recipe.model
+    tokens = caption_token_length(
+        model.family, model.variant, m.max_token_length, m.t5xxl_max_token_length
+    )
     return Conditioning(
         model.vae,
         model.text_encoders,
         model.tokenizers,
-        TextEncoding(model.family, m.clip_skip, m.max_token_length),
+        TextEncoding(model.family, m.clip_skip, tokens),
         device,
         latent_cache=caches.latents,
         text_cache=caches.text,
@@ -93,7 +109,15 @@ def place_frozen_models(
     activation checkpointing as the recipe asks."""
     t, n = recipe.training, recipe.network
     live_encoders = list(model.text_encoders) if conditioning.text_cache is None else []
-    cast_frozen_models([model.unet, *live_encoders], precision, device)
+    if t.blocks_to_swap and model.family in ("sd3", "flux"):
+        from loraforge.training.block_swap import enable_block_swap
+
+        cast_frozen_models([model.unet], precision, torch.device("cpu"))
+        swapped = enable_block_swap(model.unet, model.family, t.blocks_to_swap, device)
+        info(f"block swap: {len(swapped)} transformer blocks wait in CPU memory")
+        cast_frozen_models(live_encoders, precision, device)
+    else:
+        cast_frozen_models([model.unet, *live_encoders], precision, device)
     configure_attention(model.unet, live_encoders, t.attention)
     if t.gradient_checkpointing:
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
@@ -181,9 +205,17 @@ def loss_setup(
     v_prediction: bool,
     weight_dtype: torch.dtype,
 ) -> LossSetup:
-    """The fixed inputs of every batch's loss (noise schedule, noise and loss options)."""
+    """The fixed inputs of every batch's loss (noise schedule, noise and loss options; the
+    flow-matching options for SD3 / FLUX, whose ``unet`` is the transformer)."""
+    from loraforge.models.families import family_spec
+    from loraforge.training.flow import FlowOptions
+
     schedule = build_noise_schedule(zero_terminal_snr=training.zero_terminal_snr)
     check_timestep_range(training.min_timestep, training.max_timestep, schedule.num_train_timesteps)
+    flow = None
+    if family_spec(family).flow_matching:
+        guided = bool(getattr(unet.config, "guidance_embeds", False))
+        flow = FlowOptions.from_training(training, family, guided=guided)
     return LossSetup(
         unet=unet,
         conditioning=conditioning,
@@ -192,6 +224,8 @@ def loss_setup(
         loss=LossOptions.from_training(training, v_prediction),
         weight_dtype=weight_dtype,
         is_sdxl=family == "sdxl",
+        family=family,
+        flow=flow,
     )
 
 
@@ -203,7 +237,8 @@ def sample_models(
     from loraforge.training.sampling import SampleModels, make_scheduler
 
     config = model.noise_scheduler.config
-    if settings.sample.enabled:
+    flow = model.family in ("sd3", "flux")  # always the flow-matching Euler sampler
+    if settings.sample.enabled and not flow:
         make_scheduler(settings.sample.sampler, config, settings.v_prediction)
     return SampleModels(
         unet=model.unet,
@@ -213,4 +248,5 @@ def sample_models(
         v_prediction=settings.v_prediction,
         weight_dtype=precision.weight_dtype,
         is_sdxl=model.family == "sdxl",
+        family=model.family,
     )

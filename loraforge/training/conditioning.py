@@ -60,7 +60,8 @@ class Conditioning:
         self.text_cache = text_cache
 
     def latents(self, batch: Mapping[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """``(B, 4, H/8, W/8)`` scaled latents of the batch's images (float32)."""
+        """``(B, C, H/8, W/8)`` scaled latents of the batch's images (float32; C is 4, or 16 for
+        SD3 / FLUX)."""
         if self.latent_cache is not None:
             latents = self.latent_cache.batch(batch["keys"], batch["flipped"])
         else:

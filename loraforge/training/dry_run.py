@@ -132,11 +132,16 @@ def meta_network(recipe: Recipe, arch: Any, settings: RunSettings) -> NetworkSum
     from loraforge.backends import create_network
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(arch.configs["unet"]))
-        encoders = []
-        for name in arch.text_encoder_names:
-            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-            encoders.append(cls(CLIPTextConfig(**arch.configs[name])))
+        if "transformer" in arch.configs:  # SD3 / FLUX
+            from loraforge.models.flow_loading import models_from_configs
+
+            unet, encoders = models_from_configs(arch.family, arch.configs)
+        else:
+            unet = UNet2DConditionModel.from_config(dict(arch.configs["unet"]))
+            encoders = []
+            for name in arch.text_encoder_names:
+                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+                encoders.append(cls(CLIPTextConfig(**arch.configs[name])))
     network = create_network(recipe.network, arch.family, unet, encoders)
     groups = network.param_groups(settings.unet_lr, settings.text_encoder_lr)
     names = [name for name, _ in network.named_children()]

@@ -68,10 +68,11 @@ def dtype_plan(training: TrainingConfig, save_precision: str = "fp16") -> DtypeP
 
 
 def vae_dtype_name(mixed_precision: str, family: str, *, on_cpu: bool = False) -> str:
-    """The VAE's dtype while encoding: fp32 on the CPU and for SDXL under fp16, else the
+    """The VAE's dtype while encoding: fp32 on the CPU and for SDXL, SD3 and FLUX (their VAEs
+    overflow in fp16) under fp16, else the
     compute dtype."""
     compute = _COMPUTE[mixed_precision]
-    if on_cpu or compute == "fp32" or (family == "sdxl" and compute == "fp16"):
+    if on_cpu or compute == "fp32" or (family in ("sdxl", "sd3", "flux") and compute == "fp16"):
         return "fp32"
     return compute
 

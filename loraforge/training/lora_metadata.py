@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import __version__
 from loraforge.data.dataset_facts import capped_tag_frequency
+from loraforge.models.families import flow_base_model_version, flow_modelspec_architecture
 from loraforge.ops.derived_metadata import BASE_MODEL_VERSION
 from loraforge.recipe import shareable_dict
+from loraforge.training.flow_metadata import flow_model_keys, flow_modelspec, is_flow
 
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe, SubsetConfig
@@ -113,6 +115,7 @@ class RunFacts:
     base_model_hashes: ModelHashes | None = None
     vae_hashes: ModelHashes | None = None
     num_validation_images: int = 0
+    variant: str | None = None
 
 
 def new_session_id() -> int:
@@ -135,13 +138,18 @@ def model_file_hashes(path: str | os.PathLike[str]) -> ModelHashes | None:
     return ModelHashes(legacy=legacy, sha256=full.hexdigest())
 
 
-def base_model_version(family: Family, v_prediction: bool) -> str:
-    """``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``."""
+def base_model_version(family: Family, v_prediction: bool, variant: str | None = None) -> str:
+    """``ss_base_model_version``: ``sd_v1``, ``sd_v2``, ``sd_v2_v``, ``sdxl_base_v1-0``; for
+    SD3 / FLUX see :func:`loraforge.models.families.flow_base_model_version`."""
+    if is_flow(family):
+        return flow_base_model_version(family, variant)
     return BASE_MODEL_VERSION[("sd2" if family == "sd2-v" else family, v_prediction)]
 
 
-def modelspec_architecture(family: Family, v_prediction: bool) -> str:
+def modelspec_architecture(family: Family, v_prediction: bool, variant: str | None = None) -> str:
     """``modelspec.architecture`` of a LoRA, e.g. ``stable-diffusion-xl-v1-base/lora``."""
+    if is_flow(family):
+        return f"{flow_modelspec_architecture(family, variant)}/lora"
     if family in ("sd2", "sd2-v") and v_prediction:
         return "stable-diffusion-v2-768-v/lora"
     return f"{_ARCHITECTURES['sd2' if family == 'sd2-v' else family]}/lora"
@@ -203,7 +211,9 @@ def _model_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
         "ss_network_alpha": float(network.alpha or network.dim),
         "ss_network_dropout": network.dropout,
         "ss_v2": facts.family in ("sd2", "sd2-v"),
-        "ss_base_model_version": base_model_version(facts.family, facts.v_prediction),
+        "ss_base_model_version": base_model_version(
+            facts.family, facts.v_prediction, facts.variant
+        ),
         "ss_clip_skip": _clip_skip(recipe, facts),
         "ss_max_token_length": model.max_token_length,
         "ss_cache_latents": recipe.cache.latents != "none",
@@ -211,6 +221,8 @@ def _model_keys(recipe: Recipe, facts: RunFacts) -> dict[str, Any]:
     if facts.network_args:
         args = {k: str(v) for k, v in facts.network_args.items() if v is not None}
         keys["ss_network_args"] = json.dumps(args)
+    if is_flow(facts.family):
+        keys.update(flow_model_keys(recipe, facts.family, facts.variant))
     keys["ss_sd_model_name"] = _model_name(model.base)
     if facts.base_model_hashes is not None:
         keys["ss_sd_model_hash"] = facts.base_model_hashes.legacy
@@ -342,7 +354,7 @@ def modelspec_metadata(recipe: Recipe, facts: RunFacts, saved_at: float) -> dict
     width, height = recipe.dataset.resolution
     spec: dict[str, str | None] = {
         "sai_model_spec": SAI_MODEL_SPEC_VERSION,
-        "architecture": modelspec_architecture(facts.family, facts.v_prediction),
+        "architecture": modelspec_architecture(facts.family, facts.v_prediction, facts.variant),
         "implementation": IMPL_STABILITY_AI if facts.family == "sdxl" else IMPL_DIFFUSERS,
         "title": meta.title or recipe.output.name,
         "description": meta.description,
@@ -357,6 +369,8 @@ def modelspec_metadata(recipe: Recipe, facts: RunFacts, saved_at: float) -> dict
         "encoder_layer": None if (skip := _clip_skip(recipe, facts)) is None else str(skip),
         "implementation_version": f"loraforge/{__version__}",
     }
+    if is_flow(facts.family):
+        spec.update(flow_modelspec(facts.family, facts.variant))
     return {f"modelspec.{key}": value for key, value in spec.items() if value is not None}
 
 

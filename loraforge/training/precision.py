@@ -174,7 +174,17 @@ def configure_attention(unet: Any, text_encoders: Sequence[Any], attention: str)
 
     Raises:
         DependencyError: ``xformers`` asked for but not installed or not usable.
+
+    The SD3 / FLUX transformers keep their own processors (joint attention, rotary embeddings),
+    which already call SDPA; ``eager`` then applies to the text encoders only.
     """
+    if type(unet).__name__ in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
+        if attention == "eager":
+            for encoder in text_encoders:
+                if hasattr(encoder, "set_attn_implementation"):
+                    encoder.set_attn_implementation("eager")
+        if attention != "xformers":
+            return
     if attention == "sdpa":
         from diffusers.models.attention_processor import AttnProcessor2_0
 

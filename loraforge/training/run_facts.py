@@ -83,6 +83,7 @@ def run_facts(
             model_file_hashes(recipe.model.vae) if hash_model_files and recipe.model.vae else None
         ),
         num_validation_images=len(data.plan.validation),
+        variant=settings.variant,
     )
 
 

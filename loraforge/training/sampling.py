@@ -71,6 +71,7 @@ class SampleModels:
     v_prediction: bool
     weight_dtype: torch.dtype
     is_sdxl: bool
+    family: str = "sd1"  # sd3 / flux sample with the flow-matching scheduler
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
@@ -102,8 +103,10 @@ def render(
     models: SampleModels, spec: SampleSpec, sampler: str, device: torch.device, autocast: Callable
 ) -> Any:
     """Render one sample; returns a PIL image."""
-    from PIL import Image
+    if models.family in ("sd3", "flux"):
+        from loraforge.training.flow_sampling import render_flow
 
+        return _to_image(render_flow(models, spec, device, autocast))
     scheduler = make_scheduler(sampler, models.scheduler_config, models.v_prediction)
     scheduler.set_timesteps(spec.steps, device=device)
     generator = torch.Generator("cpu").manual_seed(spec.seed)
@@ -119,7 +122,13 @@ def render(
             ).prev_sample
     vae = models.vae
     scaled = latents / vae.config.scaling_factor
-    image = vae.decode(scaled.to(vae.device, vae.dtype)).sample[0].float()
+    return _to_image(vae.decode(scaled.to(vae.device, vae.dtype)).sample[0].float())
+
+
+def _to_image(image: torch.Tensor) -> Any:
+    """``(3, H, W)`` pixels in [-1, 1] as a PIL image."""
+    from PIL import Image
+
     array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 

@@ -225,6 +225,7 @@ class RunSettings:
     sample: SampleSettings
     ema: EmaSettings | None = None
     validation: ValidationSettings = ValidationSettings()
+    variant: str | None = None  # sd3 / flux variant (metadata)
 
 
 def resolve_v_prediction(recipe: Recipe, family_v_prediction: bool) -> bool:
@@ -281,7 +282,12 @@ def output_settings(recipe: Recipe) -> OutputSettings:
 
 
 def run_settings(
-    recipe: Recipe, *, family: str, family_v_prediction: bool, length: TrainingLength
+    recipe: Recipe,
+    *,
+    family: str,
+    family_v_prediction: bool,
+    length: TrainingLength,
+    variant: str | None = None,
 ) -> RunSettings:
     """Read everything the loop needs from ``recipe``.
 
@@ -308,4 +314,5 @@ def run_settings(
         sample=sample_settings(recipe),
         ema=EmaSettings.from_config(t.ema),
         validation=validation_settings(recipe),
+        variant=variant,
     )

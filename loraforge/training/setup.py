@@ -321,7 +321,11 @@ def setup_run(
             "model.family: sd2-v"
         )
     settings = run_settings(
-        recipe, family=model.family, family_v_prediction=model.v_prediction, length=length
+        recipe,
+        family=model.family,
+        family_v_prediction=model.v_prediction,
+        length=length,
+        variant=model.variant,
     )
     conditioning = prepare_conditioning(recipe, model, data, device, accelerator.is_main_process)
     place_frozen_models(recipe, model, precision, conditioning, device)

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from loraforge.backends.base import MaxNormResult, Network
+from loraforge.models.prompts import PromptEmbeds
 from loraforge.training.conditioning import Conditioning, sdxl_size_ids, unet_conditioning
-from loraforge.training.loss import LossOptions, training_loss
+from loraforge.training.flow import FlowOptions, noisy_flow_input, prediction_and_target
+from loraforge.training.loss import LossOptions, conditional_loss, per_sample_mean, training_loss
 from loraforge.training.noise import (
     NoiseOptions,
     NoiseSchedule,
@@ -30,7 +32,11 @@ TEXT_ENCODER_GROUP = "textencoder"
 
 @dataclass(frozen=True)
 class LossSetup:
-    """Everything the loss of a batch depends on besides the batch (fixed for a run)."""
+    """Everything the loss of a batch depends on besides the batch (fixed for a run).
+
+    ``unet`` is the denoiser: the UNet, or the SD3 / FLUX transformer when ``flow`` is set
+    (then ``family`` says which, and the flow-matching options replace ``schedule``/``noise``).
+    """
 
     unet: Any
     conditioning: Conditioning
@@ -39,6 +45,8 @@ class LossSetup:
     loss: LossOptions
     weight_dtype: torch.dtype
     is_sdxl: bool
+    family: str = "sd1"
+    flow: FlowOptions | None = None
 
 
 def batch_seed(seed: int, rank: int, step: int, batch_index: int) -> int:
@@ -72,6 +80,8 @@ def batch_loss(
     latents = setup.conditioning.latents(batch, generator)
     with autocast():
         embeds = setup.conditioning.text(batch["captions"], with_grad=train_text_encoder)
+    if setup.flow is not None:
+        return flow_loss(setup, setup.flow, latents, embeds, batch, generator, autocast)
     noisy = noise_noisy_latents_and_timesteps(latents, setup.schedule, setup.noise, generator)
     device = latents.device
     size_ids = sdxl_size_ids(batch, device) if setup.is_sdxl else None
@@ -88,6 +98,45 @@ def batch_loss(
     if setup.loss.masked_loss:
         mask = setup.conditioning.masks(batch, (latents.shape[-2], latents.shape[-1]))
     return training_loss(pred, target, noisy.timesteps, weights, setup.schedule, setup.loss, mask)
+
+
+def flow_loss(
+    setup: LossSetup,
+    flow: FlowOptions,
+    latents: torch.Tensor,
+    embeds: PromptEmbeds,
+    batch: Mapping[str, Any],
+    generator: torch.Generator,
+    autocast: Any,
+) -> torch.Tensor:
+    """The rectified-flow loss of a batch (SD3 / FLUX; see :mod:`loraforge.training.flow`):
+    element-wise loss -> ``weighting_scheme`` weights (``sigma_scaled``) -> mean per sample ->
+    per-sample weight -> batch mean, as sd-scripts' ``process_batch``. Huber losses use the
+    constant ``huber_c * huber_scale`` (the SNR schedules are DDPM quantities)."""
+    from loraforge.models.flow_transformer import denoise
+
+    draw = noisy_flow_input(latents, flow, generator)
+    with autocast():
+        output = denoise(
+            setup.unet,
+            setup.family,
+            draw.noisy,
+            draw.timesteps,
+            embeds,
+            guidance=flow.guidance,
+            dtype=setup.weight_dtype,
+        )
+    pred, target, weighting = prediction_and_target(output.float(), latents, draw, flow)
+    options = setup.loss
+    huber_c = None
+    if options.loss_type in ("huber", "smooth_l1"):
+        huber_c = torch.full((latents.shape[0],), options.huber_c * options.huber_scale)
+        huber_c = huber_c.to(latents.device)
+    loss = conditional_loss(pred.float(), target.float(), options.loss_type, "none", huber_c)
+    if weighting is not None:
+        loss = loss * weighting
+    loss = per_sample_mean(loss) * batch["loss_weights"].to(latents.device)
+    return loss.mean()
 
 
 def accumulate_batch(

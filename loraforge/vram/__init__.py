@@ -99,6 +99,10 @@ def estimate_vram(
 
 def _estimate(recipe: Recipe, arch: Architecture, method: str) -> VramEstimate:
     settings = memory_settings(recipe, arch.family)
+    if arch.family in ("sd3", "flux") and method != "traced":
+        from loraforge.vram.flow_estimate import flow_analytic_estimate
+
+        return flow_analytic_estimate(recipe, arch, settings)
     if method == "traced":
         from loraforge.vram.traced import traced_estimate
 

@@ -36,19 +36,47 @@ class Architecture:
     """The component configs of one model.
 
     Attributes:
-        family: ``sd1`` | ``sd2`` | ``sd2-v`` | ``sdxl``.
+        family: ``sd1`` | ``sd2`` | ``sd2-v`` | ``sdxl`` | ``sd3`` | ``flux``.
         configs: ``unet``, ``vae``, ``text_encoder`` (and ``text_encoder_2`` for SDXL): the
-            diffusers / transformers ``config.json`` contents.
+            diffusers / transformers ``config.json`` contents; SD3 / FLUX have ``transformer``
+            instead of ``unet`` and up to three text encoders.
         source: where the configs came from, for the report.
+        variant: SD3 / FLUX variant (``dev``, ``5-large`` …).
     """
 
     family: str
     configs: Mapping[str, Mapping[str, Any]]
     source: str
+    variant: str | None = None
 
     @property
     def text_encoder_names(self) -> tuple[str, ...]:
-        return tuple(n for n in ("text_encoder", "text_encoder_2") if n in self.configs)
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return tuple(n for n in names if n in self.configs)
+
+
+FLOW_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def guess_flow_variant(family: str, base: str) -> str:
+    """The variant a hub id or file name most likely is (``schnell``, SD3 ``medium`` /
+    ``5-medium``), else the family's default (FLUX.1 dev, SD3.5 Large)."""
+    name = base.lower().replace("_", "-")
+    if family == "flux":
+        return "schnell" if "schnell" in name else "dev"
+    if "medium" in name:
+        return "5-medium" if ("3.5" in name or "35" in name or "3-5" in name) else "medium"
+    return "5-large"
+
+
+def flow_architecture(folder: Path, family: str, variant: str | None, source: str) -> Architecture:
+    """The component configs of a flow model folder (a diffusers folder or a shipped one)."""
+    configs = {
+        n: read_json(folder / n / "config.json")
+        for n in FLOW_COMPONENTS
+        if (folder / n / "config.json").is_file()
+    }
+    return Architecture(family, configs, source, variant)
 
 
 def read_config_dir(folder: Path, family: str, *, source: str | None = None) -> Architecture:
@@ -78,18 +106,24 @@ def read_config_dir(folder: Path, family: str, *, source: str | None = None) -> 
     return Architecture(resolved, configs, source or str(folder))
 
 
-def published_architecture(family: str) -> Architecture:
+def published_architecture(family: str, base: str = "") -> Architecture:
     """The published full-size architecture of ``family`` (shipped with loraforge).
 
     Raises:
         RecipeError: ``family`` is ``auto`` (nothing to detect it from).
     """
+    if family in ("sd3", "flux"):
+        from loraforge.models.flow_loading import flow_config_dir
+
+        variant = guess_flow_variant(family, base)
+        folder = flow_config_dir(family, variant)
+        return flow_architecture(folder, family, variant, f"published {folder.name} architecture")
     if family == "auto":
         raise RecipeError(
             "model.family is auto and model.base is neither a local diffusers folder nor a "
             ".safetensors checkpoint, so the VRAM estimate "
             "cannot tell which architecture to use",
-            hint="set model.family to sd1, sd2, sd2-v or sdxl",
+            hint="set model.family to sd1, sd2, sd2-v, sdxl, sd3 or flux",
         )
     folder = architecture_config_dir(family)
     return read_config_dir(folder, family, source=f"published {family} architecture")
@@ -114,6 +148,13 @@ def _from_checkpoint(path: Path, family: str) -> Architecture:
     keys = {k: _HeaderEntry(v) for k, v in entries.items()}
     detection = detect_family_from_keys(keys, source=str(path))
     resolved = resolve_family(family, detection, source=str(path))
+    if detection.variant is not None:
+        from loraforge.models.flow_loading import flow_config_dir
+
+        folder = flow_config_dir(resolved, detection.variant)
+        return flow_architecture(
+            folder, resolved, detection.variant, f"published {folder.name} architecture"
+        )
     published = published_architecture(resolved)
     return Architecture(resolved, published.configs, f"published {resolved} architecture")
 
@@ -127,6 +168,18 @@ def _vae_override(vae: str | None) -> Mapping[str, Any] | None:
         if candidate.is_file():
             return read_json(candidate)
     return None
+
+
+def _flow_folder(folder: Path, family: str) -> Architecture:
+    from loraforge.models.families import detect_transformer_family
+
+    index = folder / "model_index.json"
+    model_index = read_json(index) if index.is_file() else {}
+    detection = detect_transformer_family(
+        model_index, read_json(folder / "transformer" / "config.json")
+    )
+    resolved = resolve_family(family, detection, source=str(folder))
+    return flow_architecture(folder, resolved, detection.variant, str(folder))
 
 
 def resolve_architecture(
@@ -145,14 +198,17 @@ def resolve_architecture(
         ModelError: unreadable configs or checkpoint header, or a family mismatch.
     """
     path = Path(base).expanduser()
-    if config_dir is not None:
+    folder = Path(config_dir) if config_dir is not None else path
+    if folder.is_dir() and (folder / "transformer" / "config.json").is_file():
+        arch = _flow_folder(folder, family)
+    elif config_dir is not None:
         arch = read_config_dir(Path(config_dir), family)
     elif path.is_dir() and (path / "unet" / "config.json").is_file():
         arch = read_config_dir(path, family)
     elif path.is_file() and path.suffix.lower() == ".safetensors":
         arch = _from_checkpoint(path, family)
     else:
-        arch = published_architecture(family)
+        arch = published_architecture(family, base)
     override = _vae_override(vae)
     if override is not None:
         arch = Architecture(arch.family, {**arch.configs, "vae": override}, arch.source)

@@ -57,23 +57,43 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def _build_unet(config: Mapping[str, Any], settings: MemorySettings) -> nn.Module:
+def _build_unet(arch: Architecture, settings: MemorySettings) -> nn.Module:
+    """The UNet, or the SD3 / FLUX transformer (``arch.configs["transformer"]``)."""
     from diffusers import UNet2DConditionModel
 
     with _default_dtype(torch_dtype(settings.compute_dtype)):
-        unet = UNet2DConditionModel.from_config(_kwargs(config))
-    return unet
+        if "transformer" in arch.configs:
+            from loraforge.models.flow_loading import transformer_class
+
+            config = arch.configs["transformer"]
+            transformer = transformer_class(arch.family).from_config(_kwargs(config))
+            # buffers too (SD3's position table), as train's cast of the frozen model does
+            dtype = torch_dtype(settings.compute_dtype)
+            for module in transformer.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and buffer.is_floating_point():
+                        module._buffers[name] = buffer.to(dtype)
+            return transformer
+        return UNet2DConditionModel.from_config(_kwargs(arch.configs["unet"]))
 
 
 def _build_text_encoder(name: str, config: Mapping[str, Any], settings: MemorySettings) -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import AutoConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from loraforge.training.precision import cast_parameters
 
     compute = torch_dtype(settings.compute_dtype)
-    cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    flow = settings.family in ("sd3", "flux")
     with _default_dtype(compute):
-        encoder = cls(CLIPTextConfig(**_kwargs(config)))
+        if flow:  # CLIP with or without projection, or T5, as the config says
+            from loraforge.models.flow_loading import class_for_config
+
+            kwargs = _kwargs(config)
+            encoder_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+            encoder = class_for_config(encoder_config)(encoder_config)
+        else:
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            encoder = cls(CLIPTextConfig(**_kwargs(config)))
     cast_parameters(encoder, compute)  # no-op unless transformers chose a dtype of its own
     return encoder
 
@@ -187,7 +207,7 @@ def build_step_models(
     from loraforge.training.schedulers import build_scheduler
     from loraforge.vram.optimizers import trace_optimizer
 
-    unet = _build_unet(arch.configs["unet"], settings)
+    unet = _build_unet(arch, settings)
     # The network hooks the text encoders only when they are trained; otherwise they may be
     # off the GPU entirely (cached outputs) and are built only when they run.
     encoders = (
@@ -225,9 +245,18 @@ def build_step_models(
 
 
 @functools.cache
-def trace_tokenizers(count: int) -> tuple[Any, ...]:
+def trace_tokenizers(count: int, t5: bool = False) -> tuple[Any, ...]:
     """CLIP tokenizers for the traced step (the tiny vocabulary: every caption is padded to
-    the full 77-token windows, so the tensors have the real sizes)."""
+    the full 77-token windows, so the tensors have the real sizes); with ``t5`` the last one is
+    the tiny T5 tokenizer (captions padded to the T5 length)."""
+    if t5:
+        from transformers import AutoTokenizer
+
+        from loraforge.models.tiny_flow import write_tiny_t5_tokenizer
+
+        with tempfile.TemporaryDirectory(prefix="loraforge-trace-tokenizer-") as folder:
+            last = AutoTokenizer.from_pretrained(str(write_tiny_t5_tokenizer(Path(folder))))
+        return (*trace_tokenizers(count - 1), last)
     from transformers import CLIPTokenizer
 
     from loraforge.models.clip_tokenizer import write_tiny_tokenizer

@@ -41,15 +41,18 @@ def register_resident(
     vae: nn.Module | None,
     network: nn.Module,
     optimizer: Any,
+    off_device: Sequence[nn.Module] = (),
 ) -> None:
     """Count the tensors that live on the device for the whole run.
 
     Args:
         text_encoders: the encoders on the device (none when their outputs are cached).
         vae: the VAE when it encodes live, else ``None``.
+        off_device: parts of ``unet`` kept in CPU memory (SD3 / FLUX swapped blocks).
     """
     tracker.register(_tensors(network), "network weights")
-    tracker.register(_tensors(unet), "unet weights")
+    away = {id(t) for module in off_device for t in _tensors(module)}
+    tracker.register([t for t in _tensors(unet) if id(t) not in away], "unet weights")
     for index, encoder in enumerate(text_encoders):
         tracker.register(_tensors(encoder), f"text encoder {index + 1} weights")
     if vae is not None:

@@ -85,28 +85,39 @@ def _conditioning(
 ) -> Any:
     """``train``'s :class:`Conditioning`, over the live models or one-entry caches."""
     from loraforge.data.cache import LatentCache, TextCache
+    from loraforge.models.flow_prompts import CLIP_TOKENS, caption_token_length
     from loraforge.training.conditioning import Conditioning, TextEncoding
 
+    m = recipe.model
+    flow = "transformer" in arch.configs
+    tokens = caption_token_length(
+        s.family, arch.variant, m.max_token_length, m.t5xxl_max_token_length
+    )
     latent_cache = text_cache = None
     if models.vae is None:  # cached latents (kept in the VAE's dtype, in CPU memory)
         width, height = s.latent_size
-        latent = torch.zeros(4, height, width, dtype=torch_dtype(s.vae_dtype))
+        channels = int(arch.configs["vae"].get("latent_channels", 4))
+        latent = torch.zeros(channels, height, width, dtype=torch_dtype(s.vae_dtype))
         latent_cache = LatentCache(memory={TRACE_KEY: latent})
         if recipe.training.masked_loss:  # cached with the latents, at latent size
             latent_cache.mask_memory[TRACE_KEY] = torch.ones(1, height, width)
     if not models.text_encoders:  # cached text-encoder outputs (float32, CPU memory)
-        unet = arch.configs["unet"]
-        hidden = torch.zeros(_tokens(s), int(unet["cross_attention_dim"]))
-        pooled = None
+        if flow:  # T5 tokens (after SD3's 77 CLIP ones) at the joint width; the pooled vector
+            transformer = arch.configs["transformer"]
+            length = tokens + (CLIP_TOKENS if s.family == "sd3" else 0)
+            hidden = torch.zeros(length, int(transformer["joint_attention_dim"]))
+            pooled = torch.zeros(int(transformer["pooled_projection_dim"]))
+        else:
+            hidden = torch.zeros(_tokens(s), int(arch.configs["unet"]["cross_attention_dim"]))
+            pooled = None
         if s.family == "sdxl":
             pooled = torch.zeros(int(arch.configs["text_encoder_2"].get("projection_dim", 1280)))
         text_cache = TextCache(memory={TRACE_CAPTION: (hidden, pooled)})
-    m = recipe.model
     return Conditioning(
         models.vae,
         models.text_encoders,
-        trace_tokenizers(len(arch.text_encoder_names)),
-        TextEncoding(s.family, m.clip_skip, m.max_token_length),
+        trace_tokenizers(len(arch.text_encoder_names), flow),
+        TextEncoding(s.family, m.clip_skip, tokens),
         torch.device(device),
         latent_cache=latent_cache,
         text_cache=text_cache,
@@ -165,6 +176,21 @@ def _ema_on_device(recipe: Recipe, network: Any) -> Any:
     if settings is None or settings.device == "cpu":
         return None
     return NetworkEma(network, settings)
+
+
+def _swapped_blocks(unet: Any, *, s: MemorySettings, blocks_to_swap: int) -> list[Any]:
+    """SD3 / FLUX block swap: the blocks whose weights wait in CPU memory, less the largest
+    one (one swapped block is on the GPU while it runs)."""
+    if s.family not in ("sd3", "flux") or not blocks_to_swap:
+        return []
+    from loraforge.training.block_swap import transformer_blocks
+    from loraforge.vram.flow_structure import swap_indices
+
+    blocks, doubles = transformer_blocks(unet)
+    swapped = [blocks[i] for i in swap_indices(s.family, doubles, len(blocks), blocks_to_swap)]
+    size = lambda block: sum(p.numel() for p in block.parameters())  # noqa: E731
+    swapped.remove(max(swapped, key=size))
+    return swapped
 
 
 def _create_optimizer_state(models: StepModels) -> None:
@@ -232,7 +258,13 @@ def run_training_step(
     generator = torch.Generator("cpu")
     t = recipe.training
     register_resident(
-        tracker, models.unet, models.text_encoders, models.vae, models.network, models.optimizer
+        tracker,
+        models.unet,
+        models.text_encoders,
+        models.vae,
+        models.network,
+        models.optimizer,
+        off_device=_swapped_blocks(models.unet, s=settings, blocks_to_swap=t.blocks_to_swap),
     )
     ema = _ema_on_device(recipe, models.network)
     if ema is not None:

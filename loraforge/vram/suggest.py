@@ -71,6 +71,21 @@ def _fp8(r: Recipe) -> Recipe | None:
     return _section(r, "training", fp8_base=True)
 
 
+_SWAP_STEP = 8
+
+
+def _swap_blocks(r: Recipe) -> Recipe | None:
+    """SD3 / FLUX: swap 8 more transformer blocks to the CPU (with checkpointing, required)."""
+    from loraforge.recipe.flow_rules import MAX_BLOCKS_TO_SWAP
+
+    limit = MAX_BLOCKS_TO_SWAP.get(r.model.family)
+    t = r.training
+    if limit is None or t.blocks_to_swap >= limit:
+        return None
+    swap = min(limit, t.blocks_to_swap + _SWAP_STEP)
+    return _section(r, "training", blocks_to_swap=swap, gradient_checkpointing=True)
+
+
 def _half_batch(r: Recipe) -> Recipe | None:
     t = r.training
     if t.batch_size < 2:
@@ -139,6 +154,12 @@ CANDIDATES: tuple[_Candidate, ...] = (
         "slightly lower quality",
         _fp8,
         lambda r: {"training.fp8_base": True},
+    ),
+    _Candidate(
+        "swap more transformer blocks to the CPU (blocks_to_swap)",
+        "slower steps: the swapped weights cross PCIe twice per step",
+        _swap_blocks,
+        lambda r: {"training.blocks_to_swap": _swap_blocks(r).training.blocks_to_swap},
     ),
     _Candidate(
         "train the UNet only",

@@ -81,7 +81,10 @@ def _row_label(category: str, s: MemorySettings) -> tuple[str, str]:
         "vae encode": ("VAE encode (transient)", "step"),
         "optimizer step": ("optimizer step temporaries", "step"),
     }
-    return labels.get(category, (category, "step"))
+    component, kind = labels.get(category, (category, "step"))
+    if s.family in ("sd3", "flux"):  # the denoiser is a transformer
+        component = component.replace("UNet", "transformer")
+    return component, kind
 
 
 _ORDER = (

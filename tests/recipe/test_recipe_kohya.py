@@ -453,3 +453,28 @@ def test_sd_scripts_validation_options_are_converted(tmp_path: Path) -> None:
     assert recipe["training"]["validate_every_n_steps"] == 50
     assert recipe["training"]["max_validation_steps"] == 4
     assert not [u for u in result.unmapped if "valid" in u[0]]
+
+
+def test_flux_network_args_convert_to_network_args(tmp_path: Path) -> None:
+    from loraforge.recipe.kohya_convert import convert_kohya
+
+    options = {
+        "network_module": "networks.lora_flux",
+        "network_dim": 16,
+        "network_args": [
+            "train_blocks=single",
+            "train_single_block_indices=0-9,20",
+            "in_dims=[4,0,0,0,4]",
+            "img_attn_dim=8",
+            "train_t5xxl=True",
+        ],
+    }
+    network = convert_kohya(options, tmp_path).recipe["network"]
+    assert network["algorithm"] == "lora"
+    assert network["args"] == {
+        "train_blocks": "single",
+        "train_single_block_indices": "0-9,20",
+        "in_dims": [4, 0, 0, 0, 4],
+        "img_attn_dim": 8,
+        "train_t5xxl": True,
+    }

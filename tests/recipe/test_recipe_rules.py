@@ -142,3 +142,24 @@ def test_validation_subsets_do_not_conflict_with_caches() -> None:
     assert [(p.severity, p.path) for p in problems] == [
         ("warning", "dataset.subsets[1].is_validation")
     ]
+
+
+@pytest.mark.parametrize(
+    ("family", "network", "expected"),
+    [
+        ("flux", "{backend: lycoris, algorithm: loha}", ("error", "network.backend")),
+        ("sd3", "{block_dims: [4, 4]}", ("error", "network.block_dims")),
+        ("flux", "{args: {emb_dims: [1, 1, 1, 1, 1, 1]}}", ("error", "network.args.emb_dims")),
+        ("sd3", "{args: {single_dim: 4}}", ("error", "network.args.single_dim")),
+        ("sd1", "{args: {train_blocks: single}}", ("error", "network.args.train_blocks")),
+    ],
+)
+def test_flow_network_options_where_they_cannot_apply(family, network, expected) -> None:
+    assert expected in findings(f"network: {network}\n", family=family)
+
+
+def test_flow_network_options_of_the_family_are_fine() -> None:
+    flux = "network: {args: {train_blocks: double, train_double_block_indices: '0-3', img_attn_dim: 8}}\n"
+    assert not {f for f in findings(flux, family="flux") if f[0] == "error"}
+    sd3 = "network: {args: {train_block_indices: [0, 1], emb_dims: [0, 0, 4, 0, 0, 0]}}\n"
+    assert not {f for f in findings(sd3, family="sd3") if f[0] == "error"}
