@@ -214,7 +214,7 @@ def validation_pass(
     models.network.eval()
     try:
         with torch.no_grad():
-            batch = _batch(s, live_vae=models.vae is not None)
+            batch = _batch(s, live_vae=models.vae is not None, masked=setup.loss.masked_loss)
             batch_loss(
                 setup, batch, generator, train_text_encoder=False, autocast=accelerator.autocast
             )
