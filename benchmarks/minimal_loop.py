@@ -45,17 +45,26 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float = 1e-4) -> A
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
 
-def device_batches(run: Any, count: int) -> list[tuple[torch.Tensor, list[str], Any]]:
-    """``count`` (latents, captions, SDXL size ids) from the run's loader, on the device."""
+Batch = tuple[torch.Tensor, list[str], Any, Any]
+
+
+def device_batches(run: Any, count: int, *, train_text_encoder: bool) -> list[Batch]:
+    """``count`` (latents, captions, SDXL size ids, prompt embeddings) on the device.
+
+    The embeddings come from the run's text cache or encoders now, unless the text encoder
+    trains (then each step encodes the captions with gradients): ``None``.
+    """
     from loraforge.training.conditioning import sdxl_size_ids
 
-    out: list[tuple[torch.Tensor, list[str], Any]] = []
+    out: list[Batch] = []
     conditioning = run.loss_setup.conditioning
     while len(out) < count:
         for batch in run.loader:
             latents = conditioning.latents(batch, run.generator)
             ids = sdxl_size_ids(batch, latents.device) if run.loss_setup.is_sdxl else None
-            out.append((latents, list(batch["captions"]), ids))
+            captions = list(batch["captions"])
+            embeds = None if train_text_encoder else conditioning.text(captions, with_grad=False)
+            out.append((latents, captions, ids, embeds))
             if len(out) == count:
                 break
     return out
@@ -88,11 +97,13 @@ class _Step:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def unet_loss(self, latents: torch.Tensor, captions: list[str], ids: Any) -> torch.Tensor:
+    def unet_loss(self, batch: Batch) -> torch.Tensor:
         from loraforge.training.conditioning import unet_conditioning
 
-        with self.autocast():
-            embeds = self.run.loss_setup.conditioning.encode(captions, with_grad=self.te)
+        latents, captions, ids, embeds = batch
+        if embeds is None:
+            with self.autocast():
+                embeds = self.run.loss_setup.conditioning.text(captions, with_grad=True)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (latents.shape[0],), device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
@@ -101,8 +112,8 @@ class _Step:
             pred = self.unet(noisy.to(self.dtype), t, **kwargs).sample
         return F.mse_loss(pred.float(), noise)
 
-    def __call__(self, batch: tuple[torch.Tensor, list[str], Any]) -> None:
-        loss = self.unet_loss(*batch)
+    def __call__(self, batch: Batch) -> None:
+        loss = self.unet_loss(batch)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -126,7 +137,7 @@ def time_minimal_loop(
 ) -> dict[str, Any]:
     """Seconds per step of the minimal loop (steps after ``warmup``), and its CUDA peaks."""
     step = _Step(run, optimizer_name, train_text_encoder)
-    batches = device_batches(run, min(steps, 8))
+    batches = device_batches(run, min(steps, 8), train_text_encoder=train_text_encoder)
     cuda = run.device.type == "cuda"
     times = []
     try:
@@ -167,13 +178,11 @@ def unet_flops(run: Any, optimizer_name: str) -> int:
     """FLOPs of one UNet forward + backward (LoRA on the UNet, one batch of the run)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from loraforge.training.conditioning import unet_conditioning
+
     step = _Step(run, optimizer_name, train_text_encoder=False)
     try:
-        latents, captions, ids = device_batches(run, 1)[0]
-        with torch.no_grad():
-            embeds = run.loss_setup.conditioning.encode(captions)
-        from loraforge.training.conditioning import unet_conditioning
-
+        latents, _, ids, embeds = device_batches(run, 1, train_text_encoder=False)[0]
         kwargs = unet_conditioning(embeds, ids, step.dtype)
         t = torch.randint(0, 1000, (latents.shape[0],), device=run.device)
         with _counted_attention(step.unet), FlopCounterMode(display=False) as counter:
