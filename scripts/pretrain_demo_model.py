@@ -341,10 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(str(Path(tmp) / "model"), family="sd1")
     model = replace(model, vae=demo_vae(model.vae, settings))
     scaling = train_vae(model.vae, settings, rng, generator)
+    errors = colour_errors(model.vae)
+    print(f"vae colour error (0-255): background {errors['background']:.1f}, "
+          f"figure {errors['figure']:.1f}", flush=True)  # fmt: skip
     if args.vae_report:
-        errors = colour_errors(model.vae)
-        print(f"vae colour error (0-255): background {errors['background']:.1f}, "
-              f"figure {errors['figure']:.1f}")  # fmt: skip
         return 0
     model.vae.register_to_config(scaling_factor=scaling)
     print(f"vae scaling factor {scaling:.4f}", flush=True)

@@ -148,4 +148,5 @@ def test_smoke_run_records_finite_measurements_and_the_estimators_numbers(tmp_pa
     assert rows["char-8gb"]["estimate"]["traced"]["total_bytes"] == traced.total_bytes
     skipped = [row for row in data["rows"] if row["changes"]]
     assert all(row["status"] == "skipped" and row["reason"] for row in skipped)
-    assert rows["char-8gb+xformers"]["reason"].startswith("xformers")
+    assert rows["char-8gb+xformers"]["reason"] == "fp16 needs a CUDA GPU"
+    assert rows["sdxl-char-12gb+AdamW"]["reason"] == "--smoke runs the presets only"
