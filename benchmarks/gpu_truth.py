@@ -17,13 +17,16 @@ and stops a row at its own limit, so that it ends inside 8 minutes on one H100/H
    framework-overhead ratio) and the UNet's forward + backward FLOPs per step over the step
    time (achieved TFLOP/s).
 
-Rows whose package (bitsandbytes, xformers) or device (CUDA for fp16, 8-bit optimizers and
-xformers) is missing are listed as skipped with the reason; ``environment.packages`` says what
-was present. Rows that no longer fit in the budget are listed as ``not run``.
+What a row changes must run on this machine, else the row is skipped with the reason
+(``environment.packages`` says which packages were present). The presets' other settings that
+cannot run here get stand-ins, recorded per row under ``adjusted``: fp16/bf16 -> no (on a CPU),
+AdamW8bit -> AdamW (without bitsandbytes), xformers -> sdpa; a row that then repeats an earlier
+row is skipped. So a bare CUDA machine without bitsandbytes still measures every preset (with
+AdamW, whose state the estimates then count). Rows that no longer fit in the budget are listed
+as ``not run``.
 
-``--smoke`` runs the same script end to end on the CPU with the built-in tiny models at 64 px
-(fp16 -> no, AdamW8bit -> AdamW, xformers -> sdpa in the shipped rows, recorded under
-``adjusted``), for CI. Usage::
+``--smoke`` runs the same script end to end on the CPU with the built-in tiny models at 64 px,
+the presets only (with the CPU's stand-ins), for CI. Usage::
 
     python benchmarks/gpu_truth.py OUT_DIR                 # on a GPU machine
     python benchmarks/gpu_truth.py OUT_DIR --smoke         # anywhere, seconds to a minute
@@ -52,8 +55,8 @@ FLIPS = {
     "training.attention": {"sdpa": "xformers", "xformers": "sdpa"},
 }
 DEFAULTS = {"training.mixed_precision": "no", "training.optimizer": "AdamW", "training.attention": "sdpa"}  # fmt: skip
-# what a CPU smoke run uses instead of what needs CUDA
-CPU_STAND_INS = {"fp16": "no", "AdamW8bit": "AdamW", "xformers": "sdpa"}
+# what a row runs instead of a setting this machine lacks (recorded as "adjusted")
+STAND_INS = {"fp16": "no", "bf16": "no", "AdamW8bit": "AdamW", "xformers": "sdpa"}
 SIZES = {"sd1": 512, "sdxl": 1024}
 SMOKE_SIZE = 64
 MIN_ROW_S = 45  # a row is not started with less than this left of the budget
@@ -93,23 +96,20 @@ def row_settings(row: Row, data: dict[str, Any]) -> dict[str, str]:
     return {path: row.changes.get(path, _setting(data, path)) for path in FLIPS}
 
 
-def unmet_needs(settings: dict[str, str], env: dict[str, Any]) -> str | None:
-    """Why this machine cannot run ``settings`` (``None`` when it can)."""
+def missing_for(path: str, value: str, env: dict[str, Any]) -> str | None:
+    """Why this machine cannot run ``value`` of setting ``path`` (``None`` when it can)."""
     cuda = env.get("cuda_device") is not None
     packages = env.get("packages", {})
-    precision = settings["training.mixed_precision"]
-    optimizer = settings["training.optimizer"]
-    attention = settings["training.attention"]
-    if precision == "fp16" and not cuda:
+    if value == "fp16" and not cuda:
         return "fp16 needs a CUDA GPU"
-    if precision == "bf16" and cuda and not env.get("bf16_supported"):
+    if value == "bf16" and cuda and not env.get("bf16_supported"):
         return "this GPU has no bf16"
-    if optimizer == "AdamW8bit":
+    if value == "AdamW8bit":
         if not packages.get("bitsandbytes"):
             return 'bitsandbytes is not installed (pip install -e ".[gpu]")'
         if not cuda:
             return "AdamW8bit needs a CUDA GPU"
-    if attention == "xformers":
+    if value == "xformers":
         if not packages.get("xformers"):
             return "xformers is not installed (pip install xformers)"
         if not cuda:
@@ -117,9 +117,41 @@ def unmet_needs(settings: dict[str, str], env: dict[str, Any]) -> str | None:
     return None
 
 
-def cpu_stand_ins(settings: dict[str, str]) -> dict[str, str]:
-    """A smoke run's replacements for what needs CUDA: ``{path: stand-in}``."""
-    return {p: CPU_STAND_INS[v] for p, v in settings.items() if v in CPU_STAND_INS}
+def unmet_needs(settings: dict[str, str], env: dict[str, Any]) -> str | None:
+    """Why this machine cannot run ``settings`` (the first reason; ``None`` when it can)."""
+    reasons = (missing_for(path, value, env) for path, value in settings.items())
+    return next((r for r in reasons if r), None)
+
+
+def stand_ins(settings: dict[str, str], env: dict[str, Any]) -> dict[str, str]:
+    """What replaces the settings this machine cannot run: ``{path: stand-in}``
+    (fp16/bf16 -> no, AdamW8bit -> AdamW, xformers -> sdpa)."""
+    return {
+        path: STAND_INS[value]
+        for path, value in settings.items()
+        if value in STAND_INS and missing_for(path, value, env)
+    }
+
+
+def row_plan(
+    row: Row, preset: dict[str, Any], env: dict[str, Any], planned: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str], str | None]:
+    """``(settings, adjusted, reason)`` of a row on this machine.
+
+    What the row changes must run here, else it is skipped with the reason. Its other settings
+    that cannot run here get stand-ins (``adjusted``), so a machine without bitsandbytes still
+    measures the presets (with AdamW); a row that then repeats an earlier row's settings is
+    skipped. ``planned``: settings (as text) -> row name, of the rows planned so far (updated).
+    """
+    settings = row_settings(row, preset)
+    reason = next((m for p, v in row.changes.items() if (m := missing_for(p, v, env))), None)
+    adjusted = {} if reason else stand_ins(settings, env)
+    settings.update(adjusted)
+    key = json.dumps([row.preset, settings], sort_keys=True)
+    if reason is None and key in planned:
+        reason = f"the same settings as {planned[key]} here"
+    planned.setdefault(key, row.name)
+    return settings, adjusted, reason
 
 
 def ratios(estimate: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:
@@ -298,21 +330,19 @@ def plan(truth: Truth, models: dict[str, Path]) -> list[dict[str, Any]]:
 
     args, env = truth.args, truth.data["environment"]
     presets = {name: preset_data(name) for name in PRESETS}
-    records = []
+    records, planned = [], {}
     for row in plan_rows(presets):
-        settings = row_settings(row, presets[row.preset])
+        excluded = bool(args.only) and row.name not in args.only
+        settings, adjusted, reason = row_plan(
+            row, presets[row.preset], env, {} if excluded else planned
+        )
         record: dict[str, Any] = {"name": row.name, "preset": row.preset, "family": row.family}
-        record.update({"changes": row.changes, "status": "planned", "reason": None})
-        changes = dict(row.changes)
-        if args.smoke and not row.changes:
-            record["adjusted"] = cpu_stand_ins(settings)
-            changes.update(record["adjusted"])
-            settings.update(record["adjusted"])
-        record["settings"] = settings
-        reason = unmet_needs(settings, env)
+        record.update({"changes": row.changes, "adjusted": adjusted, "settings": settings})
+        record.update({"status": "planned", "reason": None})
+        changes = {**row.changes, **adjusted}
         if args.smoke and row.changes:
             reason = reason or "--smoke runs the presets only"
-        if args.only and row.name not in args.only:
+        if excluded:
             reason = "not in --only"
         size = SMOKE_SIZE if args.smoke else SIZES[row.family]
         data = row_recipe(

@@ -55,10 +55,36 @@ def test_rows_needing_a_missing_package_or_device_say_why(truth):
     xformers = {**fp16_8bit, "training.optimizer": "AdamW", "training.attention": "xformers"}
     assert "xformers is not installed" in truth.unmet_needs(xformers, GPU_BARE)
     assert truth.unmet_needs(xformers, GPU_FULL) is None
-    assert truth.cpu_stand_ins(fp16_8bit) == {
+    assert truth.stand_ins(fp16_8bit, CPU_ONLY) == {
         "training.mixed_precision": "no",
         "training.optimizer": "AdamW",
     }
+    assert truth.stand_ins(fp16_8bit, GPU_BARE) == {"training.optimizer": "AdamW"}
+    assert truth.stand_ins(fp16_8bit, GPU_FULL) == {}
+
+
+def test_a_bare_gpu_measures_the_presets_with_stand_ins_and_skips_what_it_lacks(truth):
+    from truth_inputs import preset_data
+
+    presets = {name: preset_data(name) for name in BASE_ROWS}
+    planned: dict[str, str] = {}
+    plans = {
+        row.name: truth.row_plan(row, presets[row.preset], GPU_BARE, planned)
+        for row in truth.plan_rows(presets)
+    }
+    settings, adjusted, reason = plans["char-8gb"]
+    assert reason is None and adjusted == {"training.optimizer": "AdamW"}
+    assert settings["training.mixed_precision"] == "fp16"
+    # the AdamW row is now the preset row again; xformers cannot run; bf16 runs with AdamW
+    assert plans["char-8gb+AdamW"][2] == "the same settings as char-8gb here"
+    assert "xformers is not installed" in plans["char-8gb+xformers"][2]
+    assert plans["char-8gb+bf16"][2] is None
+    assert plans["char-8gb+bf16"][1] == {"training.optimizer": "AdamW"}
+    # with every package, nothing is adjusted or skipped
+    full = {
+        r.name: truth.row_plan(r, presets[r.preset], GPU_FULL, {}) for r in truth.plan_rows(presets)
+    }
+    assert all(adjusted == {} and reason is None for _, adjusted, reason in full.values())
 
 
 def test_ratios_divide_what_was_measured(truth):
@@ -148,5 +174,7 @@ def test_smoke_run_records_finite_measurements_and_the_estimators_numbers(tmp_pa
     assert rows["char-8gb"]["estimate"]["traced"]["total_bytes"] == traced.total_bytes
     skipped = [row for row in data["rows"] if row["changes"]]
     assert all(row["status"] == "skipped" and row["reason"] for row in skipped)
-    assert rows["char-8gb+xformers"]["reason"] == "fp16 needs a CUDA GPU"
-    assert rows["sdxl-char-12gb+AdamW"]["reason"] == "--smoke runs the presets only"
+    assert rows["char-8gb+xformers"]["reason"].startswith("xformers")
+    assert rows["char-8gb+AdamW"]["reason"] == "the same settings as char-8gb here"
+    assert rows["char-8gb+bf16"]["reason"] == "--smoke runs the presets only"
+    assert rows["sdxl-char-12gb+fp16"]["reason"] == "fp16 needs a CUDA GPU"
