@@ -1,4 +1,5 @@
-"""``benchmarks/gpu_truth.py``: its plan of rows, and a ``--smoke`` run end to end on the CPU."""
+"""``benchmarks/gpu_truth.py``: its plan of rows (``truth_plan``), and a ``--smoke`` run end to end
+on the CPU."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ GPU_FULL = {**GPU_BARE, "packages": {"bitsandbytes": "0.45", "xformers": "0.0.30
 @pytest.fixture
 def truth(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import gpu_truth
+    import truth_plan
 
-    return gpu_truth
+    return truth_plan
 
 
 def test_rows_are_the_presets_then_each_flipped_setting(truth):
