@@ -24,18 +24,19 @@ probe of the background colour from one latent pixel does no better than guessin
 the encoder, the features before its last GroupNorm still predict green and blue and some red,
 after it no red at all. With 8 groups over 16/32 channels that GroupNorm (and the decoder's)
 removes each group's mean and scale over the image, so absolute colour can only pass as
-contrasts between the 2-4 channels of a group, which the small VAE does not learn in 1200 steps
-(training on noisy posterior samples does not help either). One GroupNorm group
-(``--vae-norm-groups 1``, same weight shapes and file size) trained on posterior means
-(``--vae-latents mean``) gives true hues after the same 1200 VAE steps (this stage's loop run
-alone): :func:`colour_errors` (0-255) of the figure 26 instead of 73 and of the background 35
-instead of 42; white comes out light grey, black dark grey, a red figure red (contrast is still
-compressed: white about 190-200, so more VAE steps may help).
+contrasts between the 2-4 channels of a group, which the small VAE does not learn in 1200 steps.
+``--vae-norm-groups 1`` (same weight shapes and file size) with ``--vae-latents mean`` (train
+on posterior means, not noisy samples) helps the figure but not yet the background, and varies
+a lot with the seed. :func:`colour_errors` (0-255, background / figure) after the 1200 VAE
+steps: defaults 42 / 73 (seed 0, the shipped VAE) and 40 / 44 (seed 1); one group on means
+55 / 48, 33 / 31 and 55 / 41 (seeds 0, 1, 2). A run of this loop outside the script that
+reached 35 / 26 turned white light grey, black dark grey and a red figure red: hues right,
+contrast compressed. None reconstructs colours correctly yet.
 
-Not done yet: the whole model has not been retrained with those two options (the UNet stage
-needs the new VAE's latents; 46 minutes on two idle cores), so the defaults and the shipped
-weights stay as they are. Retrain with ``--vae-norm-groups 1 --vae-latents mean``, check the
-``--preview`` sheet and the demo's grid, then make them the defaults here.
+Not done yet: a VAE that does (more VAE steps, more channels per group or a wider last
+level are the next things to try with ``--vae-report``), then retraining the whole model with it
+(the UNet stage needs the new VAE's latents; 46 minutes on two idle cores) and making its
+options the defaults. The shipped weights and the defaults stay as they are until then.
 
 Usage (46 minutes on two shared CPU cores: 12 for the VAE, 34 for the UNet)::
 
