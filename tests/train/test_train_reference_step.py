@@ -1,15 +1,16 @@
 """``loraforge train`` equals a hand-written training loop, step for step.
 
 The reference below uses plain torch and diffusers/transformers components and none of
-loraforge's training code: its own LoRA hooks, noise draws, min-SNR weighting, gradient
-accumulation, clipping, cosine-with-warm-up schedule, max-norm regularisation and text-encoder
-stop. It starts from loraforge's initial LoRA weights and sees the same batches (recorded from
+loraforge's training code: plain LoRA forwards (``benchmarks/plain_lora.py``), its own noise
+draws, min-SNR weighting, gradient accumulation, clipping, cosine-with-warm-up schedule,
+max-norm regularisation and text-encoder stop. It starts from loraforge's initial LoRA weights and sees the same batches (recorded from
 loraforge's data loader) with the documented per-batch seeds. After 6 optimizer steps the LoRA
 weights agree to 1e-6 (fp32).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import random
 from pathlib import Path
@@ -17,13 +18,25 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from loraforge.recipe import load_recipe
 from loraforge.training.setup import setup_run
 
 from .conftest import train_quietly
+
+
+def _plain_lora_class() -> type:
+    """The plain-torch LoRA the benchmarks' minimal loop uses too (no loraforge code)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "plain_lora.py"
+    spec = importlib.util.spec_from_file_location("plain_lora", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PlainLora
+
+
+PlainLora = _plain_lora_class()
 
 SEED = 7
 STEPS = 6
@@ -88,28 +101,7 @@ def _train_with_loraforge(recipe_path: Path) -> tuple[dict[str, torch.Tensor], R
 # ---- the reference: plain torch + diffusers/transformers -------------------------------------
 
 
-class Lora:
-    """``org(x) + up(down(x)) * alpha / dim`` on one Linear or Conv2d, by forward replacement."""
-
-    def __init__(self, module: torch.nn.Module, down: torch.Tensor, up: torch.Tensor, alpha):
-        self.module = module
-        self.down = down.clone().requires_grad_(True)
-        self.up = up.clone().requires_grad_(True)
-        self.scale = float(alpha) / down.shape[0]
-        original = module.forward
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if isinstance(module, torch.nn.Conv2d):
-                mid = F.conv2d(x, self.down, stride=module.stride, padding=module.padding)
-                delta = F.conv2d(mid, self.up)
-            else:
-                delta = F.linear(F.linear(x, self.down.flatten(1)), self.up.flatten(1))
-            return original(x) + delta * self.scale
-
-        module.forward = forward
-
-
-def _attach(initial: dict[str, torch.Tensor], unet, text_encoder) -> dict[str, Lora]:
+def _attach(initial: dict[str, torch.Tensor], unet, text_encoder) -> dict[str, PlainLora]:
     by_name: dict[str, torch.nn.Module] = {}
     for name, module in unet.named_modules():
         by_name["lora_unet_" + name.replace(".", "_")] = module
@@ -118,11 +110,11 @@ def _attach(initial: dict[str, torch.Tensor], unet, text_encoder) -> dict[str, L
         by_name["lora_te_" + path.replace(".", "_")] = module
     names = sorted({key.split(".")[0] for key in initial})
     return {
-        n: Lora(
+        n: PlainLora(
             by_name[n],
             initial[f"{n}.lora_down.weight"],
             initial[f"{n}.lora_up.weight"],
-            initial[f"{n}.alpha"],
+            float(initial[f"{n}.alpha"]) / initial[f"{n}.lora_down.weight"].shape[0],
         )
         for n in names
     }
@@ -133,7 +125,7 @@ def _batch_seed(step: int, index: int) -> int:
     return random.Random(f"loraforge:{SEED}:0:{step}:{index}").getrandbits(63)
 
 
-def _reference_training(model_dir: Path, initial, epochs) -> tuple[dict[str, Lora], dict]:
+def _reference_training(model_dir: Path, initial, epochs) -> tuple[dict[str, PlainLora], dict]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from transformers import CLIPTextModel, CLIPTokenizer

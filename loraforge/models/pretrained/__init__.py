@@ -29,7 +29,9 @@ def demo_weights_info(path: Path = DEMO_WEIGHTS) -> dict[str, Any]:
 def load_demo_weights(components: dict[str, Any], path: Path = DEMO_WEIGHTS) -> None:
     """Load the pretrained weights into the tiny SD1 ``components`` (in place, as fp32).
 
-    Also sets the VAE's ``scaling_factor`` to the one the weights were trained with.
+    Also sets the VAE's ``scaling_factor`` to the one the weights were trained with, and
+    replaces ``components["vae"]`` by one with the weights' GroupNorm group count when the
+    header names another (``vae_config``).
 
     Raises:
         FileNotFoundError: the weights file is missing (a broken install).
@@ -38,6 +40,10 @@ def load_demo_weights(components: dict[str, Any], path: Path = DEMO_WEIGHTS) -> 
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
+    info = demo_weights_info(path)
+    groups = info.get("vae_config", {}).get("norm_num_groups")
+    if groups is not None and groups != components["vae"].config.norm_num_groups:
+        components["vae"] = _regrouped_vae(components["vae"], groups)
     for name, module in components.items():
         prefix = f"{name}."
         state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
@@ -48,6 +54,12 @@ def load_demo_weights(components: dict[str, Any], path: Path = DEMO_WEIGHTS) -> 
                 f"{path.name} does not fit the tiny model's {name}: "
                 f"missing {sorted(set(missing) & floats)[:3]}, unexpected {unexpected[:3]}"
             )
-    components["vae"].register_to_config(
-        scaling_factor=demo_weights_info(path)["vae_scaling_factor"]
-    )
+    components["vae"].register_to_config(scaling_factor=info["vae_scaling_factor"])
+
+
+def _regrouped_vae(vae: Any, groups: int) -> Any:
+    """``vae``'s architecture with ``groups`` GroupNorm groups (same weight shapes)."""
+    from diffusers import AutoencoderKL
+
+    config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    return AutoencoderKL.from_config({**config, "norm_num_groups": groups}).eval()
