@@ -35,6 +35,13 @@ def flow_problems(r: Recipe) -> Iterator[Finding]:
             "block swap needs gradient_checkpointing (backward re-runs each swapped block)",
             "set training.gradient_checkpointing: true",
         )
+    if t.cpu_offload_checkpointing and not t.gradient_checkpointing:
+        yield (
+            "error",
+            ("training", "cpu_offload_checkpointing"),
+            "CPU offload of checkpointed inputs needs gradient_checkpointing",
+            "set training.gradient_checkpointing: true",
+        )
     if family not in FLOW:
         if family != "auto":
             yield from _flow_options_elsewhere(r)
@@ -105,6 +112,14 @@ def _flow_options_elsewhere(r: Recipe) -> Iterator[Finding]:
                 f"{field} applies to sd3/flux only; {family} ignores it",
                 "remove it",
             )
+    if t.cpu_offload_checkpointing:
+        yield (
+            "warning",
+            ("training", "cpu_offload_checkpointing"),
+            f"CPU offload of checkpointed inputs applies to the sd3/flux transformers; {family} "
+            "ignores it",
+            "remove it",
+        )
     if t.blocks_to_swap:
         yield (
             "warning",

@@ -34,7 +34,7 @@ _SAME_NAME = {
         "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred",
         "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule",
         "huber_c", "huber_scale", "prior_loss_weight", "max_grad_norm", "scale_weight_norms",
-        "seed", "blocks_to_swap", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
+        "seed", "blocks_to_swap", "cpu_offload_checkpointing", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
         "model_prediction_type", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
         "guidance_scale",
     ),
