@@ -26,22 +26,21 @@ _FLOW_ONLY_TRAINING = ("timestep_sampling", "discrete_flow_shift", "model_predic
 
 
 def flow_problems(r: Recipe) -> Iterator[Finding]:
-    """The flow-family findings of ``r`` (nothing for ``model.family: auto`` but block swap)."""
+    """The flow-family findings of ``r`` (for ``model.family: auto`` only the memory options'
+    need of gradient checkpointing)."""
     family, t, m = r.model.family, r.training, r.model
-    if t.blocks_to_swap and not t.gradient_checkpointing:
-        yield (
-            "error",
-            ("training", "blocks_to_swap"),
-            "block swap needs gradient_checkpointing (backward re-runs each swapped block)",
-            "set training.gradient_checkpointing: true",
-        )
-    if t.cpu_offload_checkpointing and not t.gradient_checkpointing:
-        yield (
-            "error",
-            ("training", "cpu_offload_checkpointing"),
-            "CPU offload of checkpointed inputs needs gradient_checkpointing",
-            "set training.gradient_checkpointing: true",
-        )
+    needs_checkpointing = (
+        ("blocks_to_swap", "block swap (backward re-runs each swapped block)"),
+        ("cpu_offload_checkpointing", "CPU offload of checkpointed inputs"),
+    )
+    for field, what in needs_checkpointing:
+        if getattr(t, field) and not t.gradient_checkpointing:
+            yield (
+                "error",
+                ("training", field),
+                f"{what} needs gradient_checkpointing",
+                "set training.gradient_checkpointing: true",
+            )
     if family not in FLOW:
         if family != "auto":
             yield from _flow_options_elsewhere(r)
