@@ -26,15 +26,21 @@ _FLOW_ONLY_TRAINING = ("timestep_sampling", "discrete_flow_shift", "model_predic
 
 
 def flow_problems(r: Recipe) -> Iterator[Finding]:
-    """The flow-family findings of ``r`` (nothing for ``model.family: auto`` but block swap)."""
+    """The flow-family findings of ``r`` (for ``model.family: auto`` only the memory options'
+    need of gradient checkpointing)."""
     family, t, m = r.model.family, r.training, r.model
-    if t.blocks_to_swap and not t.gradient_checkpointing:
-        yield (
-            "error",
-            ("training", "blocks_to_swap"),
-            "block swap needs gradient_checkpointing (backward re-runs each swapped block)",
-            "set training.gradient_checkpointing: true",
-        )
+    needs_checkpointing = (
+        ("blocks_to_swap", "block swap (backward re-runs each swapped block)"),
+        ("cpu_offload_checkpointing", "CPU offload of checkpointed inputs"),
+    )
+    for field, what in needs_checkpointing:
+        if getattr(t, field) and not t.gradient_checkpointing:
+            yield (
+                "error",
+                ("training", field),
+                f"{what} needs gradient_checkpointing",
+                "set training.gradient_checkpointing: true",
+            )
     if family not in FLOW:
         if family != "auto":
             yield from _flow_options_elsewhere(r)
@@ -105,6 +111,14 @@ def _flow_options_elsewhere(r: Recipe) -> Iterator[Finding]:
                 f"{field} applies to sd3/flux only; {family} ignores it",
                 "remove it",
             )
+    if t.cpu_offload_checkpointing:
+        yield (
+            "warning",
+            ("training", "cpu_offload_checkpointing"),
+            f"CPU offload of checkpointed inputs applies to the sd3/flux transformers; {family} "
+            "ignores it",
+            "remove it",
+        )
     if t.blocks_to_swap:
         yield (
             "warning",

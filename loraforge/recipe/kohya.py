@@ -36,9 +36,9 @@ _SAME_NAME = {
         "v_pred_like_loss", "debiased_estimation_loss", "loss_type", "huber_schedule",
         "huber_c", "huber_scale", "prior_loss_weight", "max_grad_norm", "scale_weight_norms",
         "masked_loss", "seed", "validate_every_n_steps", "validate_every_n_epochs",
-        "max_validation_steps", "blocks_to_swap", "timestep_sampling", "discrete_flow_shift",
-        "sigmoid_scale", "model_prediction_type", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale", "guidance_scale",
+        "max_validation_steps", "blocks_to_swap", "cpu_offload_checkpointing",
+        "timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "model_prediction_type",
+        "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale",
     ),
     "output": ("save_every_n_epochs", "save_every_n_steps", "save_precision", "save_state"),
 }  # fmt: skip

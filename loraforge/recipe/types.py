@@ -163,6 +163,7 @@ class TrainingConfig:
     fp8_base: bool
     blocks_to_swap: int
     gradient_checkpointing: bool
+    cpu_offload_checkpointing: bool
     attention: Literal["sdpa", "xformers", "eager"]
     noise_offset: float
     noise_offset_random_strength: bool

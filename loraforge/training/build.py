@@ -123,6 +123,10 @@ def place_frozen_models(
         te_lr = t.text_encoder_lr if t.text_encoder_lr is not None else t.learning_rate
         trains_te = n.train_text_encoder and te_lr > 0
         enable_gradient_checkpointing(model.unet, live_encoders if trains_te else [])
+        if t.cpu_offload_checkpointing and model.family in ("sd3", "flux"):
+            from loraforge.training.offload_checkpointing import enable_cpu_offload_checkpointing
+
+            enable_cpu_offload_checkpointing(model.unet)
 
 
 def build_network(recipe: Recipe, model: Any, precision: Precision) -> Network:

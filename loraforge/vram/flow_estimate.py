@@ -121,7 +121,9 @@ def _activation_row(
     kinds = ["double"] * structure.double_blocks + ["single"] * (blocks - structure.double_blocks)
     per_block = [SAVED_PER_TOKEN[k] * n * d * p for k in kinds]
     # with checkpointing: each block's input, and one block's maps rebuilt at a time
-    checkpointed = blocks * n * d * p + max(per_block)
+    # (with cpu_offload_checkpointing the block inputs wait in CPU memory: one on the GPU)
+    kept = 1 if recipe.training.cpu_offload_checkpointing else blocks
+    checkpointed = kept * n * d * p + max(per_block)
     saved = checkpointed if s.gradient_checkpointing else sum(per_block)
     working = WORKING_PER_TOKEN * n * d * p
     gc = "on" if s.gradient_checkpointing else "off"

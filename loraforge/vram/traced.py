@@ -143,4 +143,9 @@ def traced_estimate(recipe: Recipe, arch: Architecture, s: MemorySettings) -> Vr
         f"peak of live tensors {format_bytes(measured.peak_bytes)} measured through one steady-state "
         "step of train (conditioning, loss, backward, clipping, optimizer) on fake tensors",
     ]
+    if s.family in ("sd3", "flux") and recipe.training.cpu_offload_checkpointing:
+        notes.append(
+            "cpu_offload_checkpointing moves nothing in a CPU trace: the block inputs it keeps "
+            "off the GPU are counted here (the analytic method leaves them out)"
+        )
     return estimate_with_overheads("traced", s, arch, rows, measured.peak_bytes, notes)

@@ -140,7 +140,8 @@ def test_flux_block_swap_and_fp8_train(tiny_flow, make_recipe, tmp_path) -> None
         "swapped",
     )
     assert swapped.losses == pytest.approx(plain.losses, rel=1e-6)  # swapping changes no number
-    fp8 = {**checkpointed, "mixed_precision": "bf16", "fp8_base": True, "blocks_to_swap": 2}
+    fp8 = {**checkpointed, "mixed_precision": "bf16", "fp8_base": True, "blocks_to_swap": 2,
+           "cpu_offload_checkpointing": True}  # fmt: skip
     result = _run(make_recipe, tmp_path, tiny_flow["flux"], {"training": fp8}, "fp8")
     assert all(math.isfinite(x) for x in result.losses)
 

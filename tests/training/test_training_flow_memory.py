@@ -119,3 +119,38 @@ def test_sd_scripts_flux_and_sd3_options_convert(tmp_path) -> None:
     sd3 = convert_kohya({"training_shift": 3.0, "weighting_scheme": "logit_normal"}, tmp_path)
     assert sd3.recipe["training"]["discrete_flow_shift"] == 3.0
     assert sd3.recipe["training"]["weighting_scheme"] == "logit_normal"
+
+
+def test_cpu_offload_checkpointing_changes_no_number(monkeypatch) -> None:
+    from loraforge.models.tiny_flow import build_tiny_flow_components
+    from loraforge.training import offload_checkpointing
+    from loraforge.training.precision import enable_gradient_checkpointing
+
+    transformer = build_tiny_flow_components("flux")["transformer"]
+    enable_gradient_checkpointing(transformer, [])
+    embeds = _embeds(transformer)
+
+    def output_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        from loraforge.models.flow_transformer import denoise
+
+        x = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        t = torch.tensor([500.0])
+        out = denoise(transformer, "flux", x, t, embeds, guidance=1.0, dtype=torch.float32)
+        out.square().mean().backward()
+        return out.detach(), x.grad
+
+    before = output_and_grad()
+    calls: list[int] = []
+    real = offload_checkpointing._moves
+
+    def every_tensor(value, storage) -> bool:  # on a CPU machine: take the moving path anyway
+        calls.append(1)
+        return (isinstance(value, torch.Tensor) and value.is_floating_point()) or real(
+            value, storage
+        )
+
+    monkeypatch.setattr(offload_checkpointing, "_moves", every_tensor)
+    offload_checkpointing.enable_cpu_offload_checkpointing(transformer)
+    after = output_and_grad()
+    assert calls  # every block call went through the offloading wrapper
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
