@@ -18,7 +18,12 @@ from torch import nn
 from loraforge.backends.base import MaxNormResult, Network
 from loraforge.models.prompts import PromptEmbeds
 from loraforge.training.conditioning import Conditioning, sdxl_size_ids, unet_conditioning
-from loraforge.training.flow import FlowOptions, noisy_flow_input, prediction_and_target
+from loraforge.training.flow import (
+    FlowBatch,
+    FlowOptions,
+    noisy_flow_input,
+    prediction_and_target,
+)
 from loraforge.training.loss import LossOptions, conditional_loss, per_sample_mean, training_loss
 from loraforge.training.noise import (
     NoiseOptions,
@@ -109,13 +114,27 @@ def flow_loss(
     generator: torch.Generator,
     autocast: Any,
 ) -> torch.Tensor:
-    """The rectified-flow loss of a batch (SD3 / FLUX; see :mod:`loraforge.training.flow`):
-    element-wise loss -> ``weighting_scheme`` weights (``sigma_scaled``) -> mean per sample ->
-    per-sample weight -> batch mean, as sd-scripts' ``process_batch``. Huber losses use the
-    constant ``huber_c * huber_scale`` (the SNR schedules are DDPM quantities)."""
+    """The rectified-flow loss of a batch (SD3 / FLUX; see :mod:`loraforge.training.flow`),
+    with noise and noise levels drawn from ``generator`` (see :func:`flow_draw_loss`)."""
+    draw = noisy_flow_input(latents, flow, generator)
+    weights = batch["loss_weights"].to(latents.device)
+    return flow_draw_loss(setup, flow, latents, embeds, draw, autocast).mul(weights).mean()
+
+
+def flow_draw_loss(
+    setup: LossSetup,
+    flow: FlowOptions,
+    latents: torch.Tensor,
+    embeds: PromptEmbeds,
+    draw: FlowBatch,
+    autocast: Any,
+) -> torch.Tensor:
+    """``(B,)`` per-sample rectified-flow losses of one draw: element-wise loss ->
+    ``weighting_scheme`` weights (``sigma_scaled``) -> mean per sample, as sd-scripts'
+    ``process_batch`` (the caller applies the per-sample weights and the batch mean). Huber
+    losses use the constant ``huber_c * huber_scale`` (the SNR schedules are DDPM quantities)."""
     from loraforge.models.flow_transformer import denoise
 
-    draw = noisy_flow_input(latents, flow, generator)
     with autocast():
         output = denoise(
             setup.unet,
@@ -135,8 +154,7 @@ def flow_loss(
     loss = conditional_loss(pred.float(), target.float(), options.loss_type, "none", huber_c)
     if weighting is not None:
         loss = loss * weighting
-    loss = per_sample_mean(loss) * batch["loss_weights"].to(latents.device)
-    return loss.mean()
+    return per_sample_mean(loss)
 
 
 def accumulate_batch(

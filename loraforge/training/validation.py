@@ -28,10 +28,11 @@ from loraforge.data.plan import PlannedImage
 from loraforge.data.subsets import ResolvedSubset
 from loraforge.training.conditioning import Conditioning, sdxl_size_ids, unet_conditioning
 from loraforge.training.eval_mode import evaluation
+from loraforge.training.flow import NUM_TRAIN_TIMESTEPS, FlowBatch
 from loraforge.training.loss import training_loss
 from loraforge.training.noise import noise_noisy_latents_and_timesteps, prediction_target
 from loraforge.training.settings import ValidationSettings
-from loraforge.training.step import LossSetup
+from loraforge.training.step import LossSetup, flow_draw_loss
 
 #: timesteps per image (sd-scripts' NUM_VALIDATION_TIMESTEPS)
 NUM_VALIDATION_TIMESTEPS = 4
@@ -126,6 +127,8 @@ def batch_loss_sum(
     device = latents.device
     with autocast():
         embeds = setup.conditioning.text(list(batch.captions), with_grad=False)
+    if setup.flow is not None:
+        return _flow_loss_sum(setup, batch, latents, embeds, timesteps, autocast)
     size_ids = sdxl_size_ids(batch_inputs(batch), device) if setup.is_sdxl else None
     kwargs = unet_conditioning(embeds, size_ids, setup.weight_dtype)
     weights = torch.ones(len(batch.images), device=device)
@@ -149,6 +152,38 @@ def batch_loss_sum(
         target = prediction_target(setup.schedule, latents, noise, steps, setup.loss.v_prediction)
         loss = training_loss(pred, target, steps, weights, setup.schedule, setup.loss)
         total += float(loss) * len(batch.images)
+    return total
+
+
+def _flow_loss_sum(
+    setup: LossSetup,
+    batch: ValidationBatch,
+    latents: torch.Tensor,
+    embeds: Any,
+    timesteps: Sequence[int],
+    autocast: Callable[[], Any],
+) -> float:
+    """SD3 / FLUX: the training loss at noise level ``sigma = t / 1000`` for each of
+    ``timesteps``, with each image's own fixed noise (see :func:`noise_seed`)."""
+    generator = torch.Generator("cpu")
+    noise = torch.cat(
+        [
+            torch.randn(latents[i : i + 1].shape, generator=generator.manual_seed(noise_seed(k)))
+            for i, k in enumerate(batch.keys)
+        ]
+    ).to(latents.device, latents.dtype)
+    total = 0.0
+    for t in timesteps:
+        sigmas = torch.full((len(batch.images), 1, 1, 1), t / NUM_TRAIN_TIMESTEPS)
+        sigmas = sigmas.to(latents.device, latents.dtype)
+        draw = FlowBatch(
+            noise=noise,
+            noisy=(1.0 - sigmas) * latents + sigmas * noise,
+            sigmas=sigmas,
+            timesteps=sigmas.view(-1) * NUM_TRAIN_TIMESTEPS,
+        )
+        losses = flow_draw_loss(setup, setup.flow, latents, embeds, draw, autocast)
+        total += float(losses.sum())
     return total
 
 
