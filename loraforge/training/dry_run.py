@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from loraforge.recipe import Recipe
-from loraforge.training.resume import resolve_resume, saved_step
-from loraforge.training.saving import (
+from loraforge.training.output_plan import (
     PlannedFile,
     existing_outputs,
     interrupt_state,
     planned_outputs,
 )
+from loraforge.training.resume import resolve_resume, saved_step
 from loraforge.training.settings import (
     RunSettings,
     TrainingLength,

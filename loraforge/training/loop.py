@@ -21,9 +21,7 @@ from loraforge.training.divergence import divergence_error
 from loraforge.training.early_stopping import ValidationTracker
 from loraforge.training.metrics import VALIDATION
 from loraforge.training.optim import set_eval_mode, set_train_mode
-from loraforge.training.sample_grid import write_sample_grid
-from loraforge.training.sampling import SampleRequest, sample_during_training
-from loraforge.training.saving import (
+from loraforge.training.output_plan import (
     SaveKind,
     is_epoch_sample,
     is_epoch_save,
@@ -31,6 +29,8 @@ from loraforge.training.saving import (
     is_step_save,
     sample_points,
 )
+from loraforge.training.sample_grid import write_sample_grid
+from loraforge.training.sampling import SampleRequest, sample_during_training
 from loraforge.training.setup import TrainingRun
 from loraforge.training.state import TrainingProgress
 from loraforge.training.step import (

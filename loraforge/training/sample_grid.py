@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loraforge.training.saving import SaveKind, grid_file_name, sample_file_name
+from loraforge.training.output_plan import SaveKind, grid_file_name, sample_file_name
 from loraforge.training.settings import SampleSpec
 
 MIN_CELL = 128

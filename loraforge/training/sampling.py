@@ -184,7 +184,7 @@ def sample_during_training(
         ``(png path, PIL image)`` pairs.
     """
     from loraforge.training.eval_mode import evaluation
-    from loraforge.training.saving import sample_file_name
+    from loraforge.training.output_plan import sample_file_name
 
     modules = [network, models.unet, *models.conditioning.text_encoders]
     vae_device = models.vae.device

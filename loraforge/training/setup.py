@@ -38,18 +38,18 @@ from loraforge.training.distributed import broadcast_module
 from loraforge.training.divergence import suspect_values
 from loraforge.training.ema import NetworkEma
 from loraforge.training.metrics import MetricsLog, open_metrics
-from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
-from loraforge.training.resume import ResumePoint, resolve_resume, restore_run, saved_step
-from loraforge.training.run_facts import metadata_writer, run_facts
-from loraforge.training.sampling import SampleModels
-from loraforge.training.saving import (
-    Checkpointer,
+from loraforge.training.output_plan import (
     existing_outputs,
     interrupt_state,
     owns_outputs,
     planned_outputs,
     refuse_existing,
 )
+from loraforge.training.precision import Precision, check_precision_on_device, resolve_precision
+from loraforge.training.resume import ResumePoint, resolve_resume, restore_run, saved_step
+from loraforge.training.run_facts import metadata_writer, run_facts
+from loraforge.training.sampling import SampleModels
+from loraforge.training.saving import Checkpointer
 from loraforge.training.settings import (
     RunSettings,
     output_settings,

@@ -12,8 +12,8 @@ from loraforge.errors import DependencyError, RecipeError
 from loraforge.training.display import LossWindow
 from loraforge.training.distributed import synchronise_step
 from loraforge.training.loop import is_update_batch
+from loraforge.training.output_plan import planned_outputs, sample_file_name, sample_points
 from loraforge.training.sampling import SAMPLERS, make_scheduler
-from loraforge.training.saving import planned_outputs, sample_file_name, sample_points
 from loraforge.training.settings import (
     OutputSettings,
     SampleSettings,
