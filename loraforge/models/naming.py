@@ -23,7 +23,8 @@ from loraforge.models.sgm import SDXL_LAYOUT, UNetLayout, sgm_unet_path
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+# the UNet families; SD3 / FLUX names live in models/transformer_naming.py
+UNET_FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 
 UNET_PREFIX = "lora_unet_"
 
@@ -49,8 +50,10 @@ _RE_UPDOWN = re.compile(
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family not in UNET_FAMILIES:
+        raise ValueError(
+            f"unknown model family {family!r}; expected one of {', '.join(UNET_FAMILIES)}"
+        )
 
 
 def is_sdxl(family: str) -> bool:

@@ -34,7 +34,7 @@ from loraforge.training.flow_metadata import flow_model_keys, flow_modelspec, is
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe, SubsetConfig
 
-Family = Literal["sd1", "sd2", "sd2-v", "sdxl"]
+Family = Literal["sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux"]
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 IMPL_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
