@@ -301,7 +301,10 @@ def test_full_width_flux_file_with_single_blocks_loads_in_diffusers(full_width_f
         torch.testing.assert_close(state[key].float(), base[key].float() + delta,
                                    atol=2e-4, rtol=2**-7)  # fmt: skip
         checked.add(layer)
-    assert {"single_transformer_blocks.0.proj_mlp", "single_transformer_blocks.0.proj_out"} < checked
+    assert {
+        "single_transformer_blocks.0.proj_mlp",
+        "single_transformer_blocks.0.proj_out",
+    } < checked
     assert changed == checked, sorted(changed ^ checked)[:5]
 
 
