@@ -18,7 +18,9 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 # OpenMP threads made tiny-UNet steps take seconds instead of ~0.1 s).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +72,41 @@ def tiny_sdxl_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2v_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same tiny SD 2.x v-prediction model as one original-layout checkpoint."""
     return _tiny_file(tmp_path_factory, "sd2-v")
+
+
+# FLUX.1's published width (3072 wide, MLP 12288, 64 input channels, T5-XXL and CLIP-L widths) with
+# one double and one single block: diffusers' kohya-LoRA and BFL single-file converters hard-code
+# that width, so only a model this wide can go through them.
+FULL_WIDTH_FLUX = {
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+@pytest.fixture
+def full_width_flux() -> Callable[[int], Any]:
+    """Builds the narrow full-width FLUX transformer (:data:`FULL_WIDTH_FLUX`): 546 M random bf16
+    weights (about 1.1 GB, a few seconds), uniform in ±0.05 from ``seed``; nothing is cached."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    def build(seed: int = 0) -> Any:
+        with torch.device("meta"):
+            model = diffusers.FluxTransformer2DModel(**FULL_WIDTH_FLUX)
+        generator = torch.Generator().manual_seed(seed)
+        state = {
+            k: torch.empty(v.shape, dtype=torch.bfloat16).uniform_(-0.05, 0.05, generator=generator)
+            for k, v in model.state_dict().items()
+        }
+        model.load_state_dict(state, assign=True)
+        assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+        return model.eval()
+
+    return build

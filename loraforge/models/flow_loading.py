@@ -161,8 +161,9 @@ def load_flow_file(
         if any(
             k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.")) for k in own
         ):
+            blocks = flux_block_counts(own) if family == "flux" else {}
             transformer = transformer_class(family).from_single_file(
-                own, subfolder="transformer", **common
+                own, subfolder="transformer", **common, **blocks
             )
         else:  # already diffusers' layout (a saved diffusers transformer)
             transformer = _diffusers_transformer(family, config_dir, own, dtype)
@@ -194,6 +195,19 @@ def load_flow_file(
         beside = Path(str(files[slot])).expanduser().parent if files.get(slot) else None
         tokenizers.append(folder_tokenizer(config_dir, index, family, slot, beside))
     return _parts(family, detection, transformer, vae, encoders, tokenizers, path)
+
+
+def flux_block_counts(state: Mapping[str, Any]) -> dict[str, int]:
+    """``num_layers`` / ``num_single_layers`` of a BFL-layout FLUX transformer from its keys
+    (``double_blocks.N.`` / ``single_blocks.N.``), which override the config's 19 + 38: pruned
+    FLUX models have fewer blocks, and diffusers would leave the missing ones without weights."""
+    indices: dict[str, set[int]] = {"double_blocks": set(), "single_blocks": set()}
+    for key in state:
+        parts = key.removeprefix("model.diffusion_model.").split(".")
+        if len(parts) > 2 and parts[0] in indices and parts[1].isdigit():
+            indices[parts[0]].add(int(parts[1]))
+    options = {"double_blocks": "num_layers", "single_blocks": "num_single_layers"}
+    return {options[kind]: max(found) + 1 for kind, found in indices.items() if found}
 
 
 def _diffusers_transformer(

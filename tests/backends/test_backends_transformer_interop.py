@@ -7,8 +7,9 @@
   ``swap_scale_shift`` (the layouts order shift/scale differently).
 * diffusers' ``FluxPipeline.load_lora_weights`` reads the file (its kohya converter) and
   ``fuse_lora`` changes the weights exactly as that merge. Its converter hard-codes FLUX's full
-  width for ``single_blocks.N.linear1``, so that pipeline check uses a tiny FLUX without single
-  blocks; single blocks are covered by the hand merge.
+  width for ``single_blocks.N.linear1``, so the check with single blocks uses FLUX at its
+  published width with one double and one single block (bf16, the ``full_width_flux`` fixture);
+  the tiny FLUX without single blocks covers the fp32 and text-encoder checks.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from loraforge.backends.kohya import KohyaBackend
 from loraforge.recipe import section_defaults
@@ -120,33 +122,36 @@ def _hand_delta(tensors: dict, name: str) -> torch.Tensor:
     return up.flatten(1) @ down.flatten(1) * (tensors[f"{name}.alpha"] / down.shape[0])
 
 
-def _flux_expected(tensors: dict, n_double: int, n_single: int, h: int) -> dict[str, torch.Tensor]:
-    """diffusers layer -> delta, by sd-scripts' rules on BFL's fused layers."""
-    out = {}
+def _flux_deltas(tensors: dict, n_double: int, n_single: int, h: int):
+    """(diffusers layer, delta) pairs by sd-scripts' rules on BFL's fused layers, one fused
+    layer's delta computed at a time (at full width all of them together take gigabytes)."""
     for i in range(n_double):
         d, k = f"transformer_blocks.{i}.", f"lora_unet_double_blocks_{i}_"
         for s, norm, qkv, proj, ff in (
             ("img", "norm1", ("to_q", "to_k", "to_v"), "to_out.0", "ff"),
             ("txt", "norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context"),
         ):  # fmt: skip
-            out[d + norm + ".linear"] = _hand_delta(tensors, k + s + "_mod_lin")
-            for layer, chunk in zip(
-                qkv, _hand_delta(tensors, k + s + "_attn_qkv").chunk(3), strict=True
-            ):
-                out[d + "attn." + layer] = chunk
-            out[d + "attn." + proj] = _hand_delta(tensors, k + s + "_attn_proj")
-            out[d + ff + ".net.0.proj"] = _hand_delta(tensors, k + s + "_mlp_0")
-            out[d + ff + ".net.2"] = _hand_delta(tensors, k + s + "_mlp_2")
+            yield d + norm + ".linear", _hand_delta(tensors, k + s + "_mod_lin")
+            chunks = _hand_delta(tensors, k + s + "_attn_qkv").chunk(3)
+            for layer, chunk in zip(qkv, chunks, strict=True):
+                yield d + "attn." + layer, chunk
+            yield d + "attn." + proj, _hand_delta(tensors, k + s + "_attn_proj")
+            yield d + ff + ".net.0.proj", _hand_delta(tensors, k + s + "_mlp_0")
+            yield d + ff + ".net.2", _hand_delta(tensors, k + s + "_mlp_2")
     for i in range(n_single):
         d, k = f"single_transformer_blocks.{i}.", f"lora_unet_single_blocks_{i}_"
         parts = _hand_delta(tensors, k + "linear1").split([h, h, h, 4 * h])
         for layer, chunk in zip(
             ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), parts, strict=True
         ):
-            out[d + layer] = chunk
-        out[d + "proj_out"] = _hand_delta(tensors, k + "linear2")
-        out[d + "norm.linear"] = _hand_delta(tensors, k + "modulation_lin")
-    return out
+            yield d + layer, chunk
+        yield d + "proj_out", _hand_delta(tensors, k + "linear2")
+        yield d + "norm.linear", _hand_delta(tensors, k + "modulation_lin")
+
+
+def _flux_expected(tensors: dict, n_double: int, n_single: int, h: int) -> dict[str, torch.Tensor]:
+    """diffusers layer -> delta, by sd-scripts' rules on BFL's fused layers."""
+    return dict(_flux_deltas(tensors, n_double, n_single, h))
 
 
 def _sd3_expected(tensors: dict, depth: int, h: int) -> dict[str, torch.Tensor]:
@@ -261,6 +266,46 @@ def test_flux_file_loads_in_diffusers_and_equals_the_merged_weights() -> None:
     for layer, delta in expected.items():
         key = layer + ".weight"
         torch.testing.assert_close(state[key], base[key] + delta, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_full_width_flux_file_with_single_blocks_loads_in_diffusers(full_width_flux, tmp_path):
+    """A file our backend writes for FLUX at full width (double and single blocks, fused
+    ``qkv`` / ``linear1`` rows included) loads with ``FluxPipeline.load_lora_weights`` and
+    ``fuse_lora`` adds to every layer what the hand merge says: bf16 weights, so within one bf16
+    rounding of ``W + delta`` (the deltas are ~100x that)."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
+    from loraforge.ops.lora_file import write_lora_file
+
+    model = full_width_flux()
+    network = _network("flux", model, [])
+    with torch.no_grad():  # diffusers casts the factors to bf16: give it bf16-exact ones
+        for p in network.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    path = tmp_path / "flux.safetensors"
+    write_lora_file(path, network.state_dict_for_save(torch.float32), network.metadata())
+    tensors = load_file(str(path))
+    assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, 4)
+    del network
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    pipe = _flux_pipeline(model, tiny_clip())
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    state = model.state_dict()
+    changed = {k.removesuffix(".weight") for k in state if not torch.equal(state[k], base[k])}
+    checked = set()
+    for layer, delta in _flux_deltas(tensors, 1, 1, 3072):
+        key = layer + ".weight"
+        assert delta.abs().mean() > 0.01
+        torch.testing.assert_close(state[key].float(), base[key].float() + delta,
+                                   atol=2e-4, rtol=2**-7)  # fmt: skip
+        checked.add(layer)
+    assert {
+        "single_transformer_blocks.0.proj_mlp",
+        "single_transformer_blocks.0.proj_out",
+    } < checked
+    assert changed == checked, sorted(changed ^ checked)[:5]
 
 
 def test_flux_clip_l_lora_loads_in_diffusers() -> None:

@@ -167,3 +167,100 @@ def test_sd3_one_file_with_its_encoders_and_vae(tmp_path) -> None:
         want = original.state_dict()
         got = loaded.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want), type(original).__name__
+
+
+def _bfl_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX transformer's weights in BFL's layout (``flux1-dev.safetensors``), by the
+    reference's names: fused ``qkv`` / ``linear1`` rows, ``shift, scale`` final modulation."""
+    left, out = dict(state), {}
+
+    def take(name: str) -> dict[str, torch.Tensor]:
+        return {p: left.pop(f"{name}.{p}") for p in ("weight", "bias") if f"{name}.{p}" in left}
+
+    def put(bfl: str, *names: str) -> None:
+        parts = [take(n) for n in names]
+        for p in parts[0]:
+            out[f"{bfl}.{p}"] = torch.cat([part[p] for part in parts])
+
+    emb = "time_text_embed."
+    for bfl, diff in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                      ("guidance_in", "guidance_embedder")):  # fmt: skip
+        put(f"{bfl}.in_layer", f"{emb}{diff}.linear_1")
+        put(f"{bfl}.out_layer", f"{emb}{diff}.linear_2")
+    put("txt_in", "context_embedder")
+    put("img_in", "x_embedder")
+    for i in range(1):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        put(b + "img_mod.lin", d + "norm1.linear")
+        put(b + "txt_mod.lin", d + "norm1_context.linear")
+        put(b + "img_attn.qkv", *(f"{d}attn.to_{x}" for x in "qkv"))
+        put(b + "txt_attn.qkv", *(f"{d}attn.add_{x}_proj" for x in "qkv"))
+        put(b + "img_attn.proj", d + "attn.to_out.0")
+        put(b + "txt_attn.proj", d + "attn.to_add_out")
+        for s, norm in (("img", "norm_"), ("txt", "norm_added_")):
+            out[f"{b}{s}_attn.norm.query_norm.scale"] = left.pop(f"{d}attn.{norm}q.weight")
+            out[f"{b}{s}_attn.norm.key_norm.scale"] = left.pop(f"{d}attn.{norm}k.weight")
+        for s, ff in (("img", "ff"), ("txt", "ff_context")):
+            put(f"{b}{s}_mlp.0", f"{d}{ff}.net.0.proj")
+            put(f"{b}{s}_mlp.2", f"{d}{ff}.net.2")
+    for i in range(1):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        put(b + "linear1", *(f"{d}attn.to_{x}" for x in "qkv"), d + "proj_mlp")
+        put(b + "linear2", d + "proj_out")
+        put(b + "modulation.lin", d + "norm.linear")
+        out[b + "norm.query_norm.scale"] = left.pop(d + "attn.norm_q.weight")
+        out[b + "norm.key_norm.scale"] = left.pop(d + "attn.norm_k.weight")
+    put("final_layer.linear", "proj_out")
+    for p, value in take("norm_out.linear").items():  # diffusers: scale, shift
+        scale, shift = value.chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{p}"] = torch.cat([shift, scale])
+    assert not left, sorted(left)[:5]  # every weight has its BFL name
+    return out
+
+
+@pytest.mark.slow
+def test_full_width_flux_in_bfl_layout(full_width_flux, flux_files, tmp_path) -> None:
+    """A BFL-layout transformer at FLUX's published width with fewer blocks than FLUX.1 (one
+    double, one single) loads with its separate clip_l / t5xxl / ae files into the same weights.
+    The file carries the published transformer config (19 + 38 blocks, as the shipped one) and
+    the tiny encoders' configs: the block counts must come from the file's keys."""
+    from loraforge.models.single_file import EMBEDDED_CONFIG_KEY
+    from loraforge.models.tiny_flow import tiny_flow_configs
+    from loraforge.recipe import parse_recipe_text
+    from loraforge.training.build import load_base_model
+
+    original = full_width_flux()
+    state = _bfl_layout(original.state_dict())
+    configs = tiny_flow_configs("flux")
+    shipped = Path(__file__).parents[2] / "loraforge/models/configs/flux-dev/transformer"
+    configs["transformer"] = json.loads((shipped / "config.json").read_text("utf-8"))
+    assert (configs["transformer"]["num_layers"], configs["transformer"]["num_single_layers"]) == (
+        19,
+        38,
+    )
+    path = tmp_path / "flux1-narrow.safetensors"
+    save_file(state, str(path), metadata={EMBEDDED_CONFIG_KEY: json.dumps({"configs": configs})})
+    del state
+    recipe = parse_recipe_text(
+        f"model: {{base: {path}, family: flux, vae: {flux_files['ae']},\n"
+        f"  clip_l: {flux_files['clip_l']}, t5xxl: {flux_files['t5xxl_fp8_e4m3fn']}}}\n"
+        "dataset: {subsets: [{dir: d}]}\ntraining: {mixed_precision: bf16}\n",
+        base_dir=tmp_path,
+    )
+    model = load_base_model(recipe)  # what `loraforge train` loads
+    assert (model.family, model.variant) == ("flux", "dev")
+    config = model.unet.config
+    assert (config.num_layers, config.num_single_layers, config.joint_attention_dim) == (1, 1, 4096)
+    got, want = model.unet.state_dict(), original.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], want[key]), key
+
+
+def test_flux_block_counts_from_keys() -> None:
+    from loraforge.models.flow_loading import flux_block_counts
+
+    keys = ["model.diffusion_model.double_blocks.7.img_mod.lin.weight", "double_blocks.2.x",
+            "single_blocks.37.linear1.weight", "img_in.weight", "single_blocks.x.y"]  # fmt: skip
+    assert flux_block_counts(dict.fromkeys(keys)) == {"num_layers": 8, "num_single_layers": 38}
+    assert flux_block_counts({"img_in.weight": None}) == {}
