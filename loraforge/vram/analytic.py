@@ -39,8 +39,9 @@ from loraforge.vram.structure import (
 _EIGHT_BIT = ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")
 
 
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M params"
+def millions(n: int) -> str:
+    """A parameter count for a row's detail: ``860.0M params``, ``11.90B params``."""
+    return f"{n / 1e6:.1f}M params" if n < 1e9 else f"{n / 1e9:.2f}B params"
 
 
 def optimizer_bytes_per_param(name: str, network_dtype: str) -> float:
@@ -52,7 +53,7 @@ def optimizer_bytes_per_param(name: str, network_dtype: str) -> float:
     return per_param * DTYPE_BYTES[network_dtype] / 4
 
 
-def _stored_bytes(params: int, layer_params: int, dtype: str, compute: str) -> int:
+def stored_bytes(params: int, layer_params: int, dtype: str, compute: str) -> int:
     """fp8_base stores Linear/Conv2d weights in float8; norms and embeddings keep ``compute``."""
     if dtype != "fp8":
         return params * DTYPE_BYTES[dtype]
@@ -65,29 +66,31 @@ def _weight_rows(
     rows = [
         VramRow(
             f"UNet weights ({s.unet_dtype})",
-            _stored_bytes(unet.params, unet.layer_params, s.unet_dtype, s.compute_dtype),
-            _millions(unet.params),
+            stored_bytes(unet.params, unet.layer_params, s.unet_dtype, s.compute_dtype),
+            millions(unet.params),
         )
     ]
     for index, text in enumerate(texts):
         label = f"text encoder {index + 1} weights ({s.text_encoder_dtype})"
         if s.text_encoders_on_gpu:
-            stored = _stored_bytes(
+            stored = stored_bytes(
                 text.params, text.layer_params, s.text_encoder_dtype, s.compute_dtype
             )
-            rows.append(VramRow(label, stored, _millions(text.params)))
+            rows.append(VramRow(label, stored, millions(text.params)))
         else:
             rows.append(
                 VramRow(label.split(" (")[0], 0, "outputs cached: kept off the GPU", "info")
             )
-    vae = vae_params(arch.configs["vae"])
-    if s.vae_on_gpu:
-        rows.append(
-            VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype], _millions(vae))
-        )
-    else:
-        rows.append(VramRow("VAE weights", 0, "latents cached: kept off the GPU", "info"))
+    rows.append(vae_weight_row(arch, s))
     return rows
+
+
+def vae_weight_row(arch: Architecture, s: MemorySettings) -> VramRow:
+    """The VAE's weights on the GPU, or an info row when the latents are cached."""
+    vae = vae_params(arch.configs["vae"])
+    if not s.vae_on_gpu:
+        return VramRow("VAE weights", 0, "latents cached: kept off the GPU", "info")
+    return VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype], millions(vae))
 
 
 def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[VramRow]:
@@ -101,12 +104,12 @@ def _network_rows(recipe: Recipe, s: MemorySettings, size: NetworkSize) -> list[
         VramRow(
             f"network weights ({s.network_dtype})",
             size.allocated_bytes(net_bytes),
-            f"{what}: {_millions(size.total)} in {size.unet_modules + size.text_modules} modules",
+            f"{what}: {millions(size.total)} in {size.unet_modules + size.text_modules} modules",
         ),
         VramRow(
             f"optimizer state ({canonical_name(s.optimizer)})",
             int(size.trainable * per_param),
-            f"{per_param:g} B x {_millions(size.trainable)} trainable",
+            f"{per_param:g} B x {millions(size.trainable)} trainable",
         ),
         *_ema_rows(s, size),
     ]
@@ -118,7 +121,7 @@ def _ema_rows(s: MemorySettings, size: NetworkSize) -> list[VramRow]:
         return []
     if s.ema_device == "cpu":
         return [VramRow("EMA weights", 0, "ema.device cpu: kept off the GPU", "info")]
-    note = f"4 B x {_millions(size.trainable)} trainable"
+    note = f"4 B x {millions(size.trainable)} trainable"
     return [VramRow("EMA weights (fp32)", size.trainable * 4, note)]
 
 

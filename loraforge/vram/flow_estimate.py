@@ -13,28 +13,19 @@ from __future__ import annotations
 
 from loraforge.models.flow_prompts import CLIP_TOKENS, caption_token_length
 from loraforge.recipe.types import Recipe
+from loraforge.vram.analytic import millions, stored_bytes, vae_weight_row
 from loraforge.vram.arch import Architecture
 from loraforge.vram.flow_structure import FlowStructure, flow_structure, swapped_blocks, t5_params
 from loraforge.vram.network_size import NetworkSize
 from loraforge.vram.overhead import estimate_with_overheads
 from loraforge.vram.result import VramEstimate, VramRow
 from loraforge.vram.settings import DTYPE_BYTES, MemorySettings
-from loraforge.vram.structure import text_structure, vae_params
+from loraforge.vram.structure import text_structure
 
 #: width-sized maps per token a block keeps for backward (double/joint blocks: two streams)
 SAVED_PER_TOKEN = {"double": 24, "single": 20}
 #: transient maps while a block runs (attention inputs/outputs, the MLP's hidden map)
 WORKING_PER_TOKEN = 8
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.1f}M params" if n < 1e9 else f"{n / 1e9:.2f}B params"
-
-
-def _stored(params: int, linear: int, dtype: str, compute: str) -> int:
-    if dtype != "fp8":
-        return params * DTYPE_BYTES[dtype]
-    return linear + (params - linear) * DTYPE_BYTES[compute]
 
 
 def flow_network_size(recipe: Recipe, arch: Architecture) -> NetworkSize:
@@ -58,14 +49,14 @@ def _transformer_rows(recipe: Recipe, structure: FlowStructure, s: MemorySetting
     # the swapped blocks' Linear share, to store the rest in fp8
     share = structure.layer_params / max(1, sum(structure.block_params))
     on_gpu = structure.params - off_gpu
-    stored = _stored(on_gpu, int(on_gpu * share), s.unet_dtype, s.compute_dtype)
+    stored = stored_bytes(on_gpu, int(on_gpu * share), s.unet_dtype, s.compute_dtype)
     stored += structure.buffer_elements * DTYPE_BYTES[s.compute_dtype]
-    what = _millions(structure.params)
+    what = millions(structure.params)
     if swap:
         # one swapped block is on its way in while another runs (sd-scripts' offloader)
         biggest = max(structure.block_params[i] for i in swap)
-        stored += _stored(biggest, int(biggest * share), s.unet_dtype, s.compute_dtype)
-        what += f", {len(swap)} blocks ({_millions(off_gpu)}) swapped to the CPU"
+        stored += stored_bytes(biggest, int(biggest * share), s.unet_dtype, s.compute_dtype)
+        what += f", {len(swap)} blocks ({millions(off_gpu)}) swapped to the CPU"
     return [VramRow(f"transformer weights ({s.unet_dtype})", stored, what)]
 
 
@@ -82,19 +73,13 @@ def _encoder_rows(arch: Architecture, s: MemorySettings) -> list[VramRow]:
             params, linear = text.params, text.layer_params
             label = f"CLIP text encoder {index + 1}"
         if s.text_encoders_on_gpu:
-            stored = _stored(params, linear, s.text_encoder_dtype, s.compute_dtype)
+            stored = stored_bytes(params, linear, s.text_encoder_dtype, s.compute_dtype)
             rows.append(
-                VramRow(f"{label} weights ({s.text_encoder_dtype})", stored, _millions(params))
+                VramRow(f"{label} weights ({s.text_encoder_dtype})", stored, millions(params))
             )
         else:
             rows.append(VramRow(f"{label} weights", 0, "outputs cached: kept off the GPU", "info"))
-    vae = vae_params(arch.configs["vae"])
-    if s.vae_on_gpu:
-        rows.append(
-            VramRow(f"VAE weights ({s.vae_dtype})", vae * DTYPE_BYTES[s.vae_dtype], _millions(vae))
-        )
-    else:
-        rows.append(VramRow("VAE weights", 0, "latents cached: kept off the GPU", "info"))
+    rows.append(vae_weight_row(arch, s))
     return rows
 
 
