@@ -12,7 +12,7 @@ it decides ``ss_base_model_version`` and ``modelspec.architecture``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,22 +197,22 @@ def detect_flow_family_from_keys(state: Mapping[str, Any]) -> Detection | None:
     if any(k.startswith("single_transformer_blocks.") for k in keys):
         return Detection("flux", True, "FLUX.1 transformer (diffusers layout)", _flux(guided))
     if "joint_blocks.0.context_block.attn.qkv.weight" in keys:
-        if "joint_blocks.0.context_block.attn.ln_k.weight" not in keys:
-            variant = "medium"
-        elif any(".x_block.attn2." in k for k in keys):
-            variant = "5-medium"
-        else:
-            variant = "5-large"
+        variant = _sd3_variant(
+            keys, "joint_blocks.0.context_block.attn.ln_k.weight", ".x_block.attn2."
+        )
         return Detection("sd3", True, "SD3 MMDiT (SAI layout)", variant)
     if "transformer_blocks.0.attn.add_k_proj.weight" in keys and "pos_embed.proj.weight" in keys:
-        if "transformer_blocks.0.attn.norm_q.weight" not in keys:
-            variant = "medium"
-        elif any(".attn2.to_q." in k for k in keys):
-            variant = "5-medium"
-        else:
-            variant = "5-large"
+        variant = _sd3_variant(keys, "transformer_blocks.0.attn.norm_q.weight", ".attn2.to_q.")
         return Detection("sd3", True, "SD3 transformer (diffusers layout)", variant)
     return None
+
+
+def _sd3_variant(keys: Collection[str], qk_norm_key: str, dual_attention: str) -> str:
+    """SD3 Medium has no q/k norms; SD3.5 Medium has a second attention (MMDiT-X) in its first
+    blocks; SD3.5 Large has neither."""
+    if qk_norm_key not in keys:
+        return "medium"
+    return "5-medium" if any(dual_attention in k for k in keys) else "5-large"
 
 
 def _flux(guided: bool) -> str:
