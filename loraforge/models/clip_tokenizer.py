@@ -76,6 +76,18 @@ def tiny_vocab() -> dict[str, int]:
     return clip_vocab(MERGES)
 
 
+def tiny_clip_token_ids() -> dict[str, int]:
+    """The CLIP text-config fields that must match the tiny tokenizer: vocabulary size and the
+    special-token ids."""
+    vocab = tiny_vocab()
+    return {
+        "vocab_size": len(vocab),
+        "bos_token_id": vocab["<|startoftext|>"],
+        "eos_token_id": vocab["<|endoftext|>"],
+        "pad_token_id": vocab["<|endoftext|>"],
+    }
+
+
 def write_tiny_tokenizer(out_dir: Path, *, pad_token: str = EOS_TOKEN) -> Path:
     """Write the tiny tokenizer into ``out_dir`` (see :func:`write_clip_tokenizer`)."""
     return write_clip_tokenizer(out_dir, MERGES, pad_token=pad_token)

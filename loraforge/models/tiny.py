@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from loraforge.models.clip_tokenizer import tiny_vocab, write_tiny_tokenizer
+from loraforge.models.clip_tokenizer import tiny_clip_token_ids, write_tiny_tokenizer
 from loraforge.models.configs import architecture_config_dir
 from loraforge.models.quiet import no_hf_progress_bars
 
@@ -83,13 +83,7 @@ def tiny_component_configs(family: TinyFamily) -> dict[str, dict[str, Any]]:
     if family not in _TINY_FAMILIES:
         raise ValueError(f"no tiny model for family {family!r}; use one of {_TINY_FAMILIES}")
     src = architecture_config_dir(family)
-    vocab = tiny_vocab()
-    ids = {
-        "vocab_size": len(vocab),
-        "bos_token_id": vocab["<|startoftext|>"],
-        "eos_token_id": vocab["<|endoftext|>"],
-        "pad_token_id": vocab["<|endoftext|>"],
-    }
+    ids = tiny_clip_token_ids()
     configs: dict[str, dict[str, Any]] = {
         "model_index": _read(src, "model_index.json"),
         "scheduler": _read(src, "scheduler/scheduler_config.json"),

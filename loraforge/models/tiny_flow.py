@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraforge.models.clip_tokenizer import tiny_vocab, write_tiny_tokenizer
+from loraforge.models.clip_tokenizer import tiny_clip_token_ids, tiny_vocab, write_tiny_tokenizer
 from loraforge.models.configs import architecture_config_dir
 from loraforge.models.quiet import no_hf_progress_bars
 
@@ -96,13 +96,7 @@ def tiny_flow_configs(family: str) -> dict[str, dict[str, Any]]:
     if family not in TINY_FLOW_FAMILIES:
         raise ValueError(f"no tiny flow model for {family!r}; use one of {TINY_FLOW_FAMILIES}")
     src = architecture_config_dir(_SOURCE[family])
-    vocab = tiny_vocab()
-    clip_ids = {
-        "vocab_size": len(vocab),
-        "bos_token_id": vocab["<|startoftext|>"],
-        "eos_token_id": vocab["<|endoftext|>"],
-        "pad_token_id": vocab["<|endoftext|>"],
-    }
+    clip_ids = tiny_clip_token_ids()
     t5_name = "text_encoder_2" if family == "flux" else "text_encoder_3"
     t5 = {**_read(src / t5_name / "config.json"), **_TINY_T5}
     t5["vocab_size"] = len(T5_SPECIALS) + len(t5_tiny_words())
