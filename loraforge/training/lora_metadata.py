@@ -15,13 +15,11 @@ the largest value of a number, and the exact per-subset values in ``ss_datasets`
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge import __version__
@@ -30,6 +28,7 @@ from loraforge.models.families import flow_base_model_version, flow_modelspec_ar
 from loraforge.ops.derived_metadata import BASE_MODEL_VERSION
 from loraforge.recipe import shareable_dict
 from loraforge.training.flow_metadata import flow_model_keys, flow_modelspec, is_flow
+from loraforge.training.model_hashes import ModelHashes
 
 if TYPE_CHECKING:
     from loraforge.recipe import Recipe, SubsetConfig
@@ -44,19 +43,6 @@ _ARCHITECTURES = {
     "sd2": "stable-diffusion-v2-512",
     "sdxl": "stable-diffusion-xl-v1-base",
 }
-
-
-@dataclass(frozen=True)
-class ModelHashes:
-    """Hashes of a base model / VAE file, as A1111 and sd-scripts compute them.
-
-    Attributes:
-        legacy: first 8 hex digits of SHA-256 over 64 KiB at offset 1 MiB (``ss_sd_model_hash``).
-        sha256: SHA-256 of the whole file (``ss_new_sd_model_hash``).
-    """
-
-    legacy: str
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -121,21 +107,6 @@ class RunFacts:
 def new_session_id() -> int:
     """A random session id in ``[0, 2**32]`` (not drawn from the seeded training RNGs)."""
     return secrets.randbelow(2**32 + 1)
-
-
-def model_file_hashes(path: str | os.PathLike[str]) -> ModelHashes | None:
-    """A1111-style hashes of a single-file model; ``None`` for folders, hub ids, missing files."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    full = hashlib.sha256()
-    with path.open("rb") as file:
-        file.seek(0x100000)
-        legacy = hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
-        file.seek(0)
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            full.update(chunk)
-    return ModelHashes(legacy=legacy, sha256=full.hexdigest())
 
 
 def base_model_version(family: Family, v_prediction: bool, variant: str | None = None) -> str:

@@ -15,9 +15,9 @@ from loraforge.training.lora_metadata import (
     RunFacts,
     SubsetFacts,
     build_metadata,
-    model_file_hashes,
     new_session_id,
 )
+from loraforge.training.model_hashes import model_file_hashes
 from loraforge.training.optim import optimizer_description
 from loraforge.training.settings import RunSettings
 from loraforge.training.state import TrainingProgress

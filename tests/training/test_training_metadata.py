@@ -11,13 +11,12 @@ import pytest
 
 from loraforge.recipe import parse_recipe_text
 from loraforge.training.lora_metadata import (
-    ModelHashes,
     RunFacts,
     SubsetFacts,
     build_metadata,
-    model_file_hashes,
     new_session_id,
 )
+from loraforge.training.model_hashes import ModelHashes, model_file_hashes
 
 SAVED_AT = 1_700_000_000.5
 
